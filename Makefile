@@ -1,0 +1,33 @@
+# `make demo` and `make test` each create .venv and install everything on a fresh machine.
+# CUDA users: make demo TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+DEMO_OUT ?= demo-out
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.synthmed-installed
+
+.PHONY: demo demo-quick test test-slow clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/synthmed demo --out $(DEMO_OUT)
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/synthmed demo --quick --out $(DEMO_OUT)-quick
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q --runslow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-quick

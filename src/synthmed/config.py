@@ -1,0 +1,110 @@
+"""Typed configuration for every stage, loaded from YAML at the edge and saved next to outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from synthmed.io import SynthmedError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PhantomConfig(_Strict):
+    """The embedded phantom-histology data set."""
+
+    seed: int = 0
+    size: int = Field(64, description="tile size in pixels: 64, 128 or 256")
+    n_slides: int = Field(48, ge=3, description="labelled slides (split by slide into train/validation/test)")
+    tiles_per_slide: int = Field(12, ge=1)
+    n_unlabelled_slides: int = Field(150, ge=0, description="slides of image-only tiles (backbone pretraining)")
+
+
+class PrepareConfig(_Strict):
+    source: str = "phantom-histology"
+    phantom: PhantomConfig = PhantomConfig()
+
+
+class BackboneConfig(_Strict):
+    """`synthmed train backbone`: VAE then text-to-image UNet, on unlabelled images."""
+
+    preset: str = "tiny"
+    vae_steps: int = Field(1500, ge=1)
+    vae_batch_size: int = Field(32, ge=1)
+    vae_crop: int = Field(32, ge=8)
+    vae_lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    unet_steps: int = Field(3000, ge=1)
+    unet_batch_size: int = Field(32, ge=1)
+    unet_lr: float = Field(1e-3, gt=0)
+    prompt_dropout: float = Field(0.1, ge=0, le=1)
+    seed: int = 0
+
+
+class ControlNetConfig(_Strict):
+    """`synthmed train controlnet`: a ControlNet from the frozen backbone's UNet."""
+
+    backbone: str = "tiny"
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    prompt_dropout: float = Field(0.3, ge=0, le=1)
+    checkpoint_every: int = Field(250, ge=1)
+    seed: int = 0
+    mixed_precision: str = Field("no", pattern="^(no|fp16|bf16)$")
+
+
+class GenerateConfig(_Strict):
+    """`synthmed generate`: sample images from training-split masks."""
+
+    n_samples: int = Field(96, ge=1)
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(3.0, ge=1)
+    conditioning_scale: float = Field(1.0, ge=0)
+    scheduler: str = Field("unipc", pattern="^(ddim|unipc|dpm|euler)$")
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class EvaluateConfig(_Strict):
+    """`synthmed evaluate`: the plausibility and fidelity minimum."""
+
+    segmenter_steps: int = Field(1200, ge=1)
+    segmenter_batch_size: int = Field(16, ge=1)
+    segmenter_lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
+class RunConfig(_Strict):
+    """`synthmed run CONFIG.yaml`: the whole flow for one experiment."""
+
+    prepare: PrepareConfig = PrepareConfig()
+    data: str | None = Field(None, description="an already prepared data set; skips `prepare` if given")
+    controlnet: ControlNetConfig = ControlNetConfig()
+    generate: GenerateConfig = GenerateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def load_yaml_config(path: Path, model: type[BaseModel] = RunConfig) -> BaseModel:
+    """Read a YAML file into a config model, with a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SynthmedError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return model.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise SynthmedError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SynthmedError(f"{path}: {where}: {err['msg']}") from None
+
+
+def save_config(cfg: BaseModel, path: Path) -> None:
+    """Write the resolved config as YAML next to an output."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,186 @@
+"""The prepared-dataset layout: Hugging Face image-folder + metadata.jsonl + dataset.json card.
+
+    DIR/dataset.json                     card: source, classes, label map, splits, counts
+    DIR/<split>/metadata.jsonl           one row per sample; `file_name` is the image
+    DIR/<split>/images/<id>.png          the image
+    DIR/<split>/masks/<id>.png           class codes 0..K (uint8), if the source has masks
+    DIR/<split>/instances/<id>.png       instance ids (uint16), if the source has them
+    DIR/<split>/conditioning/<id>.png    the ControlNet conditioning image
+
+Rows also carry `conditioning_image` and `text`, the column names diffusers' ControlNet
+training script reads, plus `label`, `patient_id`, `split` and `source` for provenance.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from synthmed.data.conditioning import colour_mask
+from synthmed.io import SynthmedError, atomic_dir, load_png, read_json, read_jsonl, save_png, write_json, write_jsonl
+
+SPLITS = ("train", "validation", "test", "unlabelled")
+CARD = "dataset.json"
+
+
+@dataclass
+class Sample:
+    """The one sample record every reader yields."""
+
+    id: str
+    image: np.ndarray  # (H, W, 3) uint8
+    split: str
+    prompt: str
+    patient_id: str
+    source: str
+    mask: np.ndarray | None = None  # (H, W) class codes
+    instances: np.ndarray | None = None  # (H, W) instance ids
+    label: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def write_prepared(out: Path, samples, card: dict, progress=None) -> dict:
+    """Write samples into the prepared layout atomically and return the completed card."""
+    out = Path(out)
+    counts: dict[str, Counter] = {}
+    patients: dict[str, set] = {}
+    rows: dict[str, list] = {}
+    with atomic_dir(out) as tmp:
+        for sample in samples:
+            if sample.split not in SPLITS:
+                raise ValueError(f"write_prepared expects split in {SPLITS}, but got {sample.split!r}")
+            rows.setdefault(sample.split, []).append(_write_sample(tmp / sample.split, sample))
+            patients.setdefault(sample.split, set()).add(sample.patient_id)
+            c = counts.setdefault(sample.split, Counter())
+            c["samples"] += 1
+            if sample.mask is not None:
+                codes, px = np.unique(sample.mask, return_counts=True)
+                for code, n in zip(codes, px):
+                    c[f"pixels:{int(code)}"] += int(n)
+            if sample.instances is not None and sample.mask is not None:
+                for code in _instance_classes(sample.instances, sample.mask):
+                    c[f"objects:{code}"] += 1
+            if progress:
+                progress()
+        if not rows:
+            raise SynthmedError(f"{out}: no samples to write")
+        for split, split_rows in rows.items():
+            write_jsonl(tmp / split / "metadata.jsonl", split_rows)
+        card = dict(card)
+        card["splits"] = {
+            split: {
+                "n": counts[split]["samples"],
+                "patients": sorted(patients[split]),
+                "objects_per_class": _per_class(counts[split], "objects", card),
+                "pixels_per_class": _per_class(counts[split], "pixels", card, background=True),
+            }
+            for split in rows
+        }
+        write_json(tmp / CARD, card)
+    return card
+
+
+def _instance_classes(instances: np.ndarray, mask: np.ndarray) -> list[int]:
+    """Class code of each visible instance (majority vote of its pixels)."""
+    out = []
+    for inst in np.unique(instances):
+        if inst == 0:
+            continue
+        codes = mask[instances == inst]
+        out.append(int(np.bincount(codes).argmax()))
+    return out
+
+
+def _per_class(counter: Counter, kind: str, card: dict, background: bool = False) -> dict:
+    names = (["background"] if background else []) + list(card.get("classes", []))
+    start = 0 if background else 1
+    return {name: counter.get(f"{kind}:{code}", 0) for code, name in enumerate(names, start=start)}
+
+
+def _write_sample(folder: Path, s: Sample) -> dict:
+    for sub in ("images", "masks", "instances", "conditioning"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    row = {"file_name": f"images/{s.id}.png", "id": s.id, "text": s.prompt}
+    save_png(folder / row["file_name"], s.image)
+    if s.mask is not None:
+        if s.mask.shape != s.image.shape[:2]:
+            raise SynthmedError(f"{s.source}: mask shape {s.mask.shape} differs from image {s.image.shape[:2]}")
+        row["mask"] = f"masks/{s.id}.png"
+        row["conditioning_image"] = f"conditioning/{s.id}.png"
+        save_png(folder / row["mask"], s.mask.astype(np.uint8))
+        save_png(folder / row["conditioning_image"], colour_mask(s.mask))
+    if s.instances is not None:
+        row["instance_mask"] = f"instances/{s.id}.png"
+        save_png(folder / row["instance_mask"], s.instances.astype(np.uint16))
+    row.update(label=s.label, patient_id=s.patient_id, split=s.split, source=s.source, **s.extra)
+    return row
+
+
+@dataclass
+class PreparedSplit:
+    """One split of a prepared data set, loaded into memory (small data sets only)."""
+
+    root: Path
+    split: str
+    rows: list[dict]
+    images: np.ndarray  # (N, H, W, 3) uint8
+    masks: np.ndarray | None  # (N, H, W) uint8
+
+    @property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.rows]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r["text"] for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read_card(root: Path) -> dict:
+    """Read dataset.json, with a one-line error if the folder is not a prepared data set."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SynthmedError(f"{root}: folder not found")
+    if not (root / CARD).is_file():
+        raise SynthmedError(f"{root}: not a prepared data set (no {CARD}; run `synthmed prepare` first)")
+    return read_json(root / CARD)
+
+
+def load_split(root: Path, split: str, limit: int | None = None, need_masks: bool = False) -> PreparedSplit:
+    """Load one split's images (and masks, if present) into memory."""
+    root = Path(root)
+    card = read_card(root)
+    if split not in card.get("splits", {}):
+        raise SynthmedError(f"{root}: no split {split!r} (has {sorted(card.get('splits', {}))})")
+    rows = read_jsonl(root / split / "metadata.jsonl")[:limit]
+    if not rows:
+        raise SynthmedError(f"{root / split / 'metadata.jsonl'}: no samples")
+    images = np.stack([_rgb(load_png(root / split / r["file_name"])) for r in rows])
+    has_masks = all("mask" in r for r in rows)
+    if need_masks and not has_masks:
+        raise SynthmedError(f"{root / split / 'metadata.jsonl'}: split {split!r} has no masks")
+    masks = None
+    if has_masks:
+        masks = np.stack([load_png(root / split / r["mask"]) for r in rows])
+        if masks.shape[:3] != images.shape[:3]:
+            raise SynthmedError(f"{root / split}: masks {masks.shape[1:3]} differ in size from images {images.shape[1:3]}")
+    return PreparedSplit(root, split, rows, images, masks)
+
+
+def _rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=-1)
+    return arr[..., :3]
+
+
+def load_conditioning(split: PreparedSplit) -> np.ndarray:
+    """The split's conditioning images (N, H, W, 3) uint8, as written by `prepare`."""
+    missing = [r["id"] for r in split.rows if "conditioning_image" not in r]
+    if missing:
+        raise SynthmedError(f"{split.root / split.split / 'metadata.jsonl'}: sample {missing[0]} has no conditioning_image")
+    return np.stack([_rgb(load_png(split.root / split.split / r["conditioning_image"])) for r in split.rows])

@@ -1,0 +1,72 @@
+"""Metrics as pure functions on arrays (MONAI underneath), with per-class detail."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, MeanIoU, SSIMMetric
+
+
+def one_hot(masks: np.ndarray, n_classes: int) -> torch.Tensor:
+    """(N, H, W) codes 0..n_classes -> (N, n_classes + 1, H, W) float one-hot."""
+    t = torch.as_tensor(np.asarray(masks), dtype=torch.long)
+    if t.ndim != 3:
+        raise ValueError(f"one_hot expects (N, H, W) masks, but got shape {tuple(t.shape)}")
+    if t.numel() and (t.min() < 0 or t.max() > n_classes):
+        raise ValueError(f"one_hot expects codes in 0..{n_classes}, but got {int(t.min())}..{int(t.max())}")
+    return torch.nn.functional.one_hot(t, n_classes + 1).permute(0, 3, 1, 2).float()
+
+
+def dice_iou(pred: np.ndarray, target: np.ndarray, class_names: list[str]) -> dict:
+    """Dice and IoU per foreground class and their mean over classes.
+
+    A class's score averages the images whose target contains it (MONAI's ignore_empty), so
+    a rare class is scored where it exists; the mean is over classes that occur at all.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"dice_iou expects equal shapes, but got {pred.shape} and {target.shape}")
+    k = len(class_names)
+    p, t = one_hot(pred, k), one_hot(target, k)
+    per_class = {}
+    for name, metric in (("dice", DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)), ("iou", MeanIoU(include_background=False, reduction="mean_batch", ignore_empty=True))):
+        metric(p, t)
+        per_class[name] = metric.aggregate().cpu().numpy()  # (K,), NaN where a class never occurs
+    fg_p, fg_t = (pred > 0)[:, None], (target > 0)[:, None]
+    fg = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
+    fg(torch.as_tensor(fg_p, dtype=torch.float32), torch.as_tensor(fg_t, dtype=torch.float32))
+    return {
+        "dice": _nanmean(per_class["dice"]),
+        "iou": _nanmean(per_class["iou"]),
+        "dice_foreground": float(fg.aggregate()),
+        "per_class": {n: {"dice": _num(d), "iou": _num(i)} for n, d, i in zip(class_names, per_class["dice"], per_class["iou"])},
+        "n_images": int(pred.shape[0]),
+    }
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image SSIM of uint8 (N, H, W, C) images on the [0, 1] range, 7 px Gaussian window."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim expects equal shapes, but got {a.shape} and {b.shape}")
+    ta = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0
+    tb = torch.from_numpy(b).permute(0, 3, 1, 2).float() / 255.0
+    return SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7)(ta, tb).flatten().numpy()
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation with no fixed point (each item paired with another's mask)."""
+    if n < 2:
+        raise ValueError(f"derangement expects n >= 2, but got {n}")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def _num(x) -> float | None:
+    return None if not np.isfinite(x) else float(x)

@@ -1,0 +1,389 @@
+"""The user's flow as Python functions, one per CLI command: they wire the layers together.
+
+prepare -> train (backbone | controlnet) -> generate -> evaluate -> report; `run` chains them
+for an experiment and `demo` runs the embedded default end to end.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from synthmed import __version__
+from synthmed.config import BackboneConfig, ControlNetConfig, EvaluateConfig, GenerateConfig, PrepareConfig, RunConfig, save_config
+from synthmed.io import SynthmedError, atomic_dir, check_new_output, write_json
+from synthmed.progress import task
+
+PHANTOM = "phantom-histology"
+
+
+def prepare(cfg: PrepareConfig, out: Path) -> dict:
+    """Write a source data set into the prepared layout; returns its dataset.json card."""
+    from synthmed.data.phantom import phantom_card, phantom_samples
+    from synthmed.data.prepared import write_prepared
+
+    if cfg.source != PHANTOM:
+        raise SynthmedError(f"{cfg.source}: unknown source format (available: {PHANTOM})")
+    check_new_output(out)
+    p = cfg.phantom
+    if p.size not in (64, 128, 256):
+        raise SynthmedError(f"phantom size must be 64, 128 or 256, got {p.size}")
+    total = (p.n_slides + p.n_unlabelled_slides) * p.tiles_per_slide
+    with task(f"prepare {cfg.source}", total) as update:
+        counter = iter(range(1, total + 1))
+        card = write_prepared(
+            out,
+            phantom_samples(p.seed, p.size, p.n_slides, p.tiles_per_slide, p.n_unlabelled_slides),
+            phantom_card(p.seed, p.size, p.n_slides, p.tiles_per_slide, p.n_unlabelled_slides),
+            progress=lambda: update(next(counter)),
+        )
+    save_config(cfg, Path(out) / "prepare_config.yaml")
+    return card
+
+
+def environment() -> dict:
+    """What produced an output: versions and machine, saved beside results."""
+    import diffusers
+    import monai
+
+    return {
+        "synthmed": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "monai": monai.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+    }
+
+
+def train_backbone(data: Path, cfg: BackboneConfig, out: Path) -> Path:
+    """Pretrain a backbone preset on the unlabelled split (VAE, then text-to-image UNet)."""
+    from synthmed.data.prepared import load_split
+    from synthmed.models.backbone import build_backbone
+    from synthmed.training.backbone import train_text_to_image, train_vae
+
+    check_new_output(out)
+    split = load_split(data, "unlabelled")
+    torch.manual_seed(cfg.seed)
+    with atomic_dir(out) as tmp:
+        backbone = build_backbone(cfg.preset, seed=cfg.seed)
+        started = time.time()
+        with task("train backbone: VAE", cfg.vae_steps) as update:
+            vae_losses = train_vae(backbone, split.images, cfg, progress=update)
+        with task("train backbone: UNet", cfg.unet_steps) as update:
+            unet_losses = train_text_to_image(backbone, split.images, split.prompts, cfg, progress=update)
+        recipe = {
+            "made_by": "synthmed train backbone",
+            "config": cfg.model_dump(),
+            "data": {"path": str(data), "split": "unlabelled", "n_images": len(split)},
+            "data_card_generator": _card_generator(data),
+            "final_vae_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]),
+            "final_unet_loss": sum(unet_losses[-50:]) / len(unet_losses[-50:]),
+            "seconds": round(time.time() - started, 1),
+            "environment": environment(),
+        }
+        backbone.save(tmp, recipe)
+        save_config(cfg, tmp / "train_config.yaml")
+    return Path(out)
+
+
+def _card_generator(data: Path) -> dict | None:
+    from synthmed.data.prepared import read_card
+
+    return read_card(data).get("generator")
+
+
+def write_results(out: Path, results: dict) -> None:
+    write_json(Path(out) / "results.json", results)
+
+
+def _mark_run(out: Path, kind: str) -> None:
+    """Create an output folder that a later --resume may continue."""
+    from synthmed.io import RUN_MARKER
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).write_text(kind + "\n")
+
+
+def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool = False) -> Path:
+    """Train a ControlNet on the prepared train split; writes out/controlnet (diffusers) + state."""
+    from accelerate import Accelerator
+
+    from synthmed.data.prepared import load_conditioning, load_split
+    from synthmed.io import folder_hash
+    from synthmed.models.backbone import load_backbone
+    from synthmed.models.controlnet import build_controlnet
+    from synthmed.training.controlnet import cache_training_data, train_controlnet as train_loop, unwrap_for_saving
+
+    out = Path(out)
+    check_new_output(out, allow_resume=resume)
+    split = load_split(data, "train", need_masks=True)
+    backbone = load_backbone(cfg.backbone).freeze()
+    res = backbone.resolution
+    if split.images.shape[1] % backbone.vae_scale_factor or split.images.shape[2] % backbone.vae_scale_factor:
+        raise SynthmedError(f"{data}: image size {split.images.shape[1:3]} is not divisible by the backbone's factor {backbone.vae_scale_factor}")
+    _mark_run(out, "controlnet")
+    save_config(cfg, out / "train_config.yaml")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    with task("cache latents + prompts", 1) as update:
+        cache = cache_training_data(backbone.to(accelerator.device), split.images, load_conditioning(split), split.prompts)
+        update(1)
+    controlnet = build_controlnet(backbone.unet, backbone.vae_scale_factor)
+    with task("train controlnet", cfg.steps) as update:
+        try:
+            losses = train_loop(backbone, controlnet, cache, cfg, accelerator, out / "checkpoints", resume=resume, progress=update)
+        except FloatingPointError as exc:
+            raise SynthmedError(str(exc)) from None
+    model = unwrap_for_saving(accelerator, controlnet)
+    if accelerator.is_main_process:
+        with atomic_dir(out / "controlnet") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+        write_json(
+            out / "training.json",
+            {
+                "backbone": cfg.backbone,
+                "backbone_source": backbone.source,
+                "backbone_native_resolution": res,
+                "data": str(Path(data).resolve()),
+                "data_split": "train",
+                "n_train": len(split),
+                "train_ids": split.ids,
+                "controlnet_hash": folder_hash(out / "controlnet"),
+                "steps": cfg.steps,
+                "last_losses": losses[-50:],
+                "mean_loss_last_100": sum(losses[-100:]) / max(1, len(losses[-100:])),
+                "seconds": round(time.time() - started, 1),
+                "processes": accelerator.num_processes,
+                "environment": environment(),
+            },
+        )
+    return out
+
+
+def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: str | None = None) -> Path:
+    """Synthesise images from training-split masks (never validation/test), with provenance per sample."""
+    import numpy as np
+
+    from synthmed.data.prepared import Sample, load_conditioning, load_split, read_card, write_prepared
+    from synthmed.generation.sample import SamplingSettings, controlnet_pipeline, sample_images
+    from synthmed.io import folder_hash, read_json
+    from synthmed.models.backbone import load_backbone
+    from synthmed.models.controlnet import load_controlnet
+
+    model, out = Path(model), Path(out)
+    check_new_output(out)
+    training = read_json(model / "training.json")
+    backbone_src = backbone or training["backbone"]
+    card = read_card(data)
+    split = load_split(data, "train", need_masks=True)  # hygiene: only training masks feed generation
+    cond = load_conditioning(split)
+    bb = load_backbone(backbone_src).freeze()
+    controlnet = load_controlnet(model / "controlnet")
+    settings = SamplingSettings(cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
+    pipe = controlnet_pipeline(bb, controlnet, cfg.scheduler)
+    rng = np.random.default_rng(cfg.seed)
+    order = np.concatenate([rng.permutation(len(split)) for _ in range(-(-cfg.n_samples // len(split)))])[: cfg.n_samples]
+    seeds = [cfg.seed * 1_000_000 + i for i in range(cfg.n_samples)]
+    model_hash = training.get("controlnet_hash") or folder_hash(model / "controlnet")
+    backbone_hash = folder_hash(Path(bb.source)) if Path(bb.source).is_dir() else _shipped_hash(backbone_src)
+
+    def samples():
+        with task("generate", cfg.n_samples) as update:
+            for start in range(0, cfg.n_samples, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                prompts = [split.prompts[i] for i in idx]
+                images = sample_images(pipe, cond[idx], prompts, seeds[start : start + len(idx)], settings)
+                for j, (i, img) in enumerate(zip(idx, images)):
+                    n = start + j
+                    row = split.rows[i]
+                    yield Sample(
+                        id=f"syn_{n:06d}",
+                        image=img,
+                        split="train",
+                        prompt=prompts[j],
+                        patient_id=row["patient_id"],
+                        source=f"synthetic:{row['id']}",
+                        mask=split.masks[i],
+                        label=row.get("label"),
+                        extra={
+                            "synthetic": True,
+                            "provenance": {
+                                "model_hash": model_hash,
+                                "backbone": backbone_src,
+                                "backbone_hash": backbone_hash,
+                                "prompt": prompts[j],
+                                "seed": seeds[n],
+                                "source_mask_id": row["id"],
+                                "source_split": "train",
+                                "scheduler": settings.scheduler,
+                                "steps": settings.steps,
+                                "guidance_scale": settings.guidance_scale,
+                                "conditioning_scale": settings.conditioning_scale,
+                            },
+                        },
+                    )
+                update(min(start + cfg.batch_size, cfg.n_samples))
+
+    syn_card = {k: card[k] for k in ("classes", "label_map", "image_size", "channels", "conditioning", "task") if k in card}
+    syn_card.update(name=f"synthetic:{card.get('name', 'data')}", source="synthmed generate", real_data=str(Path(data).resolve()), model=str(model.resolve()))
+    write_prepared(out, samples(), syn_card)
+    save_config(cfg, out / "generate_config.yaml")
+    return out
+
+
+def _shipped_hash(name: str) -> str | None:
+    from synthmed.io import folder_hash
+    from synthmed.models.backbone import shipped_backbone_dir
+
+    folder = shipped_backbone_dir(name)
+    return folder_hash(folder) if folder else None
+
+
+def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: int = 8) -> dict:
+    """Plausibility (segmenter Dice/IoU vs conditioning and shuffled masks, real-test reference) and SSIM."""
+    import numpy as np
+
+    from synthmed.data.prepared import load_split, read_card
+    from synthmed.evaluation.metrics import derangement, dice_iou, ssim
+    from synthmed.evaluation.segmenter import predict, train_segmenter
+
+    out = Path(out)
+    check_new_output(out)
+    classes = read_card(data)["classes"]
+    train = load_split(data, "train", need_masks=True)
+    test = load_split(data, "test", need_masks=True)
+    syn = load_split(synthetic, "train", need_masks=True)
+    by_id = {sid: i for i, sid in enumerate(train.ids)}
+    try:
+        src = np.array([by_id[r["provenance"]["source_mask_id"]] for r in syn.rows])
+    except KeyError as exc:
+        raise SynthmedError(f"{synthetic}: sample without provenance.source_mask_id from {data}'s train split ({exc})") from None
+    if syn.images.shape[1:] != train.images.shape[1:]:
+        raise SynthmedError(f"{synthetic}: images {syn.images.shape[1:]} differ from real {train.images.shape[1:]}")
+    with task("train segmenter (real train split)", cfg.segmenter_steps) as update:
+        seg = train_segmenter(train.images, train.masks, len(classes), cfg.segmenter_steps, cfg.segmenter_batch_size, cfg.segmenter_lr, cfg.seed, update)
+    pred_syn = predict(seg, syn.images)
+    perm = derangement(len(syn), cfg.seed)
+    real_test = dice_iou(predict(seg, test.images), test.masks, classes)
+    generated = dice_iou(pred_syn, syn.masks, classes)
+    shuffled = dice_iou(pred_syn, syn.masks[perm], classes)
+    ssim_gen = ssim(syn.images, train.images[src])
+    ssim_ref = ssim(train.images[src], train.images[src[perm]])
+    results = {
+        "plausibility": {
+            "dice_generated": generated["dice"],
+            "dice_shuffled": shuffled["dice"],
+            "dice_real_test": real_test["dice"],
+            "iou_generated": generated["iou"],
+            "iou_shuffled": shuffled["iou"],
+            "iou_real_test": real_test["iou"],
+            "dice_foreground_generated": generated["dice_foreground"],
+            "dice_foreground_shuffled": shuffled["dice_foreground"],
+            "dice_foreground_real_test": real_test["dice_foreground"],
+            "per_class": {"generated": generated["per_class"], "shuffled": shuffled["per_class"], "real_test": real_test["per_class"]},
+            "n_generated": len(syn),
+            "n_real_test": len(test),
+            "segmenter": "MONAI UNet (16-32-64-128, residual), Dice+CE, trained on the real train split only",
+        },
+        "fidelity": {
+            "ssim": float(np.mean(ssim_gen)),
+            "ssim_std": float(np.std(ssim_gen)),
+            "ssim_unrelated_real_pairs": float(np.mean(ssim_ref)),
+            "ssim_protocol": "generated vs the real image of its conditioning mask; RGB on [0,1], 7 px Gaussian window (MONAI SSIMMetric)",
+        },
+        "inputs": {"data": str(Path(data).resolve()), "synthetic": str(Path(synthetic).resolve()), "classes": classes},
+        "grid": [
+            {
+                "id": syn.ids[i],
+                "mask": str(Path(synthetic).resolve() / "train" / syn.rows[i]["conditioning_image"]),
+                "real": str(Path(data).resolve() / "train" / train.rows[src[i]]["file_name"]),
+                "generated": str(Path(synthetic).resolve() / "train" / syn.rows[i]["file_name"]),
+                "prompt": syn.prompts[i],
+            }
+            for i in range(min(grid, len(syn)))
+        ],
+        "environment": environment(),
+    }
+    with atomic_dir(out) as tmp:
+        write_results(tmp, results)
+        save_config(cfg, tmp / "evaluate_config.yaml")
+    return results
+
+
+def report(results: Path, out: Path, title: str = "synthmed report") -> Path:
+    """Render results.json into a self-contained report.html (temporary name, then rename)."""
+    import os
+
+    from synthmed.io import read_json
+    from synthmed.report.html import render_report
+
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        raise SynthmedError(f"{out}: report path is a folder; give a file name such as report.html")
+    text = render_report(read_json(results), title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out
+
+
+def run(cfg: RunConfig, out: Path, resume: bool = True) -> dict:
+    """Chain prepare -> train controlnet -> generate -> evaluate -> report in one folder.
+
+    Each stage writes its own subfolder atomically, so re-running on the same folder skips
+    finished stages and continues an interrupted ControlNet training from its checkpoint.
+    """
+    from synthmed.io import RUN_MARKER, read_json
+
+    out = Path(out)
+    check_new_output(out, allow_resume=resume)
+    if out.is_dir() and any(out.iterdir()) and (out / RUN_MARKER).read_text().strip() != "run":
+        raise SynthmedError(f"{out}: holds another kind of synthmed output, not a run")
+    _mark_run(out, "run")
+    save_config(cfg, out / "run_config.yaml")
+    started = time.time()
+    data = Path(cfg.data) if cfg.data else out / "data"
+    if not cfg.data and not (data / "dataset.json").is_file():
+        prepare(cfg.prepare, data)
+    model = out / "controlnet"
+    if not (model / "controlnet" / "config.json").is_file():
+        train_controlnet(data, cfg.controlnet, model, resume=True)
+    synthetic = out / "synthetic"
+    if not (synthetic / "dataset.json").is_file():
+        generate(data, model, cfg.generate, synthetic)
+    evaluation = out / "evaluation"
+    if not (evaluation / "results.json").is_file():
+        evaluate(data, synthetic, cfg.evaluate, evaluation)
+    report(evaluation / "results.json", out / "report.html")
+    results = read_json(evaluation / "results.json")
+    write_json(out / "run.json", {"seconds_this_invocation": round(time.time() - started, 1), "report": "report.html", "results": "evaluation/results.json"})
+    return results
+
+
+def demo_config(quick: bool = False) -> RunConfig:
+    """The embedded default: phantom-histology + the shipped tiny backbone. --quick is for tests."""
+    from synthmed.config import PhantomConfig
+
+    if not quick:
+        return RunConfig(prepare=PrepareConfig(phantom=PhantomConfig(n_unlabelled_slides=0)))
+    return RunConfig(
+        prepare=PrepareConfig(phantom=PhantomConfig(n_slides=9, tiles_per_slide=6, n_unlabelled_slides=0)),
+        controlnet=ControlNetConfig(steps=30, batch_size=8, checkpoint_every=20),
+        generate=GenerateConfig(n_samples=8, steps=8, batch_size=8),
+        evaluate=EvaluateConfig(segmenter_steps=60, segmenter_batch_size=8),
+    )
+
+
+def demo(out: Path, quick: bool = False) -> dict:
+    """Run the whole flow on the embedded default."""
+    return run(demo_config(quick), out)

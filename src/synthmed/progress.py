@@ -1,0 +1,36 @@
+"""Progress bars for long jobs (rich), as plain callbacks so lower layers stay UI-free."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def task(description: str, total: int):
+    """Yield `update(done, total=None, loss=None)`; shows a rich bar on a terminal, sparse lines otherwise."""
+    if console.is_terminal and not os.environ.get("SYNTHMED_NO_PROGRESS"):
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as bar:
+            tid = bar.add_task(description, total=total, info="")
+
+            def update(done, total_=None, loss=None):
+                bar.update(tid, completed=done, info=f"loss {loss:.4f}" if loss is not None else "")
+
+            yield update
+        return
+
+    marks = {max(1, round(total * f / 10)) for f in range(1, 11)}
+
+    def update(done, total_=None, loss=None):
+        if done in marks:
+            extra = f" loss {loss:.4f}" if loss is not None else ""
+            print(f"{description}: {done}/{total}{extra}", file=sys.stderr, flush=True)
+
+    yield update

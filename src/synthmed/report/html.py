@@ -1,0 +1,115 @@
+"""results.json -> a single self-contained report.html (figures embedded, readable offline)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from synthmed.io import SynthmedError, load_png
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{color:#666;font-size:.9em}
+img.grid{image-rendering:pixelated;border:1px solid #ccc}.ok{color:#070}.bad{color:#a00}
+"""
+
+
+def _png_b64(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def sample_grid(entries: list[dict], scale: int = 3) -> np.ndarray:
+    """Rows of (conditioning mask | real image of that mask | generated), upscaled for viewing."""
+    rows = []
+    for e in entries:
+        tiles = [load_png(Path(e[k])) for k in ("mask", "real", "generated")]
+        tiles = [np.repeat(t[..., None], 3, -1) if t.ndim == 2 else t[..., :3] for t in tiles]
+        gap = np.full((tiles[0].shape[0], 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
+    grid = np.concatenate([np.pad(r, ((0, 2), (0, 0), (0, 0)), constant_values=255) for r in rows], axis=0)
+    return np.kron(grid, np.ones((scale, scale, 1), np.uint8))
+
+
+def per_class_figure(per_class: dict) -> np.ndarray:
+    """Bar chart of per-class Dice: generated vs shuffled control vs real test."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_class["generated"])
+    fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
+    width = 0.27
+    for j, (key, colour) in enumerate((("generated", "#2a7"), ("shuffled", "#bbb"), ("real_test", "#37c"))):
+        vals = [per_class[key][n]["dice"] if per_class[key][n]["dice"] is not None else 0.0 for n in names]
+        ax.bar(np.arange(len(names)) + (j - 1) * width, vals, width, label=key.replace("_", " "), color=colour)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.legend(frameon=False, ncol=3, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
+
+
+def render_report(results: dict, title: str = "synthmed report") -> str:
+    """The HTML text of a report for one evaluation's results."""
+    try:
+        p, f = results["plausibility"], results["fidelity"]
+    except KeyError as exc:
+        raise SynthmedError(f"results have no {exc} section") from None
+    ratio = p["dice_generated"] / p["dice_real_test"] if p["dice_real_test"] else float("nan")
+    gap = p["dice_generated"] - p["dice_shuffled"]
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{_fmt(p['per_class']['generated'][n]['dice'])}</td>"
+        f"<td>{_fmt(p['per_class']['shuffled'][n]['dice'])}</td><td>{_fmt(p['per_class']['real_test'][n]['dice'])}</td></tr>"
+        for n in p["per_class"]["generated"]
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Anatomical plausibility</h2>",
+        f"<p>A segmenter trained on real training images only segments each generated image; its output is compared "
+        f"with the mask the image was generated from, with a shuffled (wrong) mask as a control, and with its own Dice "
+        f"on real test images as the reference. {p['n_generated']} generated images, {p['n_real_test']} real test images.</p>",
+        "<table><tr><th>metric</th><th>generated vs own mask</th><th>generated vs shuffled mask</th><th>real test</th></tr>",
+        f"<tr><td>Dice (mean over classes)</td><td>{_fmt(p['dice_generated'])}</td><td>{_fmt(p['dice_shuffled'])}</td><td>{_fmt(p['dice_real_test'])}</td></tr>",
+        f"<tr><td>IoU (mean over classes)</td><td>{_fmt(p['iou_generated'])}</td><td>{_fmt(p['iou_shuffled'])}</td><td>{_fmt(p['iou_real_test'])}</td></tr>",
+        f"<tr><td>Dice, nuclei vs background</td><td>{_fmt(p['dice_foreground_generated'])}</td><td>{_fmt(p['dice_foreground_shuffled'])}</td><td>{_fmt(p['dice_foreground_real_test'])}</td></tr>",
+        "</table>",
+        f"<p>Generated / real-test Dice ratio: <b>{_fmt(ratio)}</b>; generated minus shuffled: <b>{_fmt(gap)}</b>.</p>",
+        "<h3>Per class (Dice)</h3><table><tr><th>class</th><th>generated</th><th>shuffled</th><th>real test</th></tr>",
+        rows,
+        "</table>",
+        f"<img alt='per-class Dice' src='data:image/png;base64,{_png_b64(per_class_figure(p['per_class']))}'>",
+        f"<p class='note'>{html.escape(p.get('segmenter', ''))}. A class's Dice averages the images whose mask contains it.</p>",
+        "<h2>Fidelity</h2><table><tr><th>metric</th><th>value</th></tr>",
+        f"<tr><td>SSIM, generated vs real image of the same mask</td><td>{_fmt(f['ssim'])} ± {_fmt(f['ssim_std'])}</td></tr>",
+        f"<tr><td>SSIM, unrelated real pairs (reference)</td><td>{_fmt(f['ssim_unrelated_real_pairs'])}</td></tr></table>",
+        f"<p class='note'>{html.escape(f.get('ssim_protocol', ''))}</p>",
+    ]
+    if results.get("grid"):
+        parts.append("<h2>Samples</h2><p>Each row: conditioning mask | real image of that mask | generated image.</p>")
+        parts.append(f"<img class='grid' alt='sample grid' src='data:image/png;base64,{_png_b64(sample_grid(results['grid']))}'>")
+        parts.append("<ol class='note'>" + "".join(f"<li>{html.escape(e['prompt'])}</li>" for e in results["grid"]) + "</ol>")
+    env = results.get("environment", {})
+    parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in env.items()) + "</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

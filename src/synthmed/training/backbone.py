@@ -1,0 +1,107 @@
+"""Pretraining the tiny backbone: the VAE on image crops, then the text-to-image UNet on latents.
+
+Real users start from a pretrained SD backbone; this exists so the embedded default has one
+that was trained reproducibly on the unlabelled phantom images, and ships inside the package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synthmed.models.backbone import Backbone
+from synthmed.training.common import DiffusionLoss, batch_indices, dihedral, drop_prompts, step_generator, to_model_range
+
+
+def _one_cycle(opt, lr: float, steps: int):
+    """One-cycle schedule with 5% warm-up (at least 2 steps, so short runs are valid too)."""
+    pct = max(0.05, min(0.5, 2 / steps))
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
+
+
+def _gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 between image gradients: penalises the blur that plain L1 tolerates."""
+    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
+    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]  # noqa: E731
+    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+
+
+def _random_crops(images: torch.Tensor, idx: torch.Tensor, crop: int, g: torch.Generator) -> torch.Tensor:
+    """Random crops of a batch (the VAE is convolutional, so crops train it at a quarter of the cost)."""
+    _, _, h, w = images.shape
+    ys = torch.randint(0, h - crop + 1, (len(idx),), generator=g)
+    xs = torch.randint(0, w - crop + 1, (len(idx),), generator=g)
+    out = [dihedral(images[i, :, y : y + crop, x : x + crop], int(k)) for i, y, x, k in zip(idx, ys, xs, torch.randint(0, 8, (len(idx),), generator=g))]
+    return torch.stack(out)
+
+
+def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None) -> list[float]:
+    """Train the VAE on (N, H, W, 3) uint8 images; sets the latent scaling factor from the data.
+
+    `cfg` has vae_steps, vae_batch_size, vae_crop, vae_lr, kl_weight and seed (config.BackboneConfig).
+    """
+    vae = backbone.vae.train().requires_grad_(True)
+    data = to_model_range(images)  # (N, 3, H, W)
+    crop = min(cfg.vae_crop, data.shape[-1])
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = _one_cycle(opt, cfg.vae_lr, cfg.vae_steps)
+    losses = []
+    for step in range(cfg.vae_steps):
+        g = step_generator(cfg.seed, step)
+        x = _random_crops(data, batch_indices(len(data), cfg.vae_batch_size, step, cfg.seed), crop, g)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        loss = F.l1_loss(rec, x) + 0.5 * _gradient_l1(rec, x) + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if progress:
+            progress(step + 1, cfg.vae_steps, losses[-1])
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(data[i : i + 64]).latent_dist.mean for i in range(0, min(len(data), 512), 64)])
+    # As SD did: scale latents to unit variance so the noise schedule sees the intended SNR.
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    return losses
+
+
+@torch.no_grad()
+def encode_dataset(backbone: Backbone, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """Scaled VAE latent means for all images: (N, 4, h, w)."""
+    data = to_model_range(images)
+    return torch.cat([backbone.encode_images(data[i : i + batch_size]) for i in range(0, len(data), batch_size)])
+
+
+def train_text_to_image(backbone: Backbone, images: np.ndarray, prompts: list[str], cfg, progress=None) -> list[float]:
+    """Train the UNet as a text-to-image model on cached latents and text embeddings."""
+    latents = encode_dataset(backbone, images)
+    unique = sorted(set(prompts))
+    table = backbone.encode_prompts(unique + [""])  # (P + 1, 77, D); the frozen encoder runs once
+    prompt_idx = torch.tensor([unique.index(p) for p in prompts])
+    empty = table[-1:]
+    unet = backbone.unet.train().requires_grad_(True)
+    loss_fn = DiffusionLoss(backbone.scheduler)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = _one_cycle(opt, cfg.unet_lr, cfg.unet_steps)
+    losses = []
+    for step in range(cfg.unet_steps):
+        g = step_generator(cfg.seed, step, stream=1)
+        idx = batch_indices(len(latents), cfg.unet_batch_size, step, cfg.seed + 1)
+        k = int(torch.randint(0, 8, (1,), generator=g))
+        z = dihedral(latents[idx], k)  # latent flips/rotations ~ image flips/rotations for a conv VAE
+        emb = drop_prompts(table[prompt_idx[idx]], empty, cfg.prompt_dropout, g)
+        loss = loss_fn(lambda noisy, t: unet(noisy, t, emb).sample, z, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if progress:
+            progress(step + 1, cfg.unet_steps, losses[-1])
+    unet.eval().requires_grad_(False)
+    return losses

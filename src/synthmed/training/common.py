@@ -1,0 +1,83 @@
+"""Pieces every training loop shares: deterministic batches, augmentation, the diffusion loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at `step`, a pure function of (seed, step): resuming repeats them."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch_size,), generator=g)
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A fresh generator per (seed, step, stream), so noise does not depend on past steps."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+
+
+def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_unit_range(images_uint8: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1] (ControlNet conditioning range)."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/90-degree rotations of (..., H, W); applied identically to image and mask."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+@dataclass
+class DiffusionLoss:
+    """Noise-prediction loss of a (ControlNet-)UNet at uniformly drawn timesteps."""
+
+    scheduler: object  # diffusers noise scheduler (DDPMScheduler)
+
+    def target(self, latents, noise, timesteps):
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"DiffusionLoss expects epsilon or v_prediction, but got {kind!r}")
+
+    def __call__(self, predict, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`predict(noisy, timesteps)` returns the model output; latents are (B, C, h, w)."""
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pred = predict(noisy, t)
+        return F.mse_loss(pred.float(), self.target(latents, noise, t).float())
+
+
+def drop_prompts(embeddings: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace a proportion p of prompt embeddings by the empty prompt (for classifier-free guidance)."""
+    if p <= 0:
+        return embeddings
+    keep = torch.rand(embeddings.shape[0], generator=generator) >= p
+    return torch.where(keep[:, None, None].to(embeddings.device), embeddings, empty.to(embeddings.dtype))
+
+
+def warmup_cosine(optimizer, total: int, warmup_fraction: float = 0.05, floor: float = 0.1):
+    """LambdaLR: linear warm-up, then cosine decay to `floor` x the base rate; any total >= 1."""
+    warmup = max(1, int(total * warmup_fraction))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
