@@ -100,6 +100,11 @@ def _card_generator(data: Path) -> dict | None:
     return read_card(data).get("generator")
 
 
+def _device() -> str:
+    """The accelerator to use for inference and evaluation models: CUDA when present."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def write_results(out: Path, results: dict) -> None:
     write_json(Path(out) / "results.json", results)
 
@@ -189,7 +194,7 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     bb = load_backbone(backbone_src).freeze()
     controlnet = load_controlnet(model / "controlnet")
     settings = SamplingSettings(cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
-    pipe = controlnet_pipeline(bb, controlnet, cfg.scheduler)
+    pipe = controlnet_pipeline(bb, controlnet, cfg.scheduler).to(_device())
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(len(split)) for _ in range(-(-cfg.n_samples // len(split)))])[: cfg.n_samples]
     seeds = [cfg.seed * 1_000_000 + i for i in range(cfg.n_samples)]
@@ -270,7 +275,7 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     if syn.images.shape[1:] != train.images.shape[1:]:
         raise SynthmedError(f"{synthetic}: images {syn.images.shape[1:]} differ from real {train.images.shape[1:]}")
     with task("train segmenter (real train split)", cfg.segmenter_steps) as update:
-        seg = train_segmenter(train.images, train.masks, len(classes), cfg.segmenter_steps, cfg.segmenter_batch_size, cfg.segmenter_lr, cfg.seed, update)
+        seg = train_segmenter(train.images, train.masks, len(classes), cfg.segmenter_steps, cfg.segmenter_batch_size, cfg.segmenter_lr, cfg.seed, update, device=_device())
     pred_syn = predict(seg, syn.images)
     perm = derangement(len(syn), cfg.seed)
     real_test = dice_iou(predict(seg, test.images), test.masks, classes)

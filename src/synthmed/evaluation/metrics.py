@@ -30,7 +30,10 @@ def dice_iou(pred: np.ndarray, target: np.ndarray, class_names: list[str]) -> di
     per_class = {}
     for name, metric in (("dice", DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)), ("iou", MeanIoU(include_background=False, reduction="mean_batch", ignore_empty=True))):
         metric(p, t)
-        per_class[name] = metric.aggregate().cpu().numpy()  # (K,), NaN where a class never occurs
+        per_class[name] = metric.aggregate().cpu().numpy()  # (K,)
+    absent = (t[:, 1:].sum(dim=(0, 2, 3)) == 0).numpy()  # MONAI reports 0 there; it is "not applicable"
+    for name in per_class:
+        per_class[name] = np.where(absent, np.nan, per_class[name])
     fg_p, fg_t = (pred > 0)[:, None], (target > 0)[:, None]
     fg = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
     fg(torch.as_tensor(fg_p, dtype=torch.float32), torch.as_tensor(fg_t, dtype=torch.float32))

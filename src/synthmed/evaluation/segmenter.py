@@ -7,7 +7,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from synthmed.training.common import batch_indices, dihedral, step_generator, to_unit_range, warmup_cosine
+from synthmed.training.common import batch_indices, dihedral, optimiser_step, step_generator, to_unit_range, warmup_cosine
 
 
 def build_segmenter(n_classes: int, in_channels: int = 3) -> UNet:
@@ -23,10 +23,10 @@ def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * scale + shift).clamp(0, 1)
 
 
-def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps: int, batch_size: int, lr: float, seed: int, progress=None) -> UNet:
+def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps: int, batch_size: int, lr: float, seed: int, progress=None, device: str = "cpu") -> UNet:
     """Train on (N, H, W, 3) uint8 images and (N, H, W) codes with Dice + cross-entropy."""
     torch.manual_seed(seed)
-    model = build_segmenter(n_classes, images.shape[-1])
+    model = build_segmenter(n_classes, images.shape[-1]).to(device)
     x_all = to_unit_range(images)  # (N, 3, H, W)
     y_all = torch.from_numpy(masks.astype(np.int64))[:, None]  # (N, 1, H, W)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -38,11 +38,8 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps
         idx = batch_indices(len(x_all), batch_size, step, seed + 9)
         k = int(torch.randint(0, 8, (1,), generator=g))
         x, y = dihedral(x_all[idx], k), dihedral(y_all[idx], k)
-        loss = loss_fn(model(_jitter(x, g)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = loss_fn(model(_jitter(x, g).to(device)), y.to(device))
+        optimiser_step(loss, model.parameters(), opt, sched, clip=None)
         if progress:
             progress(step + 1, steps, float(loss))
     return model.eval()
@@ -52,5 +49,6 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps
 def predict(model: UNet, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Class-code maps (N, H, W) uint8 for (N, H, W, 3) uint8 images."""
     x = to_unit_range(images)
-    out = [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    device = next(model.parameters()).device
+    out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy().astype(np.uint8)

@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from synthmed.models.backbone import Backbone
-from synthmed.training.common import DiffusionLoss, batch_indices, dihedral, drop_prompts, step_generator, to_model_range
+from synthmed.training.common import DiffusionLoss, batch_indices, dihedral, drop_prompts, optimiser_step, step_generator, to_model_range
 
 
 def _one_cycle(opt, lr: float, steps: int):
-    """One-cycle schedule with 5% warm-up (at least 2 steps, so short runs are valid too)."""
-    pct = max(0.05, min(0.5, 2 / steps))
+    """One-cycle schedule with 5% warm-up (at least 2 steps); constant for runs too short for a cycle."""
+    if steps < 3:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    pct = max(0.05, 2 / steps)
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
 
 
@@ -53,11 +55,7 @@ def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None) -> lis
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         loss = F.l1_loss(rec, x) + 0.5 * _gradient_l1(rec, x) + cfg.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(loss, vae.parameters(), opt, sched)
         losses.append(float(loss))
         if progress:
             progress(step + 1, cfg.vae_steps, losses[-1])
@@ -95,11 +93,7 @@ def train_text_to_image(backbone: Backbone, images: np.ndarray, prompts: list[st
         z = dihedral(latents[idx], k)  # latent flips/rotations ~ image flips/rotations for a conv VAE
         emb = drop_prompts(table[prompt_idx[idx]], empty, cfg.prompt_dropout, g)
         loss = loss_fn(lambda noisy, t: unet(noisy, t, emb).sample, z, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(loss, unet.parameters(), opt, sched)
         losses.append(float(loss))
         if progress:
             progress(step + 1, cfg.unet_steps, losses[-1])

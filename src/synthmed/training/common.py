@@ -81,3 +81,13 @@ def warmup_cosine(optimizer, total: int, warmup_fraction: float = 0.05, floor: f
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def optimiser_step(loss: torch.Tensor, params, optimizer, scheduler, clip: float | None = 1.0) -> None:
+    """Backward pass, optional gradient-norm clipping, optimiser and schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    scheduler.step()

@@ -130,7 +130,7 @@ def train_controlnet(backbone: Backbone, controlnet, data: ControlNetData, cfg, 
         done = step + 1
         if progress:
             progress(done, cfg.steps, losses[-1])
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the final state too, to train on later
             _save_checkpoint(accelerator, Path(checkpoints), done, keep)
     accelerator.wait_for_everyone()
     return losses

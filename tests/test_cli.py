@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import run_cli
+from synthmed.models.backbone import shipped_backbone_dir
+
+
+def test_quick_demo_writes_every_artefact(quick_demo):
+    out, proc = quick_demo
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rel in ("data/dataset.json", "controlnet/controlnet/config.json", "controlnet/controlnet/diffusion_pytorch_model.safetensors",
+                "controlnet/training.json", "controlnet/train_config.yaml", "synthetic/dataset.json", "synthetic/train/metadata.jsonl",
+                "evaluation/results.json", "report.html", "run_config.yaml"):
+        assert (out / rel).is_file(), rel
+    res = json.loads((out / "evaluation" / "results.json").read_text())
+    p = res["plausibility"]
+    for key in ("dice_generated", "dice_shuffled", "dice_real_test"):
+        assert 0.0 <= p[key] <= 1.0
+    assert -1.0 <= res["fidelity"]["ssim"] <= 1.0
+    assert "Anatomical plausibility" in (out / "report.html").read_text()
+    assert "dice generated" in proc.stdout
+
+
+def test_generation_uses_training_masks_only_and_records_provenance(quick_demo):
+    out, _ = quick_demo
+    train_ids = {json.loads(line)["id"] for line in (out / "data" / "train" / "metadata.jsonl").read_text().splitlines()}
+    model_hash = json.loads((out / "controlnet" / "training.json").read_text())["controlnet_hash"]
+    rows = [json.loads(line) for line in (out / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    for row in rows:
+        prov = row["provenance"]
+        assert prov["source_mask_id"] in train_ids and prov["source_split"] == "train"
+        assert prov["model_hash"] == model_hash and prov["prompt"] == row["text"]
+        for key in ("seed", "guidance_scale", "conditioning_scale", "scheduler", "steps", "backbone_hash"):
+            assert prov[key] is not None
+    assert len({r["provenance"]["seed"] for r in rows}) == len(rows)
+
+
+def test_rerun_resumes_without_redoing_finished_stages(quick_demo):
+    out, _ = quick_demo
+    weights = out / "controlnet" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    proc = run_cli("demo", "--quick", "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_saved_models_load_with_plain_diffusers(quick_demo):
+    out, _ = quick_demo
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np, torch
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+        cn = ControlNetModel.from_pretrained({str(out / 'controlnet' / 'controlnet')!r})
+        pipe = StableDiffusionControlNetPipeline.from_pretrained({str(shipped_backbone_dir('tiny'))!r}, controlnet=cn, safety_checker=None)
+        img = pipe("h&e histology, colon tissue, nuclei: epithelial", image=torch.rand(1, 3, 64, 64), height=64, width=64,
+                   num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+        assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all() and img.std() > 0
+        assert not any(m.startswith("synthmed") for m in sys.modules), "synthmed was imported"
+        print("OK")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def _one_line_error(proc, needle):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_bad_input_gets_one_line_and_writes_nothing(tmp_path):
+    _one_line_error(run_cli("prepare", "no-such-format", "--out", str(tmp_path / "a")), "unknown source format")
+    assert not (tmp_path / "a").exists()
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep me")
+    _one_line_error(run_cli("prepare", "phantom-histology", "--out", str(busy)), "not empty")
+    _one_line_error(run_cli("demo", "--quick", "--out", str(busy)), "not empty")
+    assert [p.name for p in busy.iterdir()] == ["mine.txt"]
+
+    _one_line_error(run_cli("train", "controlnet", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")), "folder not found")
+    assert not (tmp_path / "m").exists()
+    _one_line_error(run_cli("train", "backbone", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--preset", "huge"), "unknown preset")
+    _one_line_error(run_cli("run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")), "config file not found")
+    (tmp_path / "bad.yaml").write_text("controlnet: {steps: -3}\n")
+    _one_line_error(run_cli("run", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r")), "controlnet.steps")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "generate", "evaluate", "report", "run", "demo"])
+def test_every_command_has_help(command):
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0 and "Usage" in proc.stdout

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+import pytest
+
+from synthmed.config import RunConfig, load_yaml_config, save_config
+from synthmed.flow import demo_config
+from synthmed.io import SynthmedError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_shipped_demo_config_is_what_demo_runs():
+    assert load_yaml_config(CONFIGS / "demo.yaml", RunConfig) == demo_config(quick=False)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = demo_config(quick=True)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_yaml_config(tmp_path / "c.yaml", RunConfig) == cfg
+
+
+def test_config_errors_name_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate: {scheduler: pndm}\n")
+    with pytest.raises(SynthmedError, match=r"bad.yaml: generate.scheduler"):
+        load_yaml_config(bad, RunConfig)
+    bad.write_text("controlnet: {stepz: 3}\n")
+    with pytest.raises(SynthmedError, match="stepz"):
+        load_yaml_config(bad, RunConfig)
+    bad.write_text("a: [\n")
+    with pytest.raises(SynthmedError, match="not valid YAML"):
+        load_yaml_config(bad, RunConfig)
