@@ -30,6 +30,8 @@ def _quiet_libraries() -> None:
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def command(fn):
@@ -117,7 +119,7 @@ def generate(
     n: int = typer.Option(96, "--n", help="number of samples"),
     steps: int = typer.Option(25),
     guidance_scale: float = typer.Option(3.0),
-    conditioning_scale: float = typer.Option(1.0),
+    conditioning_scale: float = typer.Option(1.5),
     scheduler: str = typer.Option("unipc", help="ddim, unipc, dpm or euler"),
     seed: int = typer.Option(0),
     backbone: Optional[str] = typer.Option(None, help="override the backbone recorded in the model's training.json"),

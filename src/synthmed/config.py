@@ -64,7 +64,7 @@ class GenerateConfig(_Strict):
     n_samples: int = Field(96, ge=1)
     steps: int = Field(25, ge=1)
     guidance_scale: float = Field(3.0, ge=1)
-    conditioning_scale: float = Field(1.0, ge=0)
+    conditioning_scale: float = Field(1.5, ge=0, description="ControlNet residual scale; >1 follows the mask more strictly")
     scheduler: str = Field("unipc", pattern="^(ddim|unipc|dpm|euler)$")
     batch_size: int = Field(16, ge=1)
     seed: int = 0
