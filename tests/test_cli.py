@@ -98,3 +98,13 @@ def test_bad_input_gets_one_line_and_writes_nothing(tmp_path):
 def test_every_command_has_help(command):
     proc = run_cli(command, "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+@pytest.mark.slow
+def test_full_demo_meets_the_plausibility_targets(tmp_path):
+    """The issue's bar: generated Dice >= 0.5 x real-test Dice and >= shuffled + 0.25 (about 7 min on 2 CPU cores)."""
+    proc = run_cli("demo", "--out", str(tmp_path / "full"), timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p = json.loads((tmp_path / "full" / "evaluation" / "results.json").read_text())["plausibility"]
+    assert p["dice_generated"] >= 0.5 * p["dice_real_test"]
+    assert p["dice_generated"] - p["dice_shuffled"] >= 0.25

@@ -41,7 +41,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps
         loss = loss_fn(model(_jitter(x, g).to(device)), y.to(device))
         optimiser_step(loss, model.parameters(), opt, sched, clip=None)
         if progress:
-            progress(step + 1, steps, float(loss))
+            progress(step + 1, steps, loss.item())
     return model.eval()
 
 

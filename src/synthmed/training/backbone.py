@@ -56,7 +56,7 @@ def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None) -> lis
         rec = vae.decode(post.sample(generator=g)).sample
         loss = F.l1_loss(rec, x) + 0.5 * _gradient_l1(rec, x) + cfg.kl_weight * post.kl().mean()
         optimiser_step(loss, vae.parameters(), opt, sched)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress:
             progress(step + 1, cfg.vae_steps, losses[-1])
     vae.eval().requires_grad_(False)
@@ -94,7 +94,7 @@ def train_text_to_image(backbone: Backbone, images: np.ndarray, prompts: list[st
         emb = drop_prompts(table[prompt_idx[idx]], empty, cfg.prompt_dropout, g)
         loss = loss_fn(lambda noisy, t: unet(noisy, t, emb).sample, z, g)
         optimiser_step(loss, unet.parameters(), opt, sched)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress:
             progress(step + 1, cfg.unet_steps, losses[-1])
     unet.eval().requires_grad_(False)
