@@ -81,3 +81,9 @@ def test_readable_by_hf_datasets(phantom_data):
     ds = datasets.load_dataset("imagefolder", data_dir=str(phantom_data), split="train")
     assert ds.num_rows == read_card(phantom_data)["splits"]["train"]["n"]
     assert "conditioning_image" in ds.column_names and "text" in ds.column_names
+
+
+def test_split_without_masks_has_no_counts(phantom_data):
+    card = read_card(phantom_data)
+    assert card["splits"]["unlabelled"]["pixels_per_class"] is None
+    assert card["splits"]["train"]["objects_per_class"]["neoplastic"] > 0

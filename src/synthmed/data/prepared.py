@@ -57,6 +57,7 @@ def write_prepared(out: Path, samples, card: dict, progress=None) -> dict:
             c = counts.setdefault(sample.split, Counter())
             c["samples"] += 1
             if sample.mask is not None:
+                c["masked"] += 1
                 codes, px = np.unique(sample.mask, return_counts=True)
                 for code, n in zip(codes, px):
                     c[f"pixels:{int(code)}"] += int(n)
@@ -74,8 +75,9 @@ def write_prepared(out: Path, samples, card: dict, progress=None) -> dict:
             split: {
                 "n": counts[split]["samples"],
                 "patients": sorted(patients[split]),
-                "objects_per_class": _per_class(counts[split], "objects", card),
-                "pixels_per_class": _per_class(counts[split], "pixels", card, background=True),
+                # None, not zeros, for a split without masks (e.g. unlabelled).
+                "objects_per_class": _per_class(counts[split], "objects", card) if counts[split]["masked"] else None,
+                "pixels_per_class": _per_class(counts[split], "pixels", card, background=True) if counts[split]["masked"] else None,
             }
             for split in rows
         }
