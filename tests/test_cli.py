@@ -108,3 +108,10 @@ def test_full_demo_meets_the_plausibility_targets(tmp_path):
     p = json.loads((tmp_path / "full" / "evaluation" / "results.json").read_text())["plausibility"]
     assert p["dice_generated"] >= 0.5 * p["dice_real_test"]
     assert p["dice_generated"] - p["dice_shuffled"] >= 0.25
+
+
+def test_every_output_carries_its_resolved_config(quick_demo):
+    out, _ = quick_demo
+    for rel in ("data/prepare_config.yaml", "controlnet/train_config.yaml", "synthetic/generate_config.yaml", "evaluation/evaluate_config.yaml", "run_config.yaml"):
+        assert (out / rel).is_file(), rel
+    assert "conditioning_scale" in (out / "synthetic" / "generate_config.yaml").read_text()

@@ -105,6 +105,11 @@ def load_yaml_config(path: Path, model: type[BaseModel] = RunConfig) -> BaseMode
         raise SynthmedError(f"{path}: {where}: {err['msg']}") from None
 
 
+def config_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
 def save_config(cfg: BaseModel, path: Path) -> None:
     """Write the resolved config as YAML next to an output."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))

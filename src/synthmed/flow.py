@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from synthmed import __version__
-from synthmed.config import BackboneConfig, ControlNetConfig, EvaluateConfig, GenerateConfig, PrepareConfig, RunConfig, save_config
+from synthmed.config import BackboneConfig, ControlNetConfig, EvaluateConfig, GenerateConfig, PrepareConfig, RunConfig, config_yaml, save_config
 from synthmed.io import SynthmedError, atomic_dir, check_new_output, write_json
 from synthmed.progress import task
 
@@ -41,8 +41,8 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict:
             phantom_samples(p.seed, p.size, p.n_slides, p.tiles_per_slide, p.n_unlabelled_slides),
             phantom_card(p.seed, p.size, p.n_slides, p.tiles_per_slide, p.n_unlabelled_slides),
             progress=lambda: update(next(counter)),
+            extras={"prepare_config.yaml": config_yaml(cfg)},
         )
-    save_config(cfg, Path(out) / "prepare_config.yaml")
     return card
 
 
@@ -240,8 +240,7 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
 
     syn_card = {k: card[k] for k in ("classes", "label_map", "image_size", "channels", "conditioning", "task") if k in card}
     syn_card.update(name=f"synthetic:{card.get('name', 'data')}", source="synthmed generate", real_data=str(Path(data).resolve()), model=str(model.resolve()))
-    write_prepared(out, samples(), syn_card)
-    save_config(cfg, out / "generate_config.yaml")
+    write_prepared(out, samples(), syn_card, extras={"generate_config.yaml": config_yaml(cfg)})
     return out
 
 

@@ -42,8 +42,11 @@ class Sample:
     extra: dict = field(default_factory=dict)
 
 
-def write_prepared(out: Path, samples, card: dict, progress=None) -> dict:
-    """Write samples into the prepared layout atomically and return the completed card."""
+def write_prepared(out: Path, samples, card: dict, progress=None, extras: dict[str, str] | None = None) -> dict:
+    """Write samples into the prepared layout atomically and return the completed card.
+
+    `extras` maps file names to text written beside the card (e.g. the resolved config).
+    """
     out = Path(out)
     counts: dict[str, Counter] = {}
     patients: dict[str, set] = {}
@@ -82,6 +85,8 @@ def write_prepared(out: Path, samples, card: dict, progress=None) -> dict:
             for split in rows
         }
         write_json(tmp / CARD, card)
+        for name, text in (extras or {}).items():
+            (tmp / name).write_text(text)
     return card
 
 
