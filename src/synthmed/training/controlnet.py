@@ -65,15 +65,15 @@ def latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
 def _save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
     """Save accelerate state atomically (temporary name, then rename) and keep the newest `keep`."""
     folder.mkdir(parents=True, exist_ok=True)
+    tmp, final = folder / f".tmp-step-{step}", folder / f"step-{step}"
     if accelerator.is_main_process:
-        tmp = folder / f".tmp-step-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    tmp = folder / f".tmp-step-{step}"
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        os.replace(tmp, folder / f"step-{step}")
+        shutil.rmtree(final, ignore_errors=True)  # a same-step state from an earlier attempt
+        os.replace(tmp, final)
         steps = sorted(int(m.group(1)) for p in folder.glob("step-*") if (m := _STEP_DIR.match(p.name)))
         for old in steps[:-keep]:
             shutil.rmtree(folder / f"step-{old}", ignore_errors=True)
