@@ -82,6 +82,7 @@ def train_backbone(
     vae_steps: int = typer.Option(1500),
     unet_steps: int = typer.Option(3000),
     seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoints in OUT.partial"),
 ):
     """Pretrain a backbone preset on unlabelled images (how the shipped tiny backbone was made)."""
     from synthmed import flow
@@ -90,7 +91,7 @@ def train_backbone(
 
     if preset not in PRESETS:
         raise SynthmedError(f"unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
-    folder = flow.train_backbone(data, BackboneConfig(preset=preset, vae_steps=vae_steps, unet_steps=unet_steps, seed=seed), out)
+    folder = flow.train_backbone(data, BackboneConfig(preset=preset, vae_steps=vae_steps, unet_steps=unet_steps, seed=seed), out, resume=resume)
     typer.echo(f"wrote {folder}")
 
 

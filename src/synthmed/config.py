@@ -42,6 +42,7 @@ class BackboneConfig(_Strict):
     unet_batch_size: int = Field(32, ge=1)
     unet_lr: float = Field(1e-3, gt=0)
     prompt_dropout: float = Field(0.1, ge=0, le=1)
+    checkpoint_every: int = Field(250, ge=1)
     seed: int = 0
 
 

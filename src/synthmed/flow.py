@@ -63,22 +63,32 @@ def environment() -> dict:
     }
 
 
-def train_backbone(data: Path, cfg: BackboneConfig, out: Path) -> Path:
-    """Pretrain a backbone preset on the unlabelled split (VAE, then text-to-image UNet)."""
+def train_backbone(data: Path, cfg: BackboneConfig, out: Path, resume: bool = False) -> Path:
+    """Pretrain a backbone preset on the unlabelled split (VAE, then text-to-image UNet).
+
+    Phase checkpoints go to OUT.partial/ while training; `resume` continues from them exactly,
+    and they are removed once OUT is complete.
+    """
+    import shutil
+
     from synthmed.data.prepared import load_split
     from synthmed.models.backbone import build_backbone
     from synthmed.training.backbone import train_text_to_image, train_vae
 
+    out = Path(out)
     check_new_output(out)
+    state = out.with_name(out.name + ".partial")
+    if state.exists() and not resume:
+        raise SynthmedError(f"{state}: an interrupted run's checkpoints are here; add --resume to continue, or remove it")
     split = load_split(data, "unlabelled")
     torch.manual_seed(cfg.seed)
     with atomic_dir(out) as tmp:
         backbone = build_backbone(cfg.preset, seed=cfg.seed)
         started = time.time()
         with task("train backbone: VAE", cfg.vae_steps) as update:
-            vae_losses = train_vae(backbone, split.images, cfg, progress=update)
+            vae_losses = train_vae(backbone, split.images, cfg, progress=update, state_dir=state)
         with task("train backbone: UNet", cfg.unet_steps) as update:
-            unet_losses = train_text_to_image(backbone, split.images, split.prompts, cfg, progress=update)
+            unet_losses = train_text_to_image(backbone, split.images, split.prompts, cfg, progress=update, state_dir=state)
         recipe = {
             "made_by": "synthmed train backbone",
             "config": cfg.model_dump(),
@@ -91,7 +101,8 @@ def train_backbone(data: Path, cfg: BackboneConfig, out: Path) -> Path:
         }
         backbone.save(tmp, recipe)
         save_config(cfg, tmp / "train_config.yaml")
-    return Path(out)
+    shutil.rmtree(state, ignore_errors=True)
+    return out
 
 
 def _card_generator(data: Path) -> dict | None:

@@ -22,3 +22,51 @@ def test_vae_training_reduces_reconstruction_loss(phantom_data):
     cfg = BackboneConfig(vae_steps=40, vae_batch_size=8, vae_crop=32, vae_lr=2e-3)
     losses = train_vae(build_backbone("tiny", seed=1), images, cfg)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_interrupted_backbone_training_resumes_exactly(phantom_data, tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    from synthmed.io import SynthmedError
+    from synthmed.training import backbone as tb
+
+    cfg = BackboneConfig(vae_steps=3, unet_steps=4, vae_batch_size=4, unet_batch_size=4, checkpoint_every=2)
+    straight = load_backbone(flow.train_backbone(phantom_data, cfg, tmp_path / "a"))
+
+    real = tb.train_text_to_image
+
+    def crash_after_three(*args, **kwargs):
+        user = kwargs.pop("progress", None)
+
+        def progress(done, total, loss):
+            if done == 3:
+                raise KeyboardInterrupt
+
+        return real(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr(tb, "train_text_to_image", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        flow.train_backbone(phantom_data, cfg, tmp_path / "b")
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.partial" / "unet.pt").is_file()
+    with pytest.raises(SynthmedError, match="--resume"):
+        flow.train_backbone(phantom_data, cfg, tmp_path / "b")
+    steps_run = []
+
+    def recording(real_fn):
+        def wrapper(*args, **kwargs):
+            kwargs.pop("progress", None)
+            return real_fn(*args, progress=lambda done, total, loss: steps_run.append((real_fn.__name__, done)), **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(tb, "train_vae", recording(tb.train_vae))
+    monkeypatch.setattr(tb, "train_text_to_image", recording(real))
+    resumed = load_backbone(flow.train_backbone(phantom_data, cfg, tmp_path / "b", resume=True))
+    # The VAE phase was complete and the UNet had a checkpoint at step 2: only steps 3-4 run again.
+    assert steps_run == [("train_text_to_image", 3), ("train_text_to_image", 4)]
+    assert not (tmp_path / "b.partial").exists()
+    for name in ("vae", "unet"):
+        a, b = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    assert straight.vae.config.scaling_factor == pytest.approx(resumed.vae.config.scaling_factor)

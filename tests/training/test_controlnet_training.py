@@ -58,7 +58,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(setup, tmp_path):
     assert latest_checkpoint(tmp_path / "b")[0] == 3
     resumed = build_controlnet(bb.unet, bb.vae_scale_factor)
     resumed.load_state_dict(init)
-    train_controlnet(bb, resumed, data, _cfg(), Accelerator(cpu=True), tmp_path / "b", resume=True)
+    ran = train_controlnet(bb, resumed, data, _cfg(), Accelerator(cpu=True), tmp_path / "b", resume=True)
+    assert len(ran) == 3  # steps 4..6 only: the first three came from the checkpoint
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

@@ -6,12 +6,14 @@ that was trained reproducibly on the unlabelled phantom images, and ships inside
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from synthmed.models.backbone import Backbone
-from synthmed.training.common import DiffusionLoss, batch_indices, dihedral, drop_prompts, optimiser_step, step_generator, to_model_range
+from synthmed.training.common import DiffusionLoss, PhaseCheckpoint, batch_indices, dihedral, drop_prompts, optimiser_step, step_generator, to_model_range
 
 
 def _one_cycle(opt, lr: float, steps: int):
@@ -38,18 +40,20 @@ def _random_crops(images: torch.Tensor, idx: torch.Tensor, crop: int, g: torch.G
     return torch.stack(out)
 
 
-def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None) -> list[float]:
+def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None, state_dir: Path | None = None) -> list[float]:
     """Train the VAE on (N, H, W, 3) uint8 images; sets the latent scaling factor from the data.
 
-    `cfg` has vae_steps, vae_batch_size, vae_crop, vae_lr, kl_weight and seed (config.BackboneConfig).
+    `cfg` has vae_steps, vae_batch_size, vae_crop, vae_lr, kl_weight, checkpoint_every and seed
+    (config.BackboneConfig). With `state_dir`, the phase checkpoints there and resumes from it.
     """
     vae = backbone.vae.train().requires_grad_(True)
     data = to_model_range(images)  # (N, 3, H, W)
     crop = min(cfg.vae_crop, data.shape[-1])
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = _one_cycle(opt, cfg.vae_lr, cfg.vae_steps)
-    losses = []
-    for step in range(cfg.vae_steps):
+    ckpt = PhaseCheckpoint(state_dir, "vae", cfg.checkpoint_every)
+    start, losses = ckpt.restore(vae, opt, sched)
+    for step in range(start, cfg.vae_steps):
         g = step_generator(cfg.seed, step)
         x = _random_crops(data, batch_indices(len(data), cfg.vae_batch_size, step, cfg.seed), crop, g)
         post = vae.encode(x).latent_dist
@@ -57,6 +61,7 @@ def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None) -> lis
         loss = F.l1_loss(rec, x) + 0.5 * _gradient_l1(rec, x) + cfg.kl_weight * post.kl().mean()
         optimiser_step(loss, vae.parameters(), opt, sched)
         losses.append(loss.item())
+        ckpt.maybe_save(step + 1, cfg.vae_steps, vae, opt, sched, losses)
         if progress:
             progress(step + 1, cfg.vae_steps, losses[-1])
     vae.eval().requires_grad_(False)
@@ -74,8 +79,8 @@ def encode_dataset(backbone: Backbone, images: np.ndarray, batch_size: int = 64)
     return torch.cat([backbone.encode_images(data[i : i + batch_size]) for i in range(0, len(data), batch_size)])
 
 
-def train_text_to_image(backbone: Backbone, images: np.ndarray, prompts: list[str], cfg, progress=None) -> list[float]:
-    """Train the UNet as a text-to-image model on cached latents and text embeddings."""
+def train_text_to_image(backbone: Backbone, images: np.ndarray, prompts: list[str], cfg, progress=None, state_dir: Path | None = None) -> list[float]:
+    """Train the UNet as a text-to-image model on cached latents and text embeddings (resumable like train_vae)."""
     latents = encode_dataset(backbone, images)
     unique = sorted(set(prompts))
     table = backbone.encode_prompts(unique + [""])  # (P + 1, 77, D); the frozen encoder runs once
@@ -85,8 +90,9 @@ def train_text_to_image(backbone: Backbone, images: np.ndarray, prompts: list[st
     loss_fn = DiffusionLoss(backbone.scheduler)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     sched = _one_cycle(opt, cfg.unet_lr, cfg.unet_steps)
-    losses = []
-    for step in range(cfg.unet_steps):
+    ckpt = PhaseCheckpoint(state_dir, "unet", cfg.checkpoint_every)
+    start, losses = ckpt.restore(unet, opt, sched)
+    for step in range(start, cfg.unet_steps):
         g = step_generator(cfg.seed, step, stream=1)
         idx = batch_indices(len(latents), cfg.unet_batch_size, step, cfg.seed + 1)
         k = int(torch.randint(0, 8, (1,), generator=g))
@@ -95,6 +101,7 @@ def train_text_to_image(backbone: Backbone, images: np.ndarray, prompts: list[st
         loss = loss_fn(lambda noisy, t: unet(noisy, t, emb).sample, z, g)
         optimiser_step(loss, unet.parameters(), opt, sched)
         losses.append(loss.item())
+        ckpt.maybe_save(step + 1, cfg.unet_steps, unet, opt, sched, losses)
         if progress:
             progress(step + 1, cfg.unet_steps, losses[-1])
     unet.eval().requires_grad_(False)

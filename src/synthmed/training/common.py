@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,3 +93,34 @@ def optimiser_step(loss: torch.Tensor, params, optimizer, scheduler, clip: float
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
     scheduler.step()
+
+
+class PhaseCheckpoint:
+    """Atomic checkpoints of one training phase (model, optimiser, schedule, losses), loaded weights-only.
+
+    With folder=None it does nothing, so loops can always call it.
+    """
+
+    def __init__(self, folder: Path | None, name: str, every: int):
+        self.path = None if folder is None else Path(folder) / f"{name}.pt"
+        self.every = every
+
+    def restore(self, model, optimizer, scheduler) -> tuple[int, list[float]]:
+        """Load the saved state if there is one; returns (steps done, losses so far)."""
+        if self.path is None or not self.path.is_file():
+            return 0, []
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return int(state["step"]), list(state["losses"])
+
+    def maybe_save(self, done: int, total: int, model, optimizer, scheduler, losses: list[float]) -> None:
+        """Save every `every` steps and at the end of the phase (temporary name, then rename)."""
+        if self.path is None or (done % self.every and done != total):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done, "losses": losses}
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
