@@ -47,7 +47,7 @@ def command(fn):
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished stages and checkpoints are kept; run the same command again "
-                       "(`train controlnet` with --resume) to continue", err=True)
+                       "(`train backbone` / `train controlnet` with --resume) to continue", err=True)
             raise typer.Exit(130) from None
 
     return wrapper

@@ -128,10 +128,10 @@ def train_controlnet(backbone: Backbone, controlnet, data: ControlNetData, cfg, 
         sched.step()
         losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
         done = step + 1
-        if progress:
-            progress(done, cfg.steps, losses[-1])
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the final state too, to train on later
             _save_checkpoint(accelerator, Path(checkpoints), done, keep)
+        if progress:  # after the save, so an interrupt raised here keeps this step's checkpoint
+            progress(done, cfg.steps, losses[-1])
     accelerator.wait_for_everyone()
     return losses
 
