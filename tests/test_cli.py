@@ -115,3 +115,28 @@ def test_every_output_carries_its_resolved_config(quick_demo):
     for rel in ("data/prepare_config.yaml", "controlnet/train_config.yaml", "synthetic/generate_config.yaml", "evaluation/evaluate_config.yaml", "run_config.yaml"):
         assert (out / rel).is_file(), rel
     assert "conditioning_scale" in (out / "synthetic" / "generate_config.yaml").read_text()
+
+
+def test_prepare_format_errors_are_one_line(tmp_path):
+    proc = run_cli("prepare", "medmnist", "--root", str(tmp_path), "--flag", "pathmnist", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: no medmnist data found (expected {{flag}}.npz or {{flag}}_{{64,128,224}}.npz with train/val/test _images and _labels)"]
+    proc = run_cli("prepare", "nifti", "--root", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "unknown source format" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_format_through_the_cli_then_rerun_is_a_no_op(tmp_path):
+    from synthmed.testing import medmnist
+
+    medmnist.write(tmp_path / "src", flag="breastmnist")
+    args = ("prepare", "medmnist", "--root", str(tmp_path / "src"), "--flag", "breastmnist", "--out", str(tmp_path / "out"),
+            "--size", "32", "--conditioning", "canny", "-o", "resolution=28", "--workers", "2")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "train 12, validation 4, test 4" in first.stdout
+    card = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert card["image_size"] == [32, 32] and card["labels"] == ["malignant", "normal or benign"]
+    stamp = (tmp_path / "out" / "dataset.json").stat().st_mtime_ns
+    again = run_cli(*args)
+    assert again.returncode == 0 and (tmp_path / "out" / "dataset.json").stat().st_mtime_ns == stamp

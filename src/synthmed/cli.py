@@ -56,21 +56,54 @@ def command(fn):
 @app.command()
 @command
 def prepare(
-    source: str = typer.Argument(..., help="source format; the embedded one is 'phantom-histology'"),
-    out: Path = typer.Option(..., "--out", help="output folder (must not exist or be empty)"),
-    seed: int = typer.Option(0, help="phantom seed"),
-    size: int = typer.Option(64, help="phantom tile size: 64, 128 or 256"),
-    slides: int = typer.Option(48, help="labelled phantom slides"),
-    tiles_per_slide: int = typer.Option(12, help="tiles per slide"),
-    unlabelled_slides: int = typer.Option(150, help="unlabelled phantom slides"),
+    source: str = typer.Argument(..., help="FORMAT: medmnist, pannuke, bci, pcam, camelyon, acdc, brats, busi, cbis-ddsm, folder, manifest, diffusers, or phantom-histology (embedded)"),
+    out: Path = typer.Option(..., "--out", help="output folder; re-running the same command resumes or does nothing"),
+    root: Optional[Path] = typer.Option(None, "--root", help="the official download's root folder, unchanged"),
+    flag: Optional[str] = typer.Option(None, "--flag", help="medmnist: the data set flag, e.g. pathmnist"),
+    size: Optional[int] = typer.Option(None, "--size", help="output SIZE x SIZE (default: the format's; phantom: 64)"),
+    resize: Optional[str] = typer.Option(None, "--resize", help="resize | crop | pad (stated in dataset.json)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="at most N samples per split"),
+    workers: int = typer.Option(0, "--workers", help="worker processes (0: one per core, up to 4)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip invalid items, listing them in skipped.jsonl"),
+    official_splits: bool = typer.Option(True, "--official-splits/--own-splits", help="keep the source's splits where it has them"),
+    seed: int = typer.Option(0, help="seed for patient-level splits (and the phantom)"),
+    conditioning: Optional[str] = typer.Option(None, "--conditioning", help="builders to stack, comma-separated: colour,binary,onehot,boundary,canny,source,given"),
+    canny_low: float = typer.Option(0.05, help="Canny low threshold (gradient of the [0, 1] image)"),
+    canny_high: float = typer.Option(0.15, help="Canny high threshold"),
+    canny_sigma: float = typer.Option(1.5, help="Canny Gaussian sigma"),
+    canny_region: str = typer.Option("image", help="image | lesion (edges inside the dilated mask only)"),
+    prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="e.g. '{modality}, {label}'"),
+    option: list[str] = typer.Option([], "--option", "-o", help="format option KEY=VALUE (repeatable), e.g. -o level=2"),
+    slides: int = typer.Option(48, help="phantom: labelled slides"),
+    tiles_per_slide: int = typer.Option(12, help="phantom: tiles per slide"),
+    unlabelled_slides: int = typer.Option(150, help="phantom: unlabelled slides"),
 ):
-    """Write a data set in the prepared layout (image folder + metadata.jsonl + dataset.json)."""
-    from synthmed import flow
-    from synthmed.config import PhantomConfig, PrepareConfig
+    """Turn a source data set, in its own layout, into the prepared layout (image folder + metadata.jsonl + dataset.json)."""
+    import yaml
 
-    phantom = PhantomConfig(seed=seed, size=size, n_slides=slides, tiles_per_slide=tiles_per_slide, n_unlabelled_slides=unlabelled_slides)
-    card = flow.prepare(PrepareConfig(source=source, phantom=phantom), out)
-    typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v['n']}" for k, v in card["splits"].items()))
+    from synthmed import flow
+    from synthmed.config import ConditioningConfig, PhantomConfig, PrepareConfig
+
+    options = {}
+    for kv in option:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SynthmedError(f"--option expects KEY=VALUE, but got {kv!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    if flag:
+        options["flag"] = flag
+    phantom = PhantomConfig(seed=seed, size=size or 64, n_slides=slides, tiles_per_slide=tiles_per_slide, n_unlabelled_slides=unlabelled_slides)
+    is_phantom = source == flow.PHANTOM
+    cfg = PrepareConfig(
+        source=source, root=str(root) if root else None, options=options, phantom=phantom,
+        size=None if is_phantom else size, resize=resize, limit=limit, workers=workers, skip_bad=skip_bad,
+        official_splits=official_splits, seed=seed, prompt_template=prompt_template,
+        conditioning=ConditioningConfig(builders=conditioning.split(",") if conditioning else None, canny_low=canny_low,
+                                        canny_high=canny_high, canny_sigma=canny_sigma, canny_region=canny_region),
+    )
+    card = flow.prepare(cfg, out)
+    typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v['n']}" for k, v in card["splits"].items())
+               + (f" ({card['skipped']} skipped: see {out / 'skipped.jsonl'})" if card.get("skipped") else ""))
 
 
 @train_app.command("backbone")

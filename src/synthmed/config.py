@@ -24,9 +24,33 @@ class PhantomConfig(_Strict):
     n_unlabelled_slides: int = Field(150, ge=0, description="slides of image-only tiles (backbone pretraining)")
 
 
+class ConditioningConfig(_Strict):
+    """What the ControlNet is conditioned on: builders stacked in this order (channels add up)."""
+
+    builders: list[str] | None = Field(None, description="colour, binary, onehot, boundary, canny, source, given; default: the format's")
+    canny_sigma: float = Field(1.5, gt=0)
+    canny_low: float = Field(0.05, ge=0, description="hysteresis thresholds on the gradient of the [0, 1] greyscale image")
+    canny_high: float = Field(0.15, ge=0)
+    canny_region: str = Field("image", pattern="^(image|lesion)$")
+
+
 class PrepareConfig(_Strict):
-    source: str = "phantom-histology"
+    """`synthmed prepare FORMAT --root ROOT`: a source data set into the prepared layout."""
+
+    source: str = Field("phantom-histology", description="FORMAT (see `synthmed prepare --help`)")
+    root: str | None = Field(None, description="the source download's root folder (not for phantom-histology)")
+    options: dict = Field(default_factory=dict, description="format-specific options (e.g. flag, level, modalities)")
     phantom: PhantomConfig = PhantomConfig()
+    size: int | None = Field(None, ge=8, description="output size SIZE x SIZE; default: the format's (None = source size)")
+    resize: str | None = Field(None, pattern="^(resize|crop|pad)$", description="resize policy; default: the format's")
+    limit: int | None = Field(None, ge=1, description="at most this many samples per split")
+    workers: int = Field(0, ge=0, description="worker processes; 0 = up to 4, one per CPU core")
+    skip_bad: bool = Field(False, description="skip unreadable/invalid items and list them in skipped.jsonl")
+    official_splits: bool = True
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    conditioning: ConditioningConfig = ConditioningConfig()
+    prompt_template: str | None = Field(None, description="e.g. '{modality}, {label}'; fields depend on the format")
 
 
 class BackboneConfig(_Strict):

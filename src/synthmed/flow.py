@@ -23,26 +23,48 @@ PHANTOM = "phantom-histology"
 
 
 def prepare(cfg: PrepareConfig, out: Path) -> dict:
-    """Write a source data set into the prepared layout; returns its dataset.json card."""
-    from synthmed.data.phantom import phantom_card, phantom_samples
-    from synthmed.data.prepared import write_prepared
+    """Write a source data set into the prepared layout; returns its dataset.json card.
 
-    if cfg.source != PHANTOM:
-        raise SynthmedError(f"{cfg.source}: unknown source format (available: {PHANTOM})")
-    check_new_output(out)
-    p = cfg.phantom
-    if p.size not in (64, 128, 256):
-        raise SynthmedError(f"phantom size must be 64, 128 or 256, got {p.size}")
-    total = (p.n_slides + p.n_unlabelled_slides) * p.tiles_per_slide
-    with task(f"prepare {cfg.source}", total) as update:
-        counter = iter(range(1, total + 1))
-        card = write_prepared(
-            out,
-            phantom_samples(p.seed, p.size, p.n_slides, p.tiles_per_slide, p.n_unlabelled_slides),
-            phantom_card(p.seed, p.size, p.n_slides, p.tiles_per_slide, p.n_unlabelled_slides),
-            progress=lambda: update(next(counter)),
-            extras={"prepare_config.yaml": config_yaml(cfg)},
-        )
+    Resumes an interrupted run (OUT.partial) and is a no-op on a finished OUT with the same settings.
+    """
+    import hashlib
+    import os
+
+    from synthmed.data.conditioning import ConditioningSpec
+    from synthmed.data.pipeline import PrepareSettings, prepare_dataset
+    from synthmed.data.readers.base import reader_class
+
+    cls = reader_class(cfg.source)
+    if cfg.source == PHANTOM:
+        p = cfg.phantom
+        reader = cls(None, p.model_dump(exclude={"seed"}), seed=p.seed)  # generated: no root
+    else:
+        if not cfg.root:
+            raise SynthmedError(f"prepare {cfg.source}: --root (the source download's folder) is required")
+        reader = cls(Path(cfg.root).resolve(), cfg.options, seed=cfg.seed)
+    cond = cfg.conditioning
+    classes = reader.card().get("classes", [])
+    try:
+        spec = ConditioningSpec(tuple(cond.builders or reader.default_conditioning), cond.canny_sigma, cond.canny_low,
+                                cond.canny_high, cond.canny_region, n_classes=max(1, len(classes)))
+    except ValueError as exc:
+        raise SynthmedError(f"conditioning: {exc}") from None
+    identity = cfg.model_copy(update={"workers": 0, "skip_bad": False, "root": str(Path(cfg.root).resolve()) if cfg.root else None})
+    settings = PrepareSettings(
+        size=cfg.size if cfg.size is not None else reader.default_size,
+        resize=cfg.resize or reader.default_resize,
+        limit=cfg.limit,
+        workers=cfg.workers or min(4, os.cpu_count() or 1),
+        skip_bad=cfg.skip_bad,
+        official_splits=cfg.official_splits,
+        fractions=tuple(cfg.split_fractions),
+        seed=cfg.seed,
+        conditioning=spec,
+        prompt_template=cfg.prompt_template,
+        fingerprint=hashlib.sha256(config_yaml(identity).encode()).hexdigest()[:16],
+    )
+    with task(f"prepare {cfg.source}", 0) as update:
+        card = prepare_dataset(reader, out, settings, progress=update, extras={"prepare_config.yaml": config_yaml(cfg)})
     return card
 
 

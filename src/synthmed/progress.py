@@ -21,16 +21,19 @@ def task(description: str, total: int):
             tid = bar.add_task(description, total=total, info="")
 
             def update(done, total_=None, loss=None):
-                bar.update(tid, completed=done, info=f"loss {loss:.4f}" if loss is not None else "")
+                bar.update(tid, completed=done, total=total_ or total, info=f"loss {loss:.4f}" if loss is not None else "")
 
             yield update
         return
 
-    marks = {max(1, round(total * f / 10)) for f in range(1, 11)}
+    state = {"total": total}
 
     def update(done, total_=None, loss=None):
-        if done in marks:
+        # The total may only be known once the job has listed its work (e.g. prepare).
+        state["total"] = total_ or state["total"]
+        n = state["total"]
+        if n and done in {max(1, round(n * f / 10)) for f in range(1, 11)}:
             extra = f" loss {loss:.4f}" if loss is not None else ""
-            print(f"{description}: {done}/{total}{extra}", file=sys.stderr, flush=True)
+            print(f"{description}: {done}/{n}{extra}", file=sys.stderr, flush=True)
 
     yield update

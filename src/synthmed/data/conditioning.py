@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 # Background black; one saturated, well-separated colour per class code 1..5 (PanNuke order).
@@ -35,3 +37,104 @@ def decode_colour_mask(rgb: np.ndarray, palette: np.ndarray = DEFAULT_PALETTE) -
     """Invert colour_mask by nearest palette colour: (H, W, 3) -> (H, W) codes."""
     d = ((rgb[..., None, :].astype(np.int32) - palette[None, None].astype(np.int32)) ** 2).sum(-1)
     return d.argmin(-1).astype(np.uint8)
+
+
+# ---- builders: what the ControlNet sees, chosen in config and stackable ------------------
+
+BUILDERS = ("colour", "binary", "onehot", "boundary", "canny", "source", "given")
+_NEEDS = {"colour": "mask", "binary": "mask", "onehot": "mask", "boundary": "mask", "source": "paired", "given": "conditioning"}
+
+
+@dataclass(frozen=True)
+class ConditioningSpec:
+    """Which maps to build and stack (channel order = list order), with the Canny settings.
+
+    Canny runs on the greyscale image scaled to [0, 1] (skimage.feature.canny): `canny_sigma`
+    is the Gaussian smoothing, `canny_low`/`canny_high` the hysteresis thresholds on the
+    gradient magnitude of that [0, 1] image. `canny_region="lesion"` keeps only edges inside
+    the (dilated) mask foreground.
+    """
+
+    builders: tuple[str, ...] = ("colour",)
+    canny_sigma: float = 1.5
+    canny_low: float = 0.05
+    canny_high: float = 0.15
+    canny_region: str = "image"  # "image" or "lesion"
+    n_classes: int = 5  # K, the one-hot channel count
+
+    def __post_init__(self):
+        if not self.builders:
+            raise ValueError("ConditioningSpec expects at least one builder, but got none")
+        unknown = [b for b in self.builders if b not in BUILDERS]
+        if unknown:
+            raise ValueError(f"ConditioningSpec expects builders from {BUILDERS}, but got {unknown}")
+        if self.canny_region not in ("image", "lesion"):
+            raise ValueError(f"ConditioningSpec expects canny_region 'image' or 'lesion', but got {self.canny_region!r}")
+        if not 0 <= self.canny_low <= self.canny_high:
+            raise ValueError(f"ConditioningSpec expects 0 <= canny_low <= canny_high, but got {self.canny_low}, {self.canny_high}")
+
+    def channel_names(self, paired_channels: int = 3, given_channels: int = 3) -> list[str]:
+        """One name per output channel, in order (written to the card)."""
+        names = []
+        for b in self.builders:
+            if b == "colour":
+                names += ["colour:r", "colour:g", "colour:b"]
+            elif b == "onehot":
+                names += [f"onehot:{k}" for k in range(1, self.n_classes + 1)]
+            elif b == "source":
+                names += [f"source:{c}" for c in range(paired_channels)]
+            elif b == "given":
+                names += [f"given:{c}" for c in range(given_channels)]
+            else:
+                names.append(b)
+        return names
+
+    def requirement(self) -> dict[str, str]:
+        """builder -> the Sample field it needs (mask, paired image, given conditioning)."""
+        return {b: _NEEDS[b] for b in self.builders if b in _NEEDS}
+
+
+def canny_edges(image: np.ndarray, spec: ConditioningSpec, mask: np.ndarray | None = None) -> np.ndarray:
+    """Binary Canny edge map (H, W) uint8 in {0, 255} of an (H, W) or (H, W, 3) uint8 image."""
+    from scipy import ndimage
+    from skimage.feature import canny
+
+    g = image.astype(np.float64) / 255.0
+    if g.ndim == 3:
+        g = g[..., :3] @ np.array([0.299, 0.587, 0.114])
+    edges = canny(g, sigma=spec.canny_sigma, low_threshold=spec.canny_low, high_threshold=spec.canny_high)
+    if spec.canny_region == "lesion":
+        if mask is None:
+            raise ValueError("canny_edges with canny_region='lesion' expects a mask, but got None")
+        edges &= ndimage.binary_dilation(mask > 0, iterations=3)
+    return edges.astype(np.uint8) * 255
+
+
+def boundary_map(labels: np.ndarray) -> np.ndarray:
+    """Object boundaries (H, W) uint8 in {0, 255}: inner boundaries of each instance/class region."""
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(labels.astype(np.int64), mode="inner").astype(np.uint8) * 255
+
+
+def build_conditioning(spec: ConditioningSpec, image: np.ndarray, mask=None, instances=None, paired=None, given=None) -> np.ndarray:
+    """Stack the chosen maps into one (H, W, C) uint8 conditioning array."""
+    parts = []
+    for b in spec.builders:
+        if b == "colour":
+            parts.append(colour_mask(mask))
+        elif b == "binary":
+            parts.append(((mask > 0) * 255).astype(np.uint8)[..., None])
+        elif b == "onehot":
+            if mask.size and int(mask.max()) > spec.n_classes:
+                raise ValueError(f"onehot expects codes <= {spec.n_classes}, but got {int(mask.max())}")
+            parts.append(np.stack([(mask == k) for k in range(1, spec.n_classes + 1)], -1).astype(np.uint8) * 255)
+        elif b == "boundary":
+            parts.append(boundary_map(instances if instances is not None else mask)[..., None])
+        elif b == "canny":
+            parts.append(canny_edges(image, spec, mask)[..., None])
+        elif b == "source":
+            parts.append(paired if paired.ndim == 3 else paired[..., None])
+        elif b == "given":
+            parts.append(given if given.ndim == 3 else given[..., None])
+    return np.concatenate(parts, axis=-1).astype(np.uint8)

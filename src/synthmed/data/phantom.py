@@ -305,38 +305,34 @@ def make_prompt(tissue: str, classes: list[str]) -> str:
     return f"{base}, nuclei: {', '.join(classes)}" if classes else f"{base}, no nuclei"
 
 
-def phantom_samples(seed: int = 0, size: int = 64, n_slides: int = 48, tiles_per_slide: int = 12, n_unlabelled_slides: int = 100):
-    """Yield the labelled part (train/validation/test by slide) and the unlabelled part as Sample records."""
+def phantom_sample(tile: PhantomTile, seed: int, split: str):
+    """The Sample record of one tile; unlabelled tiles carry no masks."""
     from synthmed.data.prepared import Sample
 
+    labelled = split != "unlabelled"
+    classes = tile.classes_present()
+    return Sample(
+        id=f"{tile.slide_id}_{tile.index:06d}",
+        image=tile.image,
+        split=split,
+        prompt=make_prompt(tile.tissue, classes) if labelled else f"h&e histology, {tile.tissue} tissue",
+        patient_id=tile.slide_id,
+        source=f"phantom-histology:seed={seed}:tile={tile.index}",
+        mask=tile.class_mask if labelled else None,
+        instances=tile.instance_mask if labelled else None,
+        label=tile.tissue,
+        extra={"tissue": tile.tissue, "classes": classes} if labelled else {"tissue": tile.tissue},
+    )
+
+
+def phantom_samples(seed: int = 0, size: int = 64, n_slides: int = 48, tiles_per_slide: int = 12, n_unlabelled_slides: int = 100):
+    """Yield the labelled part (train/validation/test by slide) and the unlabelled part as Sample records."""
     split_of = split_slides(seed, n_slides)
     for tile in iter_tiles(seed, n_slides, tiles_per_slide, size, prefix="S"):
-        slide_index = tile.index // tiles_per_slide
-        classes = tile.classes_present()
-        yield Sample(
-            id=f"{tile.slide_id}_{tile.index:06d}",
-            image=tile.image,
-            split=split_of[slide_index],
-            prompt=make_prompt(tile.tissue, classes),
-            patient_id=tile.slide_id,
-            source=f"phantom-histology:seed={seed}:tile={tile.index}",
-            mask=tile.class_mask,
-            instances=tile.instance_mask,
-            label=tile.tissue,
-            extra={"tissue": tile.tissue, "classes": classes},
-        )
+        yield phantom_sample(tile, seed, split_of[tile.index // tiles_per_slide])
     # Unlabelled tiles come from other slides (indices after the labelled ones): no overlap.
     for tile in iter_tiles(seed, n_unlabelled_slides, tiles_per_slide, size, prefix="U", offset=n_slides):
-        yield Sample(
-            id=f"{tile.slide_id}_{tile.index:06d}",
-            image=tile.image,
-            split="unlabelled",
-            prompt=f"h&e histology, {tile.tissue} tissue",
-            patient_id=tile.slide_id,
-            source=f"phantom-histology:seed={seed}:tile={tile.index}",
-            label=tile.tissue,
-            extra={"tissue": tile.tissue},
-        )
+        yield phantom_sample(tile, seed, "unlabelled")
 
 
 def phantom_card(seed: int, size: int, n_slides: int, tiles_per_slide: int, n_unlabelled_slides: int) -> dict:
@@ -349,8 +345,6 @@ def phantom_card(seed: int, size: int, n_slides: int, tiles_per_slide: int, n_un
         "label_map": {"0": "background", **{str(i + 1): c for i, c in enumerate(CLASSES)}},
         "image_size": [size, size],
         "channels": 3,
-        "conditioning": "colour-coded class mask",
-        "split_by": "slide",
         "generator": {
             "seed": seed,
             "size": size,

@@ -31,7 +31,7 @@ class Sample:
     """The one sample record every reader yields."""
 
     id: str
-    image: np.ndarray  # (H, W, 3) uint8
+    image: np.ndarray  # (H, W, 3) or (H, W) uint8
     split: str
     prompt: str
     patient_id: str
@@ -39,7 +39,9 @@ class Sample:
     mask: np.ndarray | None = None  # (H, W) class codes
     instances: np.ndarray | None = None  # (H, W) instance ids
     label: str | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # prompt fields and provenance (tissue, modality, ...)
+    paired: np.ndarray | None = None  # a paired source image, e.g. the HE of an HE -> IHC pair
+    conditioning: np.ndarray | None = None  # a conditioning image given by the source itself
 
 
 def write_prepared(out: Path, samples, card: dict, progress=None, extras: dict[str, str] | None = None) -> dict:
@@ -190,4 +192,19 @@ def load_conditioning(split: PreparedSplit) -> np.ndarray:
     missing = [r["id"] for r in split.rows if "conditioning_image" not in r]
     if missing:
         raise SynthmedError(f"{split.root / split.split / 'metadata.jsonl'}: sample {missing[0]} has no conditioning_image")
-    return np.stack([_rgb(load_png(split.root / split.split / r["conditioning_image"])) for r in split.rows])
+    paths = [split.root / split.split / r["conditioning_image"] for r in split.rows]
+    # PNG maps are given 3 channels (what the RGB ControlNet expects); .npy stacks keep their C.
+    return np.stack([load_conditioning_file(p) if p.suffix == ".npy" else _rgb(load_conditioning_file(p)) for p in paths])
+
+
+def load_conditioning_file(path: Path) -> np.ndarray:
+    """One conditioning image: PNG, or .npy (H, W, C) when C is not 1 or 3 (one-hot, stacks)."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        return load_png(path)
+    if not path.is_file():
+        raise SynthmedError(f"{path}: file not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SynthmedError(f"{path}: cannot read conditioning array ({exc})") from None

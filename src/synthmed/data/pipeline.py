@@ -1,0 +1,443 @@
+"""`prepare`: any reader -> the prepared layout, streamed, in parallel, resumable, all or nothing.
+
+Work goes to OUT.partial/ (one row per finished sample appended to rows.jsonl, files written
+under temporary names and renamed); OUT appears only when every item is done. Re-running
+with the same settings resumes OUT.partial, or is a no-op on a finished OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from synthmed.data.conditioning import ConditioningSpec, build_conditioning
+from synthmed.data.prepared import CARD, SPLITS, Sample, _instance_classes
+from synthmed.data.readers.base import Item, Reader, iter_load
+from synthmed.io import SynthmedError, read_json, write_json, write_jsonl
+
+RESIZE_POLICIES = {
+    "resize": "resized to SIZE x SIZE directly (aspect ratio not kept)",
+    "crop": "shorter side scaled to SIZE, then centre-cropped to SIZE x SIZE",
+    "pad": "longer side scaled to SIZE, then zero-padded (centred) to SIZE x SIZE",
+}
+_ID = re.compile(r"[A-Za-z0-9._+\-]+")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything about a `prepare` run except the reader itself."""
+
+    size: int | None = None  # None: keep the source size
+    resize: str = "pad"
+    limit: int | None = None  # at most this many samples per split (first in source order)
+    workers: int = 1
+    skip_bad: bool = False
+    official_splits: bool = True
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    conditioning: ConditioningSpec = field(default_factory=ConditioningSpec)
+    prompt_template: str | None = None
+    fingerprint: str = ""  # the resolved settings as text; resume / no-op only when equal
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"PrepareSettings expects resize in {sorted(RESIZE_POLICIES)}, but got {self.resize!r}")
+        if abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) < 0:
+            raise ValueError(f"PrepareSettings expects split fractions summing to 1, but got {self.fractions}")
+
+
+# ---- splits ---------------------------------------------------------------------------------
+
+
+def split_patients(patients, seed: int, fractions=(0.7, 0.15, 0.15), strata: dict | None = None) -> dict[str, str]:
+    """Seeded patient-level split: patient -> train/validation/test, stratified by `strata`.
+
+    Within each stratum the patients are sorted, permuted by a generator seeded from
+    (seed, stratum), and the first round(f_val * n) go to validation, the next to test.
+    """
+    groups: dict[str, list[str]] = {}
+    for p in sorted(set(patients)):
+        groups.setdefault((strata or {}).get(p, ""), []).append(p)
+    out = {}
+    for stratum, members in sorted(groups.items()):
+        rng = np.random.default_rng([seed, zlib.crc32(stratum.encode())])
+        order = [members[i] for i in rng.permutation(len(members))]
+        n = len(order)
+        n_val = int(round(fractions[1] * n))
+        n_test = int(round(fractions[2] * n))
+        if n >= 3:  # every split gets a patient when there are enough
+            n_val, n_test = max(n_val, 1 if fractions[1] else 0), max(n_test, 1 if fractions[2] else 0)
+        for i, p in enumerate(order):
+            out[p] = "validation" if i < n_val else "test" if i < n_val + n_test else "train"
+    return out
+
+
+def assign_splits(items: list[Item], settings: PrepareSettings, patient_level: bool) -> tuple[list[Item], str]:
+    """Give every item its split; returns the items and a sentence saying how."""
+    keep = settings.official_splits and any(it.split for it in items)
+    free = [it for it in items if not (keep and it.split)]
+    strata = {}
+    for it in free:
+        if it.stratum is not None:
+            strata.setdefault(it.patient_id, it.stratum)
+    unit = "patient" if patient_level else "image (the source has no patient ids)"
+    if keep:
+        has_val = any(it.split == "validation" for it in items)
+        if free:
+            how = f"official splits kept; items without one split by {unit}, seeded"
+        elif not has_val and patient_level:
+            # Carve validation out of the official train split, by patient.
+            train = [it.patient_id for it in items if it.split == "train"]
+            f = settings.fractions[1] / (settings.fractions[0] + settings.fractions[1])
+            val = {p for p, s in split_patients(train, settings.seed, (1 - f, f, 0.0), strata).items() if s == "validation"}
+            items = [replace(it, split="validation") if it.split == "train" and it.patient_id in val else it for it in items]
+            return items, f"official splits kept; validation carved from official train by {unit} ({f:.0%}, seeded)"
+        else:
+            return items, "official splits kept"
+    else:
+        how = f"split by {unit}, seeded {settings.seed}, fractions {list(settings.fractions)}"
+    # Patients already in an official split stay there; the rest are split.
+    fixed = {it.patient_id: it.split for it in items if keep and it.split}
+    split_of = split_patients([p for p in {it.patient_id for it in free} if p not in fixed], settings.seed, settings.fractions, strata)
+    split_of.update(fixed)
+    return [it if keep and it.split else replace(it, split=split_of[it.patient_id]) for it in items], how
+
+
+def apply_limit(items: list[Item], limit: int | None) -> list[Item]:
+    """At most `limit` items per split, the first in source order."""
+    if limit is None:
+        return items
+    seen: Counter = Counter()
+    out = []
+    for it in items:
+        if seen[it.split] < limit:
+            seen[it.split] += 1
+            out.append(it)
+    return out
+
+
+# ---- one sample -----------------------------------------------------------------------------
+
+
+def fit(array: np.ndarray, size: int | None, policy: str, nearest: bool) -> np.ndarray:
+    """Apply the resize policy to an (H, W) or (H, W, C) array (nearest for label maps)."""
+    if size is None:
+        return array
+    h, w = array.shape[:2]
+    if policy == "resize":
+        th, tw = size, size
+    elif policy == "crop":
+        s = size / min(h, w)
+        th, tw = max(size, round(h * s)), max(size, round(w * s))
+    else:
+        s = size / max(h, w)
+        th, tw = min(size, max(1, round(h * s))), min(size, max(1, round(w * s)))
+    out = _resize(array, th, tw, nearest) if (th, tw) != (h, w) else array
+    if policy == "crop":
+        y, x = (th - size) // 2, (tw - size) // 2
+        return out[y : y + size, x : x + size]
+    if policy == "pad":
+        y, x = (size - th) // 2, (size - tw) // 2
+        canvas = np.zeros((size, size) + out.shape[2:], out.dtype)
+        canvas[y : y + th, x : x + tw] = out
+        return canvas
+    return out
+
+
+def _resize(array: np.ndarray, h: int, w: int, nearest: bool) -> np.ndarray:
+    if nearest:
+        if array.ndim == 3:
+            return np.stack([_resize(array[..., c], h, w, True) for c in range(array.shape[2])], -1)
+        return np.asarray(Image.fromarray(array.astype(np.int32), mode="I").resize((w, h), Image.NEAREST)).astype(array.dtype)
+    if array.ndim == 3 and array.shape[2] not in (3, 4):
+        return np.stack([_resize(array[..., c], h, w, False) for c in range(array.shape[2])], -1)
+    return np.asarray(Image.fromarray(array).resize((w, h), Image.BICUBIC))
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    """PNG (or .npy for channel counts PNG cannot hold), via a temporary name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".npy":
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+    else:
+        img = Image.fromarray(array.astype(np.uint16) if array.dtype == np.uint16 else array)
+        img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def finish_sample(sample: Sample, settings: PrepareSettings, folder: Path) -> tuple[dict, dict]:
+    """Resize, build conditioning and prompt, write the files; returns (metadata row, stats)."""
+    img = sample.image
+    if img.dtype != np.uint8 or img.ndim not in (2, 3):
+        raise SynthmedError(f"{sample.source}: image must be uint8 (H, W) or (H, W, 3), got {img.dtype} {img.shape}")
+    for name, arr in (("mask", sample.mask), ("instance mask", sample.instances), ("paired image", sample.paired), ("conditioning image", sample.conditioning)):
+        if arr is not None and arr.shape[:2] != img.shape[:2]:
+            raise SynthmedError(f"{sample.source}: {name} size {arr.shape[:2]} differs from image size {img.shape[:2]}")
+    size, policy = settings.size, settings.resize
+    image = fit(img, size, policy, nearest=False)
+    mask = None if sample.mask is None else fit(sample.mask.astype(np.uint8), size, policy, nearest=True)
+    inst = None if sample.instances is None else fit(sample.instances.astype(np.int32), size, policy, nearest=True)
+    paired = None if sample.paired is None else fit(sample.paired, size, policy, nearest=False)
+    given = None if sample.conditioning is None else fit(sample.conditioning, size, policy, nearest=False)
+
+    sid = sample.id
+    row = {"file_name": f"images/{sid}.png", "id": sid}
+    _save(folder / row["file_name"], image)
+    if mask is not None:
+        row["mask"] = f"masks/{sid}.png"
+        _save(folder / row["mask"], mask)
+    if inst is not None:
+        row["instance_mask"] = f"instances/{sid}.png"
+        _save(folder / row["instance_mask"], inst.astype(np.uint16))
+    if paired is not None:
+        row["paired_image"] = f"paired/{sid}.png"
+        _save(folder / row["paired_image"], paired)
+    fields = {"mask": mask, "paired": paired, "conditioning": given}
+    missing = [b for b, need in settings.conditioning.requirement().items() if fields[need] is None]
+    if missing and sample.split != "unlabelled":
+        raise SynthmedError(f"{sample.source}: conditioning '{missing[0]}' needs a {settings.conditioning.requirement()[missing[0]]}, which this sample does not have")
+    if not missing:
+        cond = build_conditioning(settings.conditioning, image, mask, inst, paired, given)
+        ext = "png" if cond.shape[2] in (1, 3) else "npy"
+        row["conditioning_image"] = f"conditioning/{sid}.{ext}"
+        _save(folder / row["conditioning_image"], cond[..., 0] if cond.shape[2] == 1 else cond)
+    row.update(text=render_prompt(sample, settings.prompt_template), label=sample.label,
+               patient_id=sample.patient_id, split=sample.split, source=sample.source)
+    row.update({k: v for k, v in sample.extra.items() if k not in row})
+    stats = {"shape": list(image.shape), "label": sample.label,
+             "paired_channels": None if paired is None else (paired.shape[2] if paired.ndim == 3 else 1),
+             "given_channels": None if given is None else (given.shape[2] if given.ndim == 3 else 1)}
+    if mask is not None:
+        stats["pixels"] = {int(k): int(v) for k, v in enumerate(np.bincount(mask.ravel())) if v}
+        if inst is not None:
+            stats["objects"] = dict(Counter(_instance_classes(inst, mask)))
+    return row, stats
+
+
+class _Blank(dict):
+    def __missing__(self, key):
+        return ""
+
+
+def render_prompt(sample: Sample, template: str | None) -> str:
+    """The reader's prompt, or the user's template filled from the sample's fields."""
+    if not template:
+        return sample.prompt
+    fields = {"label": sample.label or "", "patient_id": sample.patient_id, **sample.extra}
+    fields = {k: (", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in fields.items()}
+    if sample.split == "unlabelled":
+        fields = _Blank(fields)  # unlabelled images lack label-derived fields: leave them empty
+    try:
+        return template.format_map(fields)
+    except KeyError as exc:
+        raise SynthmedError(f"prompt template names {{{exc.args[0]}}}, which this source does not provide (fields: {', '.join(sorted(fields))})") from None
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(reader: Reader, settings: PrepareSettings, root: Path) -> None:
+    _WORKER.update(reader=reader, settings=settings, root=root)
+
+
+def _process(job):
+    order, item, sample = job
+    reader, settings, root = _WORKER["reader"], _WORKER["settings"], _WORKER["root"]
+    try:
+        if sample is None:
+            sample = reader.load(item)
+        sample.id, sample.split, sample.patient_id = item.id, item.split, item.patient_id
+        row, stats = finish_sample(sample, settings, root / item.split)
+    except SynthmedError as exc:
+        if not settings.skip_bad:
+            raise
+        return {"skipped": item.id, "split": item.split, "error": str(exc)}
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        msg = f"{item.ref}: cannot read ({type(exc).__name__}: {exc})"
+        if not settings.skip_bad:
+            raise SynthmedError(msg) from None
+        return {"skipped": item.id, "split": item.split, "error": msg}
+    row["_order"], row["_stats"] = order, stats
+    return row
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows appended so far; a line cut short by an interruption is ignored (redone)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def prepare_dataset(reader: Reader, out: Path, settings: PrepareSettings, progress=None, extras: dict | None = None) -> dict:
+    """Run a reader into OUT; returns the dataset.json card (existing one if already done)."""
+    out = Path(out)
+    if (out / CARD).is_file():
+        card = read_json(out / CARD)
+        if card.get("fingerprint") == settings.fingerprint:
+            return card  # already prepared with these settings: nothing to do
+        raise SynthmedError(f"{out}: already holds a prepared data set made with other settings (choose a new --out)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SynthmedError(f"{out}: output folder exists and is not empty (choose a new --out)")
+    items = reader.items()
+    if not items:
+        raise reader.empty()
+    bad = next((it.id for it in items if not _ID.fullmatch(it.id)), None)
+    dup = next((k for k, n in Counter(it.id for it in items).items() if n > 1), None)
+    if bad or dup:
+        raise SynthmedError(f"{reader.root}: sample id {bad or dup!r} is {'not file-name safe' if bad else 'not unique'}")
+    items, split_method = assign_splits(items, settings, reader.patient_unit != "image")
+    items = apply_limit(items, settings.limit)
+
+    partial = out.with_name(out.name + ".partial")
+    stamp = partial / ".fingerprint"
+    if partial.exists() and (not stamp.is_file() or stamp.read_text() != settings.fingerprint):
+        raise SynthmedError(f"{partial}: an interrupted prepare with other settings is here; remove it or use the same settings")
+    for split in {it.split for it in items}:
+        for sub in ("images", "masks", "instances", "conditioning", "paired"):
+            (partial / split / sub).mkdir(parents=True, exist_ok=True)
+    stamp.write_text(settings.fingerprint)
+    rows_path, skipped_path = partial / "rows.jsonl", partial / "skipped.jsonl"
+    done = _read_rows(rows_path)
+    skipped = _read_rows(skipped_path)
+    finished = {r["id"] for r in done} | {r["skipped"] for r in skipped}
+    pending = [(i, it) for i, it in enumerate(items) if it.id not in finished]
+
+    jobs = _jobs(reader, pending)
+    count = len(finished)
+    if progress:
+        progress(count, len(items))
+    with open(rows_path, "a") as rows_fh, open(skipped_path, "a") as skip_fh:
+        for result in _run(jobs, reader, settings, partial):
+            fh = skip_fh if "skipped" in result else rows_fh
+            (done if fh is rows_fh else skipped).append(result)
+            fh.write(json.dumps(result) + "\n")
+            fh.flush()
+            count += 1
+            if progress:
+                progress(count, len(items))
+    card = _card(reader, items, done, skipped, settings, split_method)
+    _finalise(partial, out, done, skipped, card, extras)
+    return card
+
+
+def _jobs(reader: Reader, pending):
+    if reader.stream is None:
+        return ((i, it, None) for i, it in pending)
+    its = [it for _, it in pending]
+    return ((i, it, s) for (i, it), s in zip(pending, reader.stream(its)))
+
+
+def _run(jobs, reader: Reader, settings: PrepareSettings, root: Path):
+    if settings.workers <= 1:
+        _init_worker(reader, settings, root)
+        yield from map(_process, jobs)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(settings.workers, initializer=_init_worker, initargs=(reader, settings, root)) as pool:
+        yield from pool.imap(_process, jobs, chunksize=4)
+
+
+def _card(reader: Reader, items, rows, skipped, settings: PrepareSettings, split_method: str) -> dict:
+    if not rows:
+        raise SynthmedError(f"{reader.root}: every item was skipped as bad ({len(skipped)}); nothing to write")
+    base = reader.card()
+    classes = base.get("classes", [])
+    shapes = {tuple(r["_stats"]["shape"]) for r in rows}
+    splits = {}
+    for split in [s for s in SPLITS if any(r["split"] == s for r in rows)]:
+        rs = [r for r in rows if r["split"] == split]
+        labels: Counter = Counter()
+        for r in rs:
+            for lab in str(r["_stats"]["label"]).split("|") if r["_stats"]["label"] is not None else []:
+                labels[lab] += 1
+        masked = [r for r in rs if "pixels" in r["_stats"]]
+        px: Counter = Counter()
+        obj: Counter = Counter()
+        for r in masked:
+            px.update({int(k): v for k, v in r["_stats"]["pixels"].items()})
+            obj.update({int(k): v for k, v in r["_stats"].get("objects", {}).items()})
+        with_instances = any("objects" in r["_stats"] for r in masked)
+        splits[split] = {
+            "n": len(rs),
+            "patients": sorted({r["patient_id"] for r in rs}),
+            "labels_per_class": dict(sorted(labels.items())) if labels else None,
+            "objects_per_class": {c: obj.get(k, 0) for k, c in enumerate(classes, 1)} if with_instances else None,
+            "pixels_per_class": {c: px.get(k, 0) for k, c in enumerate(["background", *classes])} if masked else None,
+        }
+    seen: dict[str, set] = {}
+    for split, info in splits.items():
+        for p in info["patients"]:
+            seen.setdefault(p, set()).add(split)
+    spec = settings.conditioning
+    first = rows[0]
+    cond_file = first.get("conditioning_image")
+    return {
+        "name": reader.name,
+        "root": str(reader.root),
+        **base,
+        "image_size": list(next(iter(shapes))[:2]) if len(shapes) == 1 else None,
+        "channels": 1 if len(next(iter(shapes))) == 2 else next(iter(shapes))[2],
+        "resize": {"size": settings.size, "policy": settings.resize if settings.size else "none (source size kept)",
+                   "rule": RESIZE_POLICIES[settings.resize] if settings.size else None,
+                   "image_interpolation": "bicubic (PIL, antialiased)", "mask_interpolation": "nearest"},
+        "conditioning": {"builders": list(spec.builders), "channel_names": _channel_names(spec, rows),
+                         "file_format": Path(cond_file).suffix.lstrip(".") if cond_file else None,
+                         "canny": {"sigma": spec.canny_sigma, "low": spec.canny_low, "high": spec.canny_high, "region": spec.canny_region} if "canny" in spec.builders else None},
+        "prompt_template": settings.prompt_template,
+        "split_by": reader.patient_unit,
+        "split_method": split_method,
+        "patients_in_several_splits": sorted(p for p, s in seen.items() if len(s) > 1),
+        "limit_per_split": settings.limit,
+        "skipped": len(skipped),
+        "fingerprint": settings.fingerprint,
+        "splits": splits,
+    }
+
+
+def _channel_names(spec: ConditioningSpec, rows) -> list[str]:
+    ch = lambda key: (rows[0]["_stats"].get(key) or 3)  # noqa: E731
+    return spec.channel_names(paired_channels=ch("paired_channels"), given_channels=ch("given_channels"))
+
+
+def _finalise(partial: Path, out: Path, rows, skipped, card: dict, extras: dict | None) -> None:
+    by_split: dict[str, list] = {}
+    for r in sorted(rows, key=lambda r: r["_order"]):
+        by_split.setdefault(r["split"], []).append({k: v for k, v in r.items() if not k.startswith("_")})
+    for split, split_rows in by_split.items():
+        write_jsonl(partial / split / "metadata.jsonl", split_rows)
+    for split_dir in [p for p in partial.iterdir() if p.is_dir()]:
+        for sub in split_dir.iterdir():
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        if not any(split_dir.iterdir()):
+            split_dir.rmdir()
+    if skipped:
+        write_jsonl(partial / "skipped.jsonl", [{"id": s["skipped"], "split": s["split"], "error": s["error"]} for s in skipped])
+    else:
+        (partial / "skipped.jsonl").unlink(missing_ok=True)
+    (partial / "rows.jsonl").unlink(missing_ok=True)
+    (partial / ".fingerprint").unlink(missing_ok=True)
+    for name, text in (extras or {}).items():
+        (partial / name).write_text(text)
+    write_json(partial / CARD, card)
+    if out.is_dir():
+        shutil.rmtree(out)  # an empty folder only (checked at the start)
+    os.replace(partial, out)
