@@ -169,7 +169,11 @@ def load_split(root: Path, split: str, limit: int | None = None, need_masks: boo
     rows = read_jsonl(root / split / "metadata.jsonl")[:limit]
     if not rows:
         raise SynthmedError(f"{root / split / 'metadata.jsonl'}: no samples")
-    images = np.stack([_rgb(load_png(root / split / r["file_name"])) for r in rows])
+    loaded = [_rgb(load_png(root / split / r["file_name"])) for r in rows]
+    sizes = {im.shape[:2] for im in loaded}
+    if len(sizes) > 1:
+        raise SynthmedError(f"{root / split}: images differ in size ({', '.join(map(str, sorted(sizes)[:3]))}, ...); prepare with --size")
+    images = np.stack(loaded)
     has_masks = all("mask" in r for r in rows)
     if need_masks and not has_masks:
         raise SynthmedError(f"{root / split / 'metadata.jsonl'}: split {split!r} has no masks")
