@@ -87,7 +87,7 @@ def assign_splits(items: list[Item], settings: PrepareSettings, patient_level: b
     keep = settings.official_splits and any(it.split for it in items)
     free = [it for it in items if not (keep and it.split)]
     strata = {}
-    for it in free:
+    for it in items:  # strata of all items: carving validation from official train is stratified too
         if it.stratum is not None:
             strata.setdefault(it.patient_id, it.stratum)
     unit = "patient" if patient_level else "image (the source has no patient ids)"
