@@ -198,3 +198,19 @@ def test_skip_bad_reports_and_continues(tmp_path):
     skipped = [json.loads(line) for line in (tmp_path / "lenient" / "skipped.jsonl").read_text().splitlines()]
     assert card["skipped"] == 1 and skipped[0]["id"].endswith("000004") and "truncated" in skipped[0]["error"]
     assert sum(v["n"] for v in card["splits"].values()) == 6 * 3 + 3 - 1
+
+
+def test_resume_after_a_row_cut_short(tmp_path):
+    ref = tmp_path / "ref"
+    prepare_dataset(PhantomReader(None, SMALL), ref, _settings())
+    reader = FlakyPhantom(None, SMALL)
+    FlakyPhantom.stop_at, FlakyPhantom.loaded = reader.items()[5].id, []
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(reader, tmp_path / "out", _settings())
+    rows = tmp_path / "out.partial" / "rows.jsonl"
+    lines = rows.read_text().splitlines(keepends=True)
+    rows.write_text("".join(lines[:-1]) + lines[-1][:20])  # the last commit was cut mid-line
+    FlakyPhantom.stop_at, FlakyPhantom.loaded = None, []
+    prepare_dataset(reader, tmp_path / "out", _settings())
+    assert len(FlakyPhantom.loaded) == len(reader.items()) - (len(lines) - 1)
+    assert _tree(tmp_path / "out") == _tree(ref)

@@ -275,15 +275,30 @@ def _process(job):
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """Rows appended so far; a line cut short by an interruption is ignored (redone)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    """Rows committed so far. A line cut short by an interruption is cut off the file (redone)."""
+    rows, good = [], 0
+    if not path.is_file():
+        return rows
+    with open(path, "rb") as fh:
+        for line in fh:
             try:
+                if not line.endswith(b"\n"):
+                    raise ValueError
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except ValueError:
                 break
+            good += len(line)
+    with open(path, "r+b") as fh:
+        fh.truncate(good)
     return rows
+
+
+def _iter_rows(path: Path):
+    """Stream the committed rows (in source order: workers' results are committed in order)."""
+    if path.is_file():
+        with open(path) as fh:
+            for line in fh:
+                yield json.loads(line)
 
 
 def prepare_dataset(reader: Reader, out: Path, settings: PrepareSettings, progress=None, extras: dict | None = None) -> dict:
@@ -315,26 +330,23 @@ def prepare_dataset(reader: Reader, out: Path, settings: PrepareSettings, progre
             (partial / split / sub).mkdir(parents=True, exist_ok=True)
     stamp.write_text(settings.fingerprint)
     rows_path, skipped_path = partial / "rows.jsonl", partial / "skipped.jsonl"
-    done = _read_rows(rows_path)
-    skipped = _read_rows(skipped_path)
-    finished = {r["id"] for r in done} | {r["skipped"] for r in skipped}
+    # Only ids are kept in memory; the rows themselves stay on disk (PCam has 327,680).
+    finished = {r["id"] for r in _read_rows(rows_path)} | {r["skipped"] for r in _read_rows(skipped_path)}
     pending = [(i, it) for i, it in enumerate(items) if it.id not in finished]
-
-    jobs = _jobs(reader, pending)
     count = len(finished)
     if progress:
         progress(count, len(items))
     with open(rows_path, "a") as rows_fh, open(skipped_path, "a") as skip_fh:
-        for result in _run(jobs, reader, settings, partial):
+        for result in _run(_jobs(reader, pending), reader, settings, partial):
             fh = skip_fh if "skipped" in result else rows_fh
-            (done if fh is rows_fh else skipped).append(result)
             fh.write(json.dumps(result) + "\n")
             fh.flush()
             count += 1
             if progress:
                 progress(count, len(items))
-    card = _card(reader, items, done, skipped, settings, split_method)
-    _finalise(partial, out, done, skipped, card, extras)
+    skipped = _read_rows(skipped_path)
+    card = _card(reader, _iter_rows(rows_path), skipped, settings, split_method)
+    _finalise(partial, out, skipped, card, extras)
     return card
 
 
@@ -355,50 +367,66 @@ def _run(jobs, reader: Reader, settings: PrepareSettings, root: Path):
         yield from pool.imap(_process, jobs, chunksize=4)
 
 
-def _card(reader: Reader, items, rows, skipped, settings: PrepareSettings, split_method: str) -> dict:
-    if not rows:
+class _SplitStats:
+    """Per-split counts accumulated one row at a time."""
+
+    def __init__(self):
+        self.n, self.patients, self.labels = 0, set(), Counter()
+        self.masked, self.with_instances, self.pixels, self.objects = 0, False, Counter(), Counter()
+
+    def add(self, row: dict) -> None:
+        st = row["_stats"]
+        self.n += 1
+        self.patients.add(row["patient_id"])
+        if st["label"] is not None:
+            self.labels.update(str(st["label"]).split("|"))
+        if "pixels" in st:
+            self.masked += 1
+            self.pixels.update({int(k): v for k, v in st["pixels"].items()})
+        if "objects" in st:
+            self.with_instances = True
+            self.objects.update({int(k): v for k, v in st["objects"].items()})
+
+    def summary(self, classes: list[str]) -> dict:
+        return {
+            "n": self.n,
+            "patients": sorted(self.patients),
+            "labels_per_class": dict(sorted(self.labels.items())) or None,
+            "objects_per_class": {c: self.objects.get(k, 0) for k, c in enumerate(classes, 1)} if self.with_instances else None,
+            # None, not zeros, for a split without masks (e.g. unlabelled).
+            "pixels_per_class": {c: self.pixels.get(k, 0) for k, c in enumerate(["background", *classes])} if self.masked else None,
+        }
+
+
+def _card(reader: Reader, rows, skipped, settings: PrepareSettings, split_method: str) -> dict:
+    stats: dict[str, _SplitStats] = {}
+    shapes, first = set(), None
+    for row in rows:
+        first = first or row
+        shapes.add(tuple(row["_stats"]["shape"]))
+        stats.setdefault(row["split"], _SplitStats()).add(row)
+    if first is None:
         raise SynthmedError(f"{reader.root}: every item was skipped as bad ({len(skipped)}); nothing to write")
     base = reader.card()
     classes = base.get("classes", [])
-    shapes = {tuple(r["_stats"]["shape"]) for r in rows}
-    splits = {}
-    for split in [s for s in SPLITS if any(r["split"] == s for r in rows)]:
-        rs = [r for r in rows if r["split"] == split]
-        labels: Counter = Counter()
-        for r in rs:
-            for lab in str(r["_stats"]["label"]).split("|") if r["_stats"]["label"] is not None else []:
-                labels[lab] += 1
-        masked = [r for r in rs if "pixels" in r["_stats"]]
-        px: Counter = Counter()
-        obj: Counter = Counter()
-        for r in masked:
-            px.update({int(k): v for k, v in r["_stats"]["pixels"].items()})
-            obj.update({int(k): v for k, v in r["_stats"].get("objects", {}).items()})
-        with_instances = any("objects" in r["_stats"] for r in masked)
-        splits[split] = {
-            "n": len(rs),
-            "patients": sorted({r["patient_id"] for r in rs}),
-            "labels_per_class": dict(sorted(labels.items())) if labels else None,
-            "objects_per_class": {c: obj.get(k, 0) for k, c in enumerate(classes, 1)} if with_instances else None,
-            "pixels_per_class": {c: px.get(k, 0) for k, c in enumerate(["background", *classes])} if masked else None,
-        }
+    splits = {s: stats[s].summary(classes) for s in SPLITS if s in stats}
     seen: dict[str, set] = {}
     for split, info in splits.items():
         for p in info["patients"]:
             seen.setdefault(p, set()).add(split)
     spec = settings.conditioning
-    first = rows[0]
     cond_file = first.get("conditioning_image")
+    shape = next(iter(shapes))
     return {
         "name": reader.name,
-        "root": str(reader.root),
+        "root": None if reader.name == "phantom-histology" else str(reader.root),
         **base,
-        "image_size": list(next(iter(shapes))[:2]) if len(shapes) == 1 else None,
-        "channels": 1 if len(next(iter(shapes))) == 2 else next(iter(shapes))[2],
+        "image_size": list(shape[:2]) if len(shapes) == 1 else None,
+        "channels": 1 if len(shape) == 2 else shape[2],
         "resize": {"size": settings.size, "policy": settings.resize if settings.size else "none (source size kept)",
                    "rule": RESIZE_POLICIES[settings.resize] if settings.size else None,
                    "image_interpolation": "bicubic (PIL, antialiased)", "mask_interpolation": "nearest"},
-        "conditioning": {"builders": list(spec.builders), "channel_names": _channel_names(spec, rows),
+        "conditioning": {"builders": list(spec.builders), "channel_names": _channel_names(spec, first),
                          "file_format": Path(cond_file).suffix.lstrip(".") if cond_file else None,
                          "canny": {"sigma": spec.canny_sigma, "low": spec.canny_low, "high": spec.canny_high, "region": spec.canny_region} if "canny" in spec.builders else None},
         "prompt_template": settings.prompt_template,
@@ -412,17 +440,23 @@ def _card(reader: Reader, items, rows, skipped, settings: PrepareSettings, split
     }
 
 
-def _channel_names(spec: ConditioningSpec, rows) -> list[str]:
-    ch = lambda key: (rows[0]["_stats"].get(key) or 3)  # noqa: E731
-    return spec.channel_names(paired_channels=ch("paired_channels"), given_channels=ch("given_channels"))
+def _channel_names(spec: ConditioningSpec, row: dict) -> list[str]:
+    st = row["_stats"]
+    return spec.channel_names(paired_channels=st.get("paired_channels") or 3, given_channels=st.get("given_channels") or 3)
 
 
-def _finalise(partial: Path, out: Path, rows, skipped, card: dict, extras: dict | None) -> None:
-    by_split: dict[str, list] = {}
-    for r in sorted(rows, key=lambda r: r["_order"]):
-        by_split.setdefault(r["split"], []).append({k: v for k, v in r.items() if not k.startswith("_")})
-    for split, split_rows in by_split.items():
-        write_jsonl(partial / split / "metadata.jsonl", split_rows)
+def _finalise(partial: Path, out: Path, skipped, card: dict, extras: dict | None) -> None:
+    handles = {}
+    try:
+        for r in _iter_rows(partial / "rows.jsonl"):
+            if r["split"] not in handles:
+                handles[r["split"]] = open(partial / r["split"] / ".metadata.jsonl.tmp", "w")
+            handles[r["split"]].write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n")
+    finally:
+        for fh in handles.values():
+            fh.close()
+    for split in handles:
+        os.replace(partial / split / ".metadata.jsonl.tmp", partial / split / "metadata.jsonl")
     for split_dir in [p for p in partial.iterdir() if p.is_dir()]:
         for sub in split_dir.iterdir():
             if sub.is_dir() and not any(sub.iterdir()):
