@@ -214,3 +214,15 @@ def test_resume_after_a_row_cut_short(tmp_path):
     prepare_dataset(reader, tmp_path / "out", _settings())
     assert len(FlakyPhantom.loaded) == len(reader.items()) - (len(lines) - 1)
     assert _tree(tmp_path / "out") == _tree(ref)
+
+
+def test_unlabelled_stays_unlabelled_and_never_leaks_a_held_out_patient():
+    items = [Item(f"{p}_{k}", p, None, None) for p in [f"P{i}" for i in range(10)] for k in range(2)]
+    items += [Item(f"{p}_u", p, "unlabelled", None) for p in ("P0", "P1", "P2", "P3", "P4", "P5", "X1")]
+    assigned, how = assign_splits(items, _settings(official_splits=False), patient_level=True)
+    split_of = {it.patient_id: it.split for it in assigned if it.split != "unlabelled"}
+    unlabelled = {it.patient_id for it in assigned if it.split == "unlabelled"}
+    assert "X1" in unlabelled  # an image-only patient stays unlabelled
+    assert all(split_of.get(p, "train") == "train" for p in unlabelled)
+    dropped = sum(split_of[p] != "train" for p in ("P0", "P1", "P2", "P3", "P4", "P5"))
+    assert len(assigned) == len(items) - dropped and (dropped == 0 or "left out" in how)

@@ -62,30 +62,39 @@ class PrepareSettings:
 def split_patients(patients, seed: int, fractions=(0.7, 0.15, 0.15), strata: dict | None = None) -> dict[str, str]:
     """Seeded patient-level split: patient -> train/validation/test, stratified by `strata`.
 
-    Within each stratum the patients are sorted, permuted by a generator seeded from
-    (seed, stratum), and the first round(f_val * n) go to validation, the next to test.
+    Within each stratum the patients (sorted) are permuted by a generator seeded from
+    (seed, stratum); the first round(f_val * n) go to validation, the next round(f_test * n)
+    to test (at least one each in a stratum of 3 or more, so a rare class is tested). When
+    the strata are all too small for that, a split that got nobody takes the next train
+    patient in an order that interleaves the strata.
     """
     groups: dict[str, list[str]] = {}
     for p in sorted(set(patients)):
         groups.setdefault((strata or {}).get(p, ""), []).append(p)
-    out = {}
+    out, keyed = {}, []
     for stratum, members in sorted(groups.items()):
         rng = np.random.default_rng([seed, zlib.crc32(stratum.encode())])
         order = [members[i] for i in rng.permutation(len(members))]
         n = len(order)
-        n_val = int(round(fractions[1] * n))
-        n_test = int(round(fractions[2] * n))
-        if n >= 3:  # every split gets a patient when there are enough
+        n_val, n_test = int(round(fractions[1] * n)), int(round(fractions[2] * n))
+        if n >= 3:
             n_val, n_test = max(n_val, 1 if fractions[1] else 0), max(n_test, 1 if fractions[2] else 0)
         for i, p in enumerate(order):
             out[p] = "validation" if i < n_val else "test" if i < n_val + n_test else "train"
+            keyed.append((i / n, stratum, p))
+    if len(out) >= 3:
+        for split, f in (("validation", fractions[1]), ("test", fractions[2])):
+            if f and split not in out.values():
+                out[next(p for _, _, p in sorted(keyed) if out[p] == "train")] = split
     return out
 
 
 def assign_splits(items: list[Item], settings: PrepareSettings, patient_level: bool) -> tuple[list[Item], str]:
     """Give every item its split; returns the items and a sentence saying how."""
-    keep = settings.official_splits and any(it.split for it in items)
-    free = [it for it in items if not (keep and it.split)]
+    keep = settings.official_splits and any(it.split not in (None, "unlabelled") for it in items)
+    # "unlabelled" is not a split choice but a fact (no labels): it is never reassigned.
+    fixed_split = lambda it: it.split == "unlabelled" or (keep and it.split)  # noqa: E731
+    free = [it for it in items if not fixed_split(it)]
     strata = {}
     for it in items:  # strata of all items: carving validation from official train is stratified too
         if it.stratum is not None:
@@ -101,16 +110,26 @@ def assign_splits(items: list[Item], settings: PrepareSettings, patient_level: b
             f = settings.fractions[1] / (settings.fractions[0] + settings.fractions[1])
             val = {p for p, s in split_patients(train, settings.seed, (1 - f, f, 0.0), strata).items() if s == "validation"}
             items = [replace(it, split="validation") if it.split == "train" and it.patient_id in val else it for it in items]
-            return items, f"official splits kept; validation carved from official train by {unit} ({f:.0%}, seeded)"
+            return _drop_held_out_unlabelled(items, f"official splits kept; validation carved from official train by {unit} ({f:.0%}, seeded)")
         else:
-            return items, "official splits kept"
+            return _drop_held_out_unlabelled(items, "official splits kept")
     else:
         how = f"split by {unit}, seeded {settings.seed}, fractions {list(settings.fractions)}"
     # Patients already in an official split stay there; the rest are split.
-    fixed = {it.patient_id: it.split for it in items if keep and it.split}
+    fixed = {it.patient_id: it.split for it in items if keep and it.split not in (None, "unlabelled")}
     split_of = split_patients([p for p in {it.patient_id for it in free} if p not in fixed], settings.seed, settings.fractions, strata)
     split_of.update(fixed)
-    return [it if keep and it.split else replace(it, split=split_of[it.patient_id]) for it in items], how
+    items = [it if fixed_split(it) else replace(it, split=split_of[it.patient_id]) for it in items]
+    return _drop_held_out_unlabelled(items, how)
+
+
+def _drop_held_out_unlabelled(items: list[Item], how: str) -> tuple[list[Item], str]:
+    """Unlabelled images of a validation/test patient would leak that patient into training."""
+    held_out = {it.patient_id for it in items if it.split in ("validation", "test")}
+    kept = [it for it in items if not (it.split == "unlabelled" and it.patient_id in held_out)]
+    if len(kept) < len(items):
+        how += f"; {len(items) - len(kept)} unlabelled items of validation/test patients left out"
+    return kept, how
 
 
 def apply_limit(items: list[Item], limit: int | None) -> list[Item]:
