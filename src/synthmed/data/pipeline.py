@@ -435,13 +435,14 @@ def _card(reader: Reader, rows, skipped, settings: PrepareSettings, split_method
             seen.setdefault(p, set()).add(split)
     spec = settings.conditioning
     cond_file = first.get("conditioning_image")
-    shape = next(iter(shapes))
+    sizes = {tuple(sh[:2]) for sh in shapes}
+    chans = {1 if len(sh) == 2 else sh[2] for sh in shapes}
     return {
         "name": reader.name,
         "root": None if reader.name == "phantom-histology" else str(reader.root),
         **base,
-        "image_size": list(shape[:2]) if len(shapes) == 1 else None,
-        "channels": 1 if len(shape) == 2 else shape[2],
+        "image_size": list(sizes.pop()) if len(sizes) == 1 else None,  # None: sizes vary (prepare with --size)
+        "channels": chans.pop() if len(chans) == 1 else None,  # None: grey and RGB mixed (-o channels=grey|rgb)
         "resize": {"size": settings.size, "policy": settings.resize if settings.size else "none (source size kept)",
                    "rule": RESIZE_POLICIES[settings.resize] if settings.size else None,
                    "image_interpolation": "bicubic (PIL, antialiased)", "mask_interpolation": "nearest"},
