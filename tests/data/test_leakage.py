@@ -16,6 +16,7 @@ PATIENT_FORMATS = {
     "brats": ("brats", {}),
     "camelyon": ("camelyon", {"patch_size": 64}),  # the small fixture's patch grid
     "cbis-ddsm": ("cbis_ddsm", {}),
+    "folder": ("folder", {"patients": r"^(P\d+)_"}),  # patient ids from file names
     "manifest": ("manifest", {}),
     "pcam": ("pcam", {}),
 }
