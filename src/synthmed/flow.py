@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from synthmed import __version__
 from synthmed.config import BackboneConfig, ControlNetConfig, EvaluateConfig, GenerateConfig, PrepareConfig, RunConfig, config_yaml, save_config
 from synthmed.io import SynthmedError, atomic_dir, check_new_output, write_json
@@ -70,6 +68,7 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict:
 
 def environment() -> dict:
     """What produced an output: versions and machine, saved beside results."""
+    import torch
     import diffusers
     import monai
 
@@ -92,6 +91,8 @@ def train_backbone(data: Path, cfg: BackboneConfig, out: Path, resume: bool = Fa
     and they are removed once OUT is complete.
     """
     import shutil
+
+    import torch
 
     from synthmed.data.prepared import load_split
     from synthmed.models.backbone import build_backbone
@@ -135,6 +136,8 @@ def _card_generator(data: Path) -> dict | None:
 
 def _device() -> str:
     """The accelerator to use for inference and evaluation models: CUDA when present."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -152,6 +155,7 @@ def _mark_run(out: Path, kind: str) -> None:
 
 def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool = False) -> Path:
     """Train a ControlNet on the prepared train split; writes out/controlnet (diffusers) + state."""
+    import torch
     from accelerate import Accelerator
 
     from synthmed.data.prepared import load_conditioning, load_split
