@@ -13,7 +13,6 @@ only comparable within one run on one machine.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shutil
@@ -38,7 +37,10 @@ FIXTURES = {
     "diffusers": ("diffusers_layout", {}),
 }
 
-_CHILD = """
+# Both jobs run in fresh interpreters: Linux carries a parent's peak RSS (ru_maxrss) into a
+# forked child, so the benchmark process itself stays small and the child reads VmHWM (reset
+# by exec) for its own peak; workers' peak comes from getrusage(RUSAGE_CHILDREN).
+_PREPARE = """
 import json, resource, sys, time
 from pathlib import Path
 from synthmed import flow
@@ -47,27 +49,33 @@ cfg = PrepareConfig.model_validate(json.loads(sys.argv[1]))
 t = time.perf_counter()
 card = flow.prepare(cfg, Path(sys.argv[2]))
 secs = time.perf_counter() - t
-print(json.dumps({"seconds": secs, "n": sum(s["n"] for s in card["splits"].values()),
-                  "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"seconds": secs, "n": sum(s["n"] for s in card["splits"].values()), "rss_main_mb": hwm / 1024,
                   "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+_WRITE = """
+import json, sys
+from pathlib import Path
+import importlib
+module, kwargs = sys.argv[1], json.loads(sys.argv[3])
+importlib.import_module(f"synthmed.testing.{module}").write(Path(sys.argv[2]), scale="real", **kwargs)
 """
 
 
 def write_fixture(fmt: str, root: Path, pannuke_patches: int | None) -> tuple[dict, float]:
     module, options = FIXTURES[fmt]
-    fixture = importlib.import_module(f"synthmed.testing.{module}")
+    kwargs = {"n_per_fold": pannuke_patches, "folds": [1]} if fmt == "pannuke" and pannuke_patches else {}
     t = time.perf_counter()
-    if fmt == "pannuke" and pannuke_patches:
-        fixture.write(root, scale="real", n_per_fold=pannuke_patches, folds=(1,))  # one fold, e.g. 800 patches
-    else:
-        fixture.write(root, scale="real")
+    proc = subprocess.run([sys.executable, "-c", _WRITE, module, str(root), json.dumps(kwargs)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{fmt}: writing the fixture failed:\n{proc.stderr[-2000:]}")
     return options, time.perf_counter() - t
 
 
 def run_prepare(fmt: str, root: Path, out: Path, options: dict, workers: int) -> dict:
     cfg = {"source": fmt, "root": str(root), "options": options, "workers": workers}
     env = dict(os.environ, SYNTHMED_NO_PROGRESS="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg), str(out)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", _PREPARE, json.dumps(cfg), str(out)], capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{fmt}: prepare failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
