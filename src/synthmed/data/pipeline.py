@@ -22,7 +22,7 @@ from PIL import Image
 
 from synthmed.data.conditioning import ConditioningSpec, build_conditioning
 from synthmed.data.prepared import CARD, SPLITS, Sample, _instance_classes
-from synthmed.data.readers.base import Item, Reader, iter_load
+from synthmed.data.readers.base import Item, Reader
 from synthmed.io import SynthmedError, read_json, write_json, write_jsonl
 
 RESIZE_POLICIES = {

@@ -5,7 +5,6 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from PIL import Image
 
 from synthmed import flow
 from synthmed.config import PrepareConfig
@@ -14,6 +13,7 @@ from synthmed.data.readers import acdc as acdc_module
 from synthmed.data.readers.acdc import ACDCReader
 from synthmed.io import SynthmedError
 from synthmed.testing import acdc as fixture
+from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
 SPLITS = ("train", "validation", "test")
 
@@ -37,14 +37,6 @@ def _copy(source, dest, patients=None):
 
 def _prepare(root, out, **kw):
     return flow.prepare(PrepareConfig(source="acdc", root=str(root), workers=1, **kw), out)
-
-
-def _rows(out):
-    return {r["id"]: r for s in SPLITS if (out / s).is_dir() for r in map(json.loads, (out / s / "metadata.jsonl").read_text().splitlines())}
-
-
-def _png(out, row, key):
-    return np.array(Image.open(out / row["split"] / row[key]))
 
 
 def test_round_trip_pads_to_256_and_keeps_official_test(source, tmp_path):

@@ -12,6 +12,7 @@ from synthmed.data.pipeline import fit
 from synthmed.data.readers.bci import BCIReader
 from synthmed.io import SynthmedError
 from synthmed.testing import bci as fixture
+from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
 SPLITS = ("train", "validation", "test")
 
@@ -30,14 +31,6 @@ def _copy(source, dest):
 
 def _prepare(root, out, **kw):
     return flow.prepare(PrepareConfig(source="bci", root=str(root), workers=1, **kw), out)
-
-
-def _rows(out):
-    return {r["id"]: r for s in SPLITS if (out / s).is_dir() for r in map(json.loads, (out / s / "metadata.jsonl").read_text().splitlines())}
-
-
-def _png(out, row, key):
-    return np.array(Image.open(out / row["split"] / row[key]))
 
 
 def test_round_trip_full_size_ihc_target_he_source(source, tmp_path):

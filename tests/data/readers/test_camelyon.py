@@ -6,7 +6,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
 from skimage.draw import polygon
 
 from synthmed import flow
@@ -17,6 +16,7 @@ from synthmed.data.readers.camelyon import CamelyonReader
 from synthmed.data.readers.wsi import Slide, polygon_fill, read_asap
 from synthmed.io import SynthmedError
 from synthmed.testing import camelyon as fixture
+from synthmed.testing import prepared_file as _png
 
 SMALL = {"patch_size": 64}  # the fixture's grid: 64-px patches at level 2 (default level)
 
@@ -42,10 +42,6 @@ def _rows(out):
     for meta in sorted(out.glob("*/metadata.jsonl")):
         rows += [json.loads(line) for line in meta.read_text().splitlines()]
     return rows
-
-
-def _png(out, row, key):
-    return np.array(Image.open(out / row["split"] / row[key]))
 
 
 def _check_rows(out, rows, by_id):

@@ -10,15 +10,11 @@ from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.io import SynthmedError
 from synthmed.testing import diffusers_layout as fixture
+from synthmed.testing import prepared_rows as _rows
 
 
 def _prepare(root, out, **kw):
     return flow.prepare(PrepareConfig(source="diffusers", root=str(root), workers=1, **kw), out)
-
-
-def _rows(out):
-    """id -> metadata row, over every split."""
-    return {r["id"]: r for p in sorted(out.glob("*/metadata.jsonl")) for r in map(json.loads, p.read_text().splitlines())}
 
 
 def _png(path):

@@ -11,17 +11,13 @@ from synthmed.data.conditioning import colour_mask
 from synthmed.data.pipeline import fit
 from synthmed.io import SynthmedError
 from synthmed.testing import folder as fixture
+from synthmed.testing import prepared_rows as _rows
 
 PATIENTS = r"^(P\d+)_"
 
 
 def _prepare(root, out, **kw):
     return flow.prepare(PrepareConfig(source="folder", root=str(root), workers=1, **kw), out)
-
-
-def _rows(out):
-    """id -> metadata row, over every split."""
-    return {r["id"]: r for p in sorted(out.glob("*/metadata.jsonl")) for r in map(json.loads, p.read_text().splitlines())}
 
 
 def _png(path):

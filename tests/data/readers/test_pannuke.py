@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from synthmed import flow
 from synthmed.config import PrepareConfig
@@ -12,6 +11,7 @@ from synthmed.data.pipeline import fit
 from synthmed.data.readers.pannuke import PanNukeReader, masks_to_labels
 from synthmed.io import SynthmedError
 from synthmed.testing import pannuke as fixture
+from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
 SPLITS = ("train", "validation", "test")
 
@@ -31,14 +31,6 @@ def _copy(source, dest, folds=(1, 2, 3)):
 
 def _prepare(root, out, **kw):
     return flow.prepare(PrepareConfig(source="pannuke", root=str(root), workers=1, **kw), out)
-
-
-def _rows(out):
-    return {r["id"]: r for s in SPLITS if (out / s).is_dir() for r in map(json.loads, (out / s / "metadata.jsonl").read_text().splitlines())}
-
-
-def _png(out, row, key):
-    return np.array(Image.open(out / row["split"] / row[key]))
 
 
 def test_round_trip_keeps_folds_as_splits_pixel_exact(source, tmp_path):

@@ -6,7 +6,6 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from synthmed import flow
 from synthmed.config import PrepareConfig
@@ -14,6 +13,7 @@ from synthmed.data.pipeline import fit
 from synthmed.data.readers.pcam import PCamReader
 from synthmed.io import SynthmedError
 from synthmed.testing import pcam as fixture
+from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
 SPLITS = ("train", "validation", "test")
 STEM = "camelyonpatch_level_2_split_{}_{}"
@@ -33,14 +33,6 @@ def _copy(source, dest):
 
 def _prepare(root, out, **kw):
     return flow.prepare(PrepareConfig(source="pcam", root=str(root), workers=1, **kw), out)
-
-
-def _rows(out):
-    return {r["id"]: r for s in SPLITS if (out / s).is_dir() for r in map(json.loads, (out / s / "metadata.jsonl").read_text().splitlines())}
-
-
-def _png(out, row, key):
-    return np.array(Image.open(out / row["split"] / row[key]))
 
 
 def test_round_trip_official_splits_slides_and_canny(source, tmp_path):

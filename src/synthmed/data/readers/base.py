@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -133,8 +133,3 @@ def grey(image: np.ndarray, path) -> np.ndarray:
         raise SynthmedError(f"{path}: expected a greyscale image, but its colour channels differ")
     return image[..., 0]
 
-
-def iter_load(reader: Reader, items) -> Iterator[Sample]:
-    """Load items in order (the default when a reader has no `stream`)."""
-    for item in items:
-        yield reader.load(item)
