@@ -469,13 +469,22 @@ def _channel_names(spec: ConditioningSpec, row: dict) -> list[str]:
     return spec.channel_names(paired_channels=st.get("paired_channels") or 3, given_channels=st.get("given_channels") or 3)
 
 
+def _flat(value):
+    """Nested records (e.g. CBIS-DDSM's per-abnormality list) as JSON text: Hugging Face
+    `imagefolder` infers one schema per metadata file and refuses splits whose nested
+    fields differ (a null in one, a string in another)."""
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(x, (dict, list)) for x in value)):
+        return json.dumps(value)
+    return value
+
+
 def _finalise(partial: Path, out: Path, skipped, card: dict, extras: dict | None) -> None:
     handles = {}
     try:
         for r in _iter_rows(partial / "rows.jsonl"):
             if r["split"] not in handles:
                 handles[r["split"]] = open(partial / r["split"] / ".metadata.jsonl.tmp", "w")
-            handles[r["split"]].write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n")
+            handles[r["split"]].write(json.dumps({k: _flat(v) for k, v in r.items() if not k.startswith("_")}) + "\n")
     finally:
         for fh in handles.values():
             fh.close()
