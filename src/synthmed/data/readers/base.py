@@ -56,7 +56,8 @@ class Reader:
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise SynthmedError(f"{self.name} option {where}: {err['msg']}") from None
+            known = ", ".join(self.Options.model_fields) or "none"
+            raise SynthmedError(f"{self.name} option {where}: {err['msg']} ({self.name} options: {known})") from None
         if not self.root.exists():
             raise SynthmedError(f"{self.root}: root folder not found")
 
