@@ -134,3 +134,9 @@ def grey(image: np.ndarray, path) -> np.ndarray:
         raise SynthmedError(f"{path}: expected a greyscale image, but its colour channels differ")
     return image[..., 0]
 
+
+def npy_header(fh) -> tuple:
+    """(shape, fortran_order, dtype) of an open .npy stream, leaving it at the data."""
+    major, _ = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read(fh)

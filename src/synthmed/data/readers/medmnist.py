@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthmed.data.prepared import Sample
-from synthmed.data.readers.base import Item, Reader
+from synthmed.data.readers.base import Item, Reader, npy_header
 from synthmed.io import SynthmedError
 
 # flag -> (modality phrase for prompts, class names in label-code order)
@@ -49,18 +49,11 @@ class MedMNISTOptions(BaseModel):
     resolution: int | None = Field(None, description="source size 28/64/128/224; default: the one file present")
 
 
-def _npy_header(fh) -> tuple:
-    """(shape, fortran_order, dtype) of an open .npy stream, leaving it at the data."""
-    major, _ = np.lib.format.read_magic(fh)
-    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    return read(fh)
-
-
 def npz_member_rows(path: Path, key: str):
     """Yield the rows of one .npz member in order, reading the zip stream row by row."""
     try:
         with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
-            shape, fortran, dtype = _npy_header(fh)
+            shape, fortran, dtype = npy_header(fh)
             if fortran:
                 raise SynthmedError(f"{path}: member {key} is Fortran-ordered; expected C order")
             row_shape = shape[1:]
@@ -79,7 +72,7 @@ def npz_member_rows(path: Path, key: str):
 def _member_shape(path: Path, key: str) -> tuple:
     try:
         with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
-            return _npy_header(fh)[0]
+            return npy_header(fh)[0]
     except KeyError:
         raise SynthmedError(f"{path}: no member {key!r} (expected train/val/test _images and _labels)") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthmed.data.prepared import Sample
-from synthmed.data.readers.base import Item, Reader
+from synthmed.data.readers.base import Item, Reader, npy_header
 from synthmed.io import SynthmedError
 
 # Mask channel order; class code = channel index + 1 (channel 5 is background, not read).
@@ -55,9 +55,7 @@ def npy_info(path: Path) -> NpyInfo:
         raise SynthmedError(f"{path}: file not found")
     try:
         with open(path, "rb") as fh:
-            major, _ = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(fh)
+            shape, fortran, dtype = npy_header(fh)
             offset = fh.tell()
     except (OSError, ValueError, EOFError) as exc:
         raise SynthmedError(f"{path}: not a readable .npy file ({exc})") from None
