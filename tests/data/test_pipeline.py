@@ -226,3 +226,16 @@ def test_unlabelled_stays_unlabelled_and_never_leaks_a_held_out_patient():
     assert all(split_of.get(p, "train") == "train" for p in unlabelled)
     dropped = sum(split_of[p] != "train" for p in ("P0", "P1", "P2", "P3", "P4", "P5"))
     assert len(assigned) == len(items) - dropped and (dropped == 0 or "left out" in how)
+
+
+def test_a_skipped_sample_leaves_no_stray_files(tmp_path):
+    class MaskLost(PhantomReader):
+        def load(self, item):
+            sample = super().load(item)
+            if item.id.endswith("000002"):
+                sample.mask = None  # colour conditioning cannot be built: found after loading
+            return sample
+
+    card = prepare_dataset(MaskLost(None, SMALL), tmp_path / "out", _settings(skip_bad=True))
+    assert card["skipped"] == 1
+    assert not list((tmp_path / "out").rglob("*000002.*")), "files of the skipped sample were written"

@@ -212,31 +212,32 @@ def finish_sample(sample: Sample, settings: PrepareSettings, folder: Path) -> tu
     paired = None if sample.paired is None else fit(sample.paired, size, policy, nearest=False)
     given = None if sample.conditioning is None else fit(sample.conditioning, size, policy, nearest=False)
 
-    sid = sample.id
-    row = {"file_name": f"images/{sid}.png", "id": sid}
-    _save(folder / row["file_name"], image)
-    if mask is not None:
-        row["mask"] = f"masks/{sid}.png"
-        _save(folder / row["mask"], mask)
-    if inst is not None:
-        row["instance_mask"] = f"instances/{sid}.png"
-        _save(folder / row["instance_mask"], inst.astype(np.uint16))
-    if paired is not None:
-        row["paired_image"] = f"paired/{sid}.png"
-        _save(folder / row["paired_image"], paired)
+    # Everything that can fail (conditioning, prompt) runs before the first file is written,
+    # so a sample skipped with --skip-bad leaves no stray files behind.
     fields = {"mask": mask, "paired": paired, "conditioning": given}
-    missing = [b for b, need in settings.conditioning.requirement().items() if fields[need] is None]
+    need = settings.conditioning.requirement()
+    missing = [b for b in need if fields[need[b]] is None]
     if missing and sample.split != "unlabelled":
-        raise SynthmedError(f"{sample.source}: conditioning '{missing[0]}' needs a {settings.conditioning.requirement()[missing[0]]}, which this sample does not have")
-    if not missing and settings.conditioning.builders == ("source",) and paired is not None:
-        row["conditioning_image"] = row["paired_image"]  # the same pixels: one file, not two
-    elif not missing:
-        cond = build_conditioning(settings.conditioning, image, mask, inst, paired, given)
+        raise SynthmedError(f"{sample.source}: conditioning '{missing[0]}' needs a {need[missing[0]]}, which this sample does not have")
+    shares_paired = settings.conditioning.builders == ("source",) and paired is not None
+    cond = None if missing or shares_paired else build_conditioning(settings.conditioning, image, mask, inst, paired, given)
+    text = render_prompt(sample, settings.prompt_template)
+
+    sid = sample.id
+    files = {"file_name": (f"images/{sid}.png", image), "mask": (f"masks/{sid}.png", mask),
+             "instance_mask": (f"instances/{sid}.png", None if inst is None else inst.astype(np.uint16)),
+             "paired_image": (f"paired/{sid}.png", paired)}
+    if cond is not None:
         ext = "png" if cond.shape[2] in (1, 3) else "npy"
-        row["conditioning_image"] = f"conditioning/{sid}.{ext}"
-        _save(folder / row["conditioning_image"], cond[..., 0] if cond.shape[2] == 1 else cond)
-    row.update(text=render_prompt(sample, settings.prompt_template), label=sample.label,
-               patient_id=sample.patient_id, split=sample.split, source=sample.source)
+        files["conditioning_image"] = (f"conditioning/{sid}.{ext}", cond[..., 0] if cond.shape[2] == 1 else cond)
+    row = {"file_name": files["file_name"][0], "id": sid}
+    for key, (rel, arr) in files.items():
+        if arr is not None:
+            _save(folder / rel, arr)
+            row[key] = rel
+    if shares_paired and not missing:
+        row["conditioning_image"] = row["paired_image"]  # the same pixels: one file, not two
+    row.update(text=text, label=sample.label, patient_id=sample.patient_id, split=sample.split, source=sample.source)
     row.update({k: v for k, v in sample.extra.items() if k not in row})
     stats = {"shape": list(image.shape), "label": sample.label,
              "paired_channels": None if paired is None else (paired.shape[2] if paired.ndim == 3 else 1),
