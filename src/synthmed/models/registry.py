@@ -1,13 +1,29 @@
 """Named backbone presets: the Stable Diffusion architecture at different sizes.
 
 `tiny` is SD's architecture shrunk to train on a CPU (64 px images, VAE factor 4 -> 16x16x4
-latents); `sd15` and `sd21` are the real architectures, used with random weights in tests
-and with real weights when a user points at a checkpoint.
+latents); `sd15`, `sd21` (768 px, v-prediction) and `sd21-base` (512 px, epsilon) are the real
+architectures, used with random weights in tests and with real weights when a user points at a
+checkpoint (`hub_id` is where those weights live on the Hugging Face hub).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> dict:
+    """The DDPM training schedule of SD 1.x/2.x (scaled-linear betas, 1000 steps)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -19,21 +35,20 @@ class BackbonePreset:
     vae: dict
     unet: dict
     text_encoder: dict
-    scheduler: dict = field(
-        default_factory=lambda: dict(
-            num_train_timesteps=1000,
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="epsilon",
-            clip_sample=False,
-            steps_offset=1,
-        )
-    )
+    scheduler: dict = field(default_factory=sd_scheduler)
+    hub_id: str | None = None
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    def at_sample_size(self, sample_size: int) -> "BackbonePreset":
+        """The same architecture for latents of `sample_size` (images of sample_size * VAE factor)."""
+        if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
+            raise ValueError(f"at_sample_size expects a positive int latent size, but got {sample_size!r}")
+        pixels = sample_size * self.vae_scale_factor
+        unet, vae = self.unet | dict(sample_size=sample_size), self.vae | dict(sample_size=pixels)
+        return replace(self, resolution=pixels, unet=unet, vae=vae)
 
 
 _TINY = BackbonePreset(
@@ -97,6 +112,17 @@ _SD_UNET = dict(
     attention_head_dim=8,
 )
 
+_SD2_UNET = _SD_UNET | dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+# OpenCLIP ViT-H/14 without its last layer: SD 2.x conditions on the penultimate layer.
+_SD2_TEXT = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+)
+
 PRESETS: dict[str, BackbonePreset] = {
     "tiny": _TINY,
     "sd15": BackbonePreset(
@@ -107,20 +133,24 @@ PRESETS: dict[str, BackbonePreset] = {
         text_encoder=dict(
             hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77
         ),
+        hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
     ),
     "sd21": BackbonePreset(
         name="sd21",
         resolution=768,
         vae=_SD_VAE | dict(sample_size=768),
-        unet=_SD_UNET | dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
-        text_encoder=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        ),
+        unet=_SD2_UNET | dict(sample_size=96),
+        text_encoder=_SD2_TEXT,
+        scheduler=sd_scheduler("v_prediction"),
+        hub_id="stabilityai/stable-diffusion-2-1",
+    ),
+    "sd21-base": BackbonePreset(
+        name="sd21-base",
+        resolution=512,
+        vae=_SD_VAE,
+        unet=_SD2_UNET,
+        text_encoder=_SD2_TEXT,
+        hub_id="stabilityai/stable-diffusion-2-1-base",
     ),
 }
 
