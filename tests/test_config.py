@@ -30,3 +30,16 @@ def test_config_errors_name_the_file_and_field(tmp_path):
     bad.write_text("a: [\n")
     with pytest.raises(SynthmedError, match="not valid YAML"):
         load_yaml_config(bad, RunConfig)
+
+
+def test_shipped_training_config_loads_and_set_overrides_nested_fields():
+    from synthmed.config import ControlNetConfig, overrides
+
+    cfg = load_yaml_config(CONFIGS / "train_sd15_gpu.yaml", ControlNetConfig)
+    assert cfg.backbone == "sd15" and cfg.mixed_precision == "bf16" and cfg.lora.rank == 0
+    changed = overrides(ControlNetConfig, cfg.model_dump(), ["lora.rank=16", "augment.crop=[256, 256]", "depth=shallow:2"])
+    assert changed.lora.rank == 16 and changed.augment.crop == (256, 256) and changed.depth == "shallow:2" and changed.steps == cfg.steps
+    with pytest.raises(SynthmedError, match="--set expects KEY=VALUE"):
+        overrides(ControlNetConfig, {}, ["lora.rank"])
+    with pytest.raises(SynthmedError, match="optimizer: String should match pattern"):
+        overrides(ControlNetConfig, {}, ["optimizer=sgd"])

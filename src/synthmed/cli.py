@@ -47,7 +47,7 @@ def command(fn):
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished stages and checkpoints are kept; run the same command again "
-                       "(`train backbone` / `train controlnet` with --resume) to continue", err=True)
+                       "(`train backbone --resume` / `train controlnet --resume latest`) to continue", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -132,20 +132,32 @@ def train_backbone(
 @command
 def train_controlnet(
     data: Path = typer.Option(..., "--data", help="prepared data set (its train split is used)"),
-    out: Path = typer.Option(..., "--out", help="output folder: controlnet/, checkpoints/, training.json"),
-    backbone: str = typer.Option("tiny", help="preset with shipped weights, diffusers folder, or hub id (local cache)"),
-    steps: int = typer.Option(1500),
-    batch_size: int = typer.Option(16),
-    lr: float = typer.Option(5e-4),
-    seed: int = typer.Option(0),
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
+    out: Path = typer.Option(..., "--out", help="output folder: controlnet/ (or backbone/, unet_lora/, unet/), checkpoints/, training.json"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of training settings (the `controlnet:` section of a run config); flags override it"),
+    backbone: Optional[str] = typer.Option(None, help="tiny | sd15 | sd21 | sd21-base, a diffusers folder, a single-file .safetensors, or a hub id (local cache)"),
+    steps: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="global batch (over processes and --set grad_accum=N)"),
+    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    conditioning_mode: Optional[str] = typer.Option(None, help="both | mask (empty prompts) | text (no ControlNet: fine-tune the UNet)"),
+    depth: Optional[str] = typer.Option(None, help="deep | shallow:K | mid"),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank on the backbone UNet (0: none)"),
+    mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE, dotted for nested ones (repeatable), e.g. -s lora.stage=before -s augment.crop=[48,48]"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (the newest checkpoint in --out) or a checkpoint folder"),
 ):
-    """Train a ControlNet on colour-coded class masks against the frozen backbone."""
+    """Train a ControlNet (or, --conditioning-mode text, the UNet) against the frozen backbone."""
     from synthmed import flow
-    from synthmed.config import ControlNetConfig
+    from synthmed.config import ControlNetConfig, load_yaml_config, overrides
 
-    cfg = ControlNetConfig(backbone=backbone, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    typer.echo(f"wrote {flow.train_controlnet(data, cfg, out, resume=resume)}")
+    base = load_yaml_config(config, ControlNetConfig).model_dump() if config else {}
+    flags = dict(backbone=backbone, steps=steps, batch_size=batch_size, lr=lr, seed=seed, conditioning_mode=conditioning_mode,
+                 depth=depth, mixed_precision=mixed_precision)
+    base |= {k: v for k, v in flags.items() if v is not None}
+    if lora_rank is not None:
+        base.setdefault("lora", {})["rank"] = lora_rank
+    cfg = overrides(ControlNetConfig, base, set_)
+    typer.echo(f"wrote {flow.train_controlnet(data, cfg, out, resume=resume or False)}")
 
 
 @app.command()

@@ -70,17 +70,61 @@ class BackboneConfig(_Strict):
     seed: int = 0
 
 
-class ControlNetConfig(_Strict):
-    """`synthmed train controlnet`: a ControlNet from the frozen backbone's UNet."""
+class LoraConfig(_Strict):
+    """LoRA adapters on the backbone UNet's attention projections (peft)."""
 
-    backbone: str = "tiny"
+    rank: int = Field(0, ge=0, description="LoRA rank (0: no LoRA)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: the rank)")
+    lr: float | None = Field(None, gt=0, description="learning rate of the LoRA weights (default: lr)")
+    stage: str = Field("joint", pattern="^(joint|before)$",
+                       description="joint: trained with the ControlNet; before: a text-to-image LoRA stage first, then the ControlNet on the fused UNet")
+    steps: int | None = Field(None, ge=1, description="steps of the 'before' stage (default: steps)")
+
+
+class AugmentConfig(_Strict):
+    """Augmentations applied identically to image, conditioning and mask."""
+
+    flips: bool = Field(True, description="the 8 flips/90-degree rotations (4 for non-square images: no 90-degree turns)")
+    crop: tuple[int, int] | None = Field(None, description="random crop (height, width) in pixels; needs cache_latents false")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="random rescale range before the crop; other than (1, 1) needs cache_latents false")
+
+
+class ControlNetConfig(_Strict):
+    """`synthmed train controlnet`: a ControlNet from the frozen backbone's UNet (or, mode text, the UNet alone)."""
+
+    backbone: str = Field("tiny", description="preset, diffusers folder, single-file .safetensors, or hub id (local cache)")
     steps: int = Field(1500, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="global batch: split over processes and grad_accum micro-batches")
     lr: float = Field(5e-4, gt=0)
-    prompt_dropout: float = Field(0.3, ge=0, le=1)
+    prompt_dropout: float = Field(0.3, ge=0, le=1, description="proportion of prompts replaced by the empty prompt")
     checkpoint_every: int = Field(250, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
-    mixed_precision: str = Field("no", pattern="^(no|fp16|bf16)$")
+    conditioning_mode: str = Field("both", pattern="^(both|mask|text)$",
+                                   description="both: mask + prompt; mask: empty prompts; text: no ControlNet, fine-tune the UNet (LoRA or full)")
+    prompt_source: str = Field("text", pattern="^(text|label)$", description="text: the data set's prompts; label: label_prompt filled with the class label")
+    label_prompt: str = Field("{label}", description="prompt for prompt_source label, e.g. '{label} breast ultrasound'")
+    depth: str = Field("deep", description="ControlNet residuals used: deep (all), shallow:K (first K down blocks), mid")
+    controlnet_init: str | None = Field(None, description="warm start from this ControlNet folder")
+    lora: LoraConfig = LoraConfig()
+    unet_lr: float | None = Field(None, gt=0, description="text mode without LoRA: learning rate of the full UNet (default: lr)")
+    unet_decoder_lr: float | None = Field(None, gt=0, description="also train the UNet decoder (up blocks) at this lower rate")
+    class_weights: dict[str, float] | None = Field(None, description="loss weight per mask class name (others 1), on the latent grid")
+    augment: AugmentConfig = AugmentConfig()
+    mixed_precision: str = Field("no", pattern="^(no|fp16|bf16)$", description="frozen backbone in this precision; trained weights stay fp32")
+    gradient_checkpointing: bool = False
+    attention: str = Field("auto", pattern="^(auto|sdpa|xformers)$", description="auto: xFormers on CUDA when installed, else PyTorch SDPA")
+    optimizer: str = Field("adamw", pattern="^(adamw|adamw8bit)$", description="adamw8bit needs bitsandbytes")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (saved as the final model) when > 0")
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting (5 is the paper's choice)")
+    cache_latents: bool | None = Field(None, description="encode images and prompts once (default: yes, unless crops/rescaling)")
+    compile: bool = Field(False, description="torch.compile the ControlNet and UNet")
+    channels_last: bool = False
+    validation_every: int = Field(0, ge=0, description="validation loss + image grid to the tracker every N steps (0: off)")
+    validation_samples: int = Field(4, ge=1, description="fixed validation-split masks rendered each time")
+    validation_steps: int = Field(20, ge=1, description="sampling steps of the validation images")
+    log_with: str | None = Field("tensorboard", description="accelerate tracker: tensorboard, wandb, mlflow (if installed), or null")
 
 
 class GenerateConfig(_Strict):
@@ -128,6 +172,27 @@ def load_yaml_config(path: Path, model: type[BaseModel] = RunConfig) -> BaseMode
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise SynthmedError(f"{path}: {where}: {err['msg']}") from None
+
+
+def overrides(model: type[BaseModel], base: dict, assignments: list[str]) -> BaseModel:
+    """Validate `base` updated by KEY=VALUE assignments (dotted keys for nested settings, YAML values)."""
+    data = dict(base)
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SynthmedError(f"--set expects KEY=VALUE, but got {item!r}")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SynthmedError(f"--set {key}: {p} is not a group of settings")
+        node[leaf] = yaml.safe_load(value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SynthmedError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
 
 
 def config_yaml(cfg: BaseModel) -> str:

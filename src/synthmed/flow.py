@@ -19,6 +19,8 @@ from synthmed.progress import task
 
 PHANTOM = "phantom-histology"
 
+from synthmed.flow_train import train_controlnet  # noqa: E402  (the `train controlnet` flow lives beside this one)
+
 
 def prepare(cfg: PrepareConfig, out: Path) -> dict:
     """Write a source data set into the prepared layout; returns its dataset.json card.
@@ -153,64 +155,6 @@ def _mark_run(out: Path, kind: str) -> None:
     (out / RUN_MARKER).write_text(kind + "\n")
 
 
-def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool = False) -> Path:
-    """Train a ControlNet on the prepared train split; writes out/controlnet (diffusers) + state."""
-    import torch
-    from accelerate import Accelerator
-
-    from synthmed.data.prepared import load_conditioning, load_split
-    from synthmed.io import folder_hash
-    from synthmed.models.backbone import load_backbone
-    from synthmed.models.controlnet import build_controlnet
-    from synthmed.training.controlnet import cache_training_data, train_controlnet as train_loop, unwrap_for_saving
-
-    out = Path(out)
-    check_new_output(out, allow_resume=resume)
-    split = load_split(data, "train", need_masks=True)
-    backbone = load_backbone(cfg.backbone).freeze()
-    res = backbone.resolution
-    if split.images.shape[1] % backbone.vae_scale_factor or split.images.shape[2] % backbone.vae_scale_factor:
-        raise SynthmedError(f"{data}: image size {split.images.shape[1:3]} is not divisible by the backbone's factor {backbone.vae_scale_factor}")
-    _mark_run(out, "controlnet")
-    save_config(cfg, out / "train_config.yaml")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    torch.manual_seed(cfg.seed)
-    started = time.time()
-    with task("cache latents + prompts", 1) as update:
-        cache = cache_training_data(backbone.to(accelerator.device), split.images, load_conditioning(split), split.prompts)
-        update(1)
-    controlnet = build_controlnet(backbone.unet, backbone.vae_scale_factor)
-    with task("train controlnet", cfg.steps) as update:
-        try:
-            losses = train_loop(backbone, controlnet, cache, cfg, accelerator, out / "checkpoints", resume=resume, progress=update)
-        except FloatingPointError as exc:
-            raise SynthmedError(str(exc)) from None
-    model = unwrap_for_saving(accelerator, controlnet)
-    if accelerator.is_main_process:
-        with atomic_dir(out / "controlnet") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-        write_json(
-            out / "training.json",
-            {
-                "backbone": cfg.backbone,
-                "backbone_source": backbone.source,
-                "backbone_native_resolution": res,
-                "data": str(Path(data).resolve()),
-                "data_split": "train",
-                "n_train": len(split),
-                "train_ids": split.ids,
-                "controlnet_hash": folder_hash(out / "controlnet"),
-                "steps": cfg.steps,
-                "last_losses": losses[-50:],
-                "mean_loss_last_100": sum(losses[-100:]) / max(1, len(losses[-100:])),
-                "seconds": round(time.time() - started, 1),
-                "processes": accelerator.num_processes,
-                "environment": environment(),
-            },
-        )
-    return out
-
-
 def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: str | None = None) -> Path:
     """Synthesise images from training-split masks (never validation/test), with provenance per sample."""
     import numpy as np
@@ -224,11 +168,13 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     model, out = Path(model), Path(out)
     check_new_output(out)
     training = read_json(model / "training.json")
+    if "controlnet" not in training.get("outputs", {"controlnet": "controlnet"}):
+        raise SynthmedError(f"{model}: trained with conditioning_mode {training.get('conditioning_mode')!r}, it has no ControlNet to generate from masks")
     backbone_src = backbone or training["backbone"]
     card = read_card(data)
     split = load_split(data, "train", need_masks=True)  # hygiene: only training masks feed generation
     cond = load_conditioning(split)
-    bb = load_backbone(backbone_src).freeze()
+    bb = _trained_backbone(load_backbone(backbone_src), model, training).freeze()
     controlnet = load_controlnet(model / "controlnet")
     settings = SamplingSettings(cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
     pipe = controlnet_pipeline(bb, controlnet, cfg.scheduler).to(_device())
@@ -260,6 +206,7 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
                             "synthetic": True,
                             "provenance": {
                                 "model_hash": model_hash,
+                                "trained_parts": training.get("output_hashes", {"controlnet": model_hash}),
                                 "backbone": backbone_src,
                                 "backbone_hash": backbone_hash,
                                 "prompt": prompts[j],
@@ -279,6 +226,20 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     syn_card.update(name=f"synthetic:{card.get('name', 'data')}", source="synthmed generate", real_data=str(Path(data).resolve()), model=str(model.resolve()))
     write_prepared(out, samples(), syn_card, extras={"generate_config.yaml": config_yaml(cfg)})
     return out
+
+
+def _trained_backbone(bb, model: Path, training: dict):
+    """The backbone as training left it: UNet LoRA fused in, or the unlocked UNet decoder."""
+    from diffusers import UNet2DConditionModel
+
+    from synthmed.models.lora import load_lora
+
+    outputs = training.get("outputs", {})
+    if "unet" in outputs:
+        bb.unet = UNet2DConditionModel.from_pretrained(model / outputs["unet"], use_safetensors=True)
+    if "unet_lora" in outputs:
+        load_lora(bb.unet, model / outputs["unet_lora"])
+    return bb
 
 
 def _shipped_hash(name: str) -> str | None:

@@ -20,6 +20,17 @@ class SynthmedError(Exception):
     """A user-facing error: the CLI prints it on one line and exits with code 2."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path, mode: int) -> None:
+    """Give a mkstemp/mkdtemp result (0600/0700) the permissions a plain open/mkdir would have."""
+    os.chmod(path, mode & ~_umask())
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -27,6 +38,7 @@ def write_json(path: Path, obj) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
         fh.write("\n")
+    _public(tmp, 0o666)
     os.replace(tmp, path)
 
 
@@ -48,6 +60,7 @@ def write_jsonl(path: Path, rows) -> None:
     with os.fdopen(fd, "w") as fh:
         for row in rows:
             fh.write(json.dumps(row, default=_json_default) + "\n")
+    _public(tmp, 0o666)
     os.replace(tmp, path)
 
 
@@ -139,6 +152,7 @@ def atomic_dir(final: Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    _public(tmp, 0o777)
     try:
         yield tmp
     except BaseException:

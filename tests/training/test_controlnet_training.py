@@ -1,67 +1,55 @@
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
+from safetensors.torch import load_file
 
-from synthmed.data.prepared import load_conditioning, load_split
-from synthmed.models.backbone import load_backbone
-from synthmed.models.controlnet import build_controlnet
 from synthmed.training.common import dihedral, warmup_cosine
-from synthmed.training.controlnet import cache_training_data, latest_checkpoint, train_controlnet
+from synthmed.training.controlnet import latest_checkpoint
+from synthmed.testing.training import close, data_for, run_training
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_backbone_dir, phantom_data):
-    bb = load_backbone(tiny_backbone_dir).freeze()
-    split = load_split(phantom_data, "train", need_masks=True)
-    data = cache_training_data(bb, split.images[:8], load_conditioning(split)[:8], split.prompts[:8])
-    return bb, data
-
-
-def _cfg(**kw):
-    base = dict(steps=6, batch_size=4, lr=1e-3, prompt_dropout=0.3, checkpoint_every=3, seed=0)
-    return SimpleNamespace(**(base | kw))
-
-
-def test_cache_holds_all_eight_views_with_matching_masks(setup):
-    bb, data = setup
-    assert data.latents.shape == (8, 8, 4, 16, 16) and data.conditioning.shape == (8, 8, 3, 64, 64)
-    assert torch.equal(data.conditioning[:, 5], dihedral(data.conditioning[:, 0], 5))
+def test_cache_holds_every_view_and_the_conditioning_once(tiny):
+    load, arrays = tiny
+    data = data_for(load(), arrays)
+    assert data.latents.shape == (8, 8, 4, 16, 16) and data.conditioning.shape == (8, 3, 64, 64)
     assert data.prompt_table.shape[0] == len(set(data.prompt_index.tolist())) + 1  # + empty prompt
+    aug = data.draw(4, torch.Generator().manual_seed(1))
+    latents, cond, masks = data.batch(load(), torch.arange(4), aug)
+    for i, v in enumerate(aug.views.tolist()):  # conditioning and mask get the image's view
+        assert torch.equal(cond[i], dihedral(data.conditioning[i], v).float() / 255)
+        assert torch.equal(masks[i], dihedral(data.masks[i], v))
+        assert torch.equal(latents[i], data.latents[i, v])
 
 
-def test_training_moves_the_zero_convolutions(setup, tmp_path):
-    bb, data = setup
-    cn = build_controlnet(bb.unet, bb.vae_scale_factor)
-    losses = train_controlnet(bb, cn, data, _cfg(steps=3, checkpoint_every=100), Accelerator(cpu=True), tmp_path)
+def test_training_moves_the_zero_convolutions_and_leaves_the_backbone(tiny, tmp_path):
+    load, arrays = tiny
+    bb = load()
+    before = {k: v.clone() for k, v in bb.unet.state_dict().items()}
+    model, losses = run_training(bb, data_for(bb, arrays), tmp_path)
     assert len(losses) == 3 and all(np.isfinite(losses))
-    assert cn.controlnet_mid_block.weight.abs().sum() > 0
+    assert model.controlnet.controlnet_mid_block.weight.abs().sum() > 0
+    assert close(before, bb.unet.state_dict(), atol=0)
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(setup, tmp_path):
-    bb, data = setup
-    torch.manual_seed(0)
-    straight = build_controlnet(bb.unet, bb.vae_scale_factor)
-    init = {k: v.clone() for k, v in straight.state_dict().items()}
-    train_controlnet(bb, straight, data, _cfg(), Accelerator(cpu=True), tmp_path / "a")
+def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path):
+    load, arrays = tiny
+    bb = load()
+    data = data_for(bb, arrays)
+    straight, _ = run_training(bb, data, tmp_path / "a", steps=6, checkpoint_every=3)
 
     def crash(done, total, loss):
         if done == 4:
             raise KeyboardInterrupt
 
-    first = build_controlnet(bb.unet, bb.vae_scale_factor)
-    first.load_state_dict(init)
     with pytest.raises(KeyboardInterrupt):
-        train_controlnet(bb, first, data, _cfg(), Accelerator(cpu=True), tmp_path / "b", progress=crash)
+        run_training(load(), data, tmp_path / "b", steps=6, checkpoint_every=3, progress=crash)
     assert latest_checkpoint(tmp_path / "b")[0] == 3
-    resumed = build_controlnet(bb.unet, bb.vae_scale_factor)
-    resumed.load_state_dict(init)
-    ran = train_controlnet(bb, resumed, data, _cfg(), Accelerator(cpu=True), tmp_path / "b", resume=True)
+    ckpt = tmp_path / "b" / "step-3"
+    names = set(load_file(ckpt / "model.safetensors"))
+    assert names and all(n.startswith("controlnet.") for n in names)  # trainable weights only, not the frozen UNet
+    resumed, ran = run_training(load(), data, tmp_path / "b", steps=6, checkpoint_every=3, resume="latest")
     assert len(ran) == 3  # steps 4..6 only: the first three came from the checkpoint
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert close(straight.controlnet.state_dict(), resumed.controlnet.state_dict(), atol=1e-6)
 
 
 def test_schedule_warms_up_and_decays():

@@ -192,13 +192,20 @@ def _rgb(arr: np.ndarray) -> np.ndarray:
 
 
 def load_conditioning(split: PreparedSplit) -> np.ndarray:
-    """The split's conditioning images (N, H, W, 3) uint8, as written by `prepare`."""
+    """The split's conditioning images (N, H, W, C) uint8 as written by `prepare`: C is the file's own
+    channel count (1 for a greyscale PNG such as an edge map, 3 for colour, K for an .npy stack)."""
     missing = [r["id"] for r in split.rows if "conditioning_image" not in r]
     if missing:
         raise SynthmedError(f"{split.root / split.split / 'metadata.jsonl'}: sample {missing[0]} has no conditioning_image")
     paths = [split.root / split.split / r["conditioning_image"] for r in split.rows]
-    # PNG maps are given 3 channels (what the RGB ControlNet expects); .npy stacks keep their C.
-    return np.stack([load_conditioning_file(p) if p.suffix == ".npy" else _rgb(load_conditioning_file(p)) for p in paths])
+    return np.stack([_channels_last(load_conditioning_file(p)) for p in paths])
+
+
+def _channels_last(arr: np.ndarray) -> np.ndarray:
+    """(H, W) -> (H, W, 1); an RGBA PNG loses its alpha."""
+    if arr.ndim == 2:
+        return arr[..., None]
+    return arr[..., :3] if arr.shape[-1] == 4 else arr
 
 
 def load_conditioning_file(path: Path) -> np.ndarray:

@@ -59,22 +59,38 @@ def controlnet_pipeline(backbone: Backbone, controlnet, scheduler: str = "unipc"
     return pipe
 
 
+def text_pipeline(backbone: Backbone, scheduler: str = "unipc"):
+    """A plain diffusers text-to-image pipeline over the backbone's parts (text-only models)."""
+    pipe = backbone.pipeline()
+    pipe.scheduler = SCHEDULERS[scheduler](backbone.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @torch.no_grad()
-def sample_images(pipe: StableDiffusionControlNetPipeline, cond_images: np.ndarray, prompts: list[str], seeds: list[int], settings: SamplingSettings) -> np.ndarray:
-    """Images (B, H, W, 3) uint8 for conditioning images (B, H, W, 3) uint8, one seed per sample."""
-    if not (len(cond_images) == len(prompts) == len(seeds)):
-        raise ValueError(f"sample_images expects equal lengths, but got {len(cond_images)}, {len(prompts)}, {len(seeds)}")
-    h, w = cond_images.shape[1:3]
-    cond = torch.from_numpy(cond_images).permute(0, 3, 1, 2).float().div(255.0)  # (B, 3, H, W) in [0, 1]
+def sample_images(pipe, cond_images: np.ndarray | None, prompts: list[str], seeds: list[int], settings: SamplingSettings,
+                  size: tuple[int, int] | None = None) -> np.ndarray:
+    """Images (B, H, W, 3) uint8 for conditioning images (B, H, W, C) uint8, one seed per sample.
+
+    With `cond_images` None, `pipe` is a text-to-image pipeline and `size` gives (H, W).
+    """
+    n_cond = len(prompts) if cond_images is None else len(cond_images)
+    if not (n_cond == len(prompts) == len(seeds)):
+        raise ValueError(f"sample_images expects equal lengths, but got {n_cond}, {len(prompts)}, {len(seeds)}")
+    kwargs = {}
+    if cond_images is not None:
+        cond_images = cond_images if cond_images.ndim == 4 else cond_images[..., None]
+        size = cond_images.shape[1:3]
+        kwargs = dict(image=torch.from_numpy(cond_images).permute(0, 3, 1, 2).float().div(255.0),  # (B, C, H, W) in [0, 1]
+                      controlnet_conditioning_scale=settings.conditioning_scale)
     out = pipe(
         prompt=list(prompts),
-        image=cond,
-        height=h,
-        width=w,
+        height=size[0],
+        width=size[1],
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale,
-        controlnet_conditioning_scale=settings.conditioning_scale,
         generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
         output_type="np",
+        **kwargs,
     ).images  # (B, H, W, 3) float in [0, 1]
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)

@@ -2,7 +2,9 @@
 
 Used by the tests (round trips, leakage, bad input) and by benchmarks/prepare.py (at real
 image sizes). Each module `synthmed.testing.<format>` has
-`write(root, *, seed=0, scale="small") -> list[dict]`, returning what it wrote.
+`write(root, *, seed=0, scale="small") -> list[dict]`, returning what it wrote. Two modules
+are not data-set formats: `single_file` writes a backbone as an original-layout SD checkpoint,
+and `training` holds the training tests' small config and seeded run.
 """
 
 from __future__ import annotations

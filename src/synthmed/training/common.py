@@ -42,9 +42,16 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass
 class DiffusionLoss:
-    """Noise-prediction loss of a (ControlNet-)UNet at uniformly drawn timesteps."""
+    """Noise- (or v-) prediction loss of a (ControlNet-)UNet at uniformly drawn timesteps.
+
+    The target follows the backbone's scheduler config (`prediction_type`: SD 1.5 and 2.x base
+    predict epsilon, SD 2.x 768-v predicts v). Options: `min_snr_gamma` weights each sample by
+    min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v) or by min(SNR, gamma) (sample), Hang et al. 2023; `pixel_weights` (B, h, w)
+    multiply the squared error on the latent grid (rare-class weighting, as MAISI does).
+    """
 
     scheduler: object  # diffusers noise scheduler (DDPMScheduler)
+    min_snr_gamma: float | None = None
 
     def target(self, latents, noise, timesteps):
         kind = self.scheduler.config.prediction_type
@@ -52,16 +59,50 @@ class DiffusionLoss:
             return noise
         if kind == "v_prediction":
             return self.scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"DiffusionLoss expects epsilon or v_prediction, but got {kind!r}")
+        if kind == "sample":
+            return latents
+        raise ValueError(f"DiffusionLoss expects epsilon, v_prediction or sample, but got {kind!r}")
 
-    def __call__(self, predict, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """`predict(noisy, timesteps)` returns the model output; latents are (B, C, h, w)."""
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+    def draw(self, shape, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise (shape) and timesteps (shape[0],) from one generator, in a fixed order."""
+        noise = torch.randn(shape, generator=generator)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+        return noise, t
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample min-SNR weights (B,)."""
+        alpha_bar = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        kind = self.scheduler.config.prediction_type
+        if kind == "sample":
+            return clipped
+        return clipped / (snr + 1) if kind == "v_prediction" else clipped / snr
+
+    def __call__(self, predict, latents: torch.Tensor, generator: torch.Generator | None = None, noise=None, timesteps=None, pixel_weights=None) -> torch.Tensor:
+        """`predict(noisy, timesteps)` returns the model output; latents are (B, C, h, w).
+
+        Pass a generator to draw noise and timesteps here, or `noise`/`timesteps` drawn by the
+        caller (e.g. once for a global batch that several processes share).
+        """
+        if noise is None:
+            noise, timesteps = self.draw(latents.shape, generator)
+        noise, t = noise.to(latents.device), timesteps.to(latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        pred = predict(noisy, t)
-        return F.mse_loss(pred.float(), self.target(latents, noise, t).float())
+        err = (predict(noisy, t).float() - self.target(latents, noise, t).float()) ** 2  # (B, C, h, w)
+        if pixel_weights is not None:
+            err = err * pixel_weights[:, None].to(err)
+        per_sample = err.mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            per_sample = per_sample * self.snr_weights(t)
+        return per_sample.mean()
+
+
+def latent_weights(masks: torch.Tensor, class_weights: torch.Tensor, factor: int) -> torch.Tensor:
+    """Per-latent-pixel loss weights (B, h, w): class weight of each mask pixel, averaged over
+    the factor x factor pixels a latent covers (so a small rare object still counts)."""
+    w = class_weights.to(masks.device)[masks.long()]  # (B, H, W)
+    return F.avg_pool2d(w[:, None].float(), factor)[:, 0]
 
 
 def drop_prompts(embeddings: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""The ControlNet training loop on a frozen backbone (accelerate for devices, precision, state).
+"""The training loop: a ControlNet (and optionally UNet LoRA / decoder) against a frozen backbone.
 
-The backbone is frozen, so VAE latents and text embeddings are computed once: each training
-image is encoded in all 8 flips/rotations (the conditioning mask gets the same transform,
-exactly), and the text encoder runs once per distinct prompt. Batches and noise are pure
-functions of (seed, step), so a resumed run continues exactly where it stopped.
+Batches, augmentation, prompt dropout, noise and timesteps are pure functions of
+(seed, step) for the global batch: each of N processes takes its slice of it, so 1 or N
+processes train the same model, and a resumed run continues exactly where it stopped.
+Checkpoints (accelerate state: trainable weights, optimiser, schedule, EMA, RNG) are written
+under a temporary name, renamed when complete, and rotated.
 """
 
 from __future__ import annotations
@@ -11,48 +12,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from synthmed.models.backbone import Backbone
-from synthmed.training.common import DiffusionLoss, batch_indices, dihedral, drop_prompts, step_generator, to_model_range, warmup_cosine
+from synthmed.models.controlnet import ControlledUNet
+from synthmed.training.batches import TrainingData
+from synthmed.training.common import DiffusionLoss, batch_indices, drop_prompts, latent_weights, step_generator, warmup_cosine
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-@dataclass
-class ControlNetData:
-    """Cached training tensors: latents (N, 8, C, h, w), conditioning (N, 8, 3, H, W) uint8, prompt table."""
-
-    latents: torch.Tensor
-    conditioning: torch.Tensor
-    prompt_index: torch.Tensor
-    prompt_table: torch.Tensor  # (P + 1, L, D); the last row is the empty prompt
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-
-@torch.no_grad()
-def cache_training_data(backbone: Backbone, images: np.ndarray, cond_images: np.ndarray, prompts: list[str], batch_size: int = 64) -> ControlNetData:
-    """Encode every image in its 8 dihedral views once, and every distinct prompt once."""
-    x = to_model_range(images)  # (N, 3, H, W)
-    views = []
-    for k in range(8):
-        xk = dihedral(x, k)
-        views.append(torch.cat([backbone.encode_images(xk[i : i + batch_size]) for i in range(0, len(xk), batch_size)]).cpu())
-    cond = torch.from_numpy(cond_images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
-    unique = sorted(set(prompts))
-    table = backbone.encode_prompts(unique + [""]).cpu()
-    return ControlNetData(
-        latents=torch.stack(views, dim=1),
-        conditioning=torch.stack([dihedral(cond, k) for k in range(8)], dim=1),
-        prompt_index=torch.tensor([unique.index(p) for p in prompts]),
-        prompt_table=table,
-    )
 
 
 def latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
@@ -80,63 +49,193 @@ def _save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def train_controlnet(backbone: Backbone, controlnet, data: ControlNetData, cfg, accelerator, checkpoints: Path, resume: bool = False, progress=None, keep: int = 2) -> list[float]:
-    """Train `controlnet` against the frozen backbone UNet; returns the per-step losses of this run.
+def _strip(key: str) -> str:
+    return key[len("module."):] if key.startswith("module.") else key  # DDP's prefix
 
-    `cfg` has steps, batch_size (global), lr, prompt_dropout, checkpoint_every and seed
-    (config.ControlNetConfig). Each process takes its slice of the global batch.
+
+def checkpoint_hooks(accelerator, model, ema=None) -> None:
+    """Checkpoints hold the trainable weights only (not the frozen backbone), loaded strictly, and
+    the EMA as safetensors: nothing in a checkpoint folder is unpickled beyond accelerate's own."""
+    from safetensors.torch import load_file, save_file
+
+    from synthmed.io import read_json, write_json
+
+    inner = accelerator.unwrap_model(model)
+    names = inner.trainable_names()
+
+    def save_hook(models, weights, output_dir):
+        for i, m in enumerate(models):
+            if accelerator.unwrap_model(m) is inner:
+                weights[i] = {k: v for k, v in weights[i].items() if _strip(k) in names}
+        if ema is not None and accelerator.is_main_process:
+            state = ema.state_dict()
+            save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(state.pop("shadow_params"))}, Path(output_dir) / "ema.safetensors")
+            write_json(Path(output_dir) / "ema.json", state)
+
+    def load_hook(models, input_dir):
+        for i, m in enumerate(list(models)):
+            if accelerator.unwrap_model(m) is inner:
+                models.remove(m)
+                state = {_strip(k): v for k, v in load_file(Path(input_dir) / f"model{'_' + str(i) if i else ''}.safetensors").items()}
+                if set(state) != names:
+                    raise ValueError(f"{input_dir}: checkpoint weights do not match the model's trainable parts "
+                                     f"({len(set(state) - names)} unexpected, {len(names - set(state))} missing); same settings as the interrupted run?")
+                inner.load_state_dict(state, strict=False)
+        if ema is not None:
+            shadow = load_file(Path(input_dir) / "ema.safetensors")
+            ema.load_state_dict(read_json(Path(input_dir) / "ema.json") | {"shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def param_groups(model: ControlledUNet, lrs: dict[str, float]) -> list[dict]:
+    """Optimiser groups: ControlNet, UNet LoRA, unlocked UNet weights, each at its own rate."""
+    parts = {"controlnet": [], "lora": [], "unet": []}
+    if model.controlnet is not None:
+        parts["controlnet"] = [p for p in model.controlnet.parameters() if p.requires_grad]
+    for name, p in model.unet.named_parameters():
+        if p.requires_grad:
+            parts["lora" if "lora_" in name else "unet"].append(p)
+    groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in parts.items() if ps]
+    if not groups:
+        raise ValueError("param_groups expects a model with trainable parameters, but got none")
+    return groups
+
+
+def make_optimizer(groups: list[dict], kind: str = "adamw", weight_decay: float = 1e-2):
+    """AdamW, or bitsandbytes' 8-bit AdamW (its states take a quarter of the memory)."""
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("optimizer adamw8bit expects bitsandbytes to be installed (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
+    if kind != "adamw":
+        raise ValueError(f"make_optimizer expects adamw or adamw8bit, but got {kind!r}")
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def resume_point(checkpoints: Path, resume: bool | str | Path) -> tuple[int, Path] | None:
+    """(step, folder) to resume from: the newest checkpoint for True/"latest", or a given step-N folder."""
+    if not resume:
+        return None
+    if resume is True or resume == "latest":
+        return latest_checkpoint(checkpoints)
+    path = Path(resume)
+    m = _STEP_DIR.match(path.name)
+    if not (m and path.is_dir()):
+        raise ValueError(f"resume expects 'latest' or a checkpoint folder named step-N, but got {str(resume)!r}")
+    return int(m.group(1)), path
+
+
+def train(model: ControlledUNet, backbone: Backbone, data: TrainingData, cfg, accelerator, checkpoints: Path, resume: bool | str | Path = False,
+          progress=None, class_weights: torch.Tensor | None = None, validate=None, lrs: dict[str, float] | None = None) -> list[float]:
+    """Train the trainable parts of `model`; returns the per-step losses of this run.
+
+    `cfg` (config.ControlNetConfig) gives steps, batch_size (global), lr, prompt_dropout,
+    conditioning_mode, grad_accum, min_snr_gamma, ema_decay, optimizer, checkpoint_every,
+    keep_checkpoints, validation_every and seed. `class_weights` (K + 1,) weight the loss per
+    mask class on the latent grid; `validate(model, step)` runs on the main process.
     """
-    backbone.freeze()
-    device = accelerator.device
-    unet = backbone.unet.to(device)
-    controlnet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    accum, world = cfg.grad_accum, accelerator.num_processes
+    if cfg.batch_size % (accum * world):
+        raise ValueError(f"train expects batch_size divisible by grad_accum x processes ({accum} x {world}), but got {cfg.batch_size}")
+    opt = make_optimizer(param_groups(model, lrs or {"controlnet": cfg.lr, "lora": cfg.lr, "unet": cfg.lr}), cfg.optimizer)
     sched = warmup_cosine(opt, cfg.steps)
-    controlnet, opt, sched = accelerator.prepare(controlnet, opt, sched)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    ema = _ema(accelerator.unwrap_model(model), cfg.ema_decay)
+    checkpoint_hooks(accelerator, model, ema)
     start = 0
-    if resume and (found := latest_checkpoint(checkpoints)) is not None:
+    if (found := resume_point(checkpoints, resume)) is not None:
         start, path = found
         accelerator.load_state(str(path))
-    loss_fn = DiffusionLoss(backbone.scheduler)
-    empty = data.prompt_table[-1:].to(device)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    step_fn = _Step(model, backbone, data, cfg, accelerator, class_weights)
     losses = []
     for step in range(start, cfg.steps):
-        g = step_generator(cfg.seed, step)
-        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-        views = torch.randint(0, 8, (cfg.batch_size,), generator=g)
-        prompt_g = step_generator(cfg.seed, step, stream=2)
-        emb_all = drop_prompts(data.prompt_table[data.prompt_index[idx]], empty.cpu(), cfg.prompt_dropout, prompt_g)
-        mine = slice(rank, None, world)  # this process's share of the global batch
-        latents = data.latents[idx[mine], views[mine]].to(device)  # (b, C, h, w)
-        cond = data.conditioning[idx[mine], views[mine]].to(device).float().div(255.0)  # (b, 3, H, W)
-        emb = emb_all[mine].to(device)
-        noise_g = step_generator(cfg.seed, step, stream=3 + rank)
-
-        def predict(noisy, t):
-            down, mid = controlnet(noisy, t, emb, controlnet_cond=cond, return_dict=False)
-            return unet(noisy, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-
-        with accelerator.autocast():
-            loss = loss_fn(predict, latents, noise_g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at step {step}; last good checkpoint kept in {checkpoints}")
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
+        try:
+            losses.append(step_fn(step))
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc}; last good checkpoint kept in {checkpoints}") from None
+        accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         sched.step()
-        losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(_trainable(accelerator.unwrap_model(model)))
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the final state too, to train on later
-            _save_checkpoint(accelerator, Path(checkpoints), done, keep)
+            _save_checkpoint(accelerator, Path(checkpoints), done, cfg.keep_checkpoints)
+        every = cfg.validation_every
+        if validate is not None and every and (done % every == 0 or done == cfg.steps) and accelerator.is_main_process:
+            validate(accelerator.unwrap_model(model), done)
         if progress:  # after the save, so an interrupt raised here keeps this step's checkpoint
             progress(done, cfg.steps, losses[-1])
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(_trainable(accelerator.unwrap_model(model)))  # the saved model is the EMA
     return losses
 
 
-def unwrap_for_saving(accelerator, controlnet):
-    """The plain ControlNetModel behind accelerate's wrappers, in eval mode."""
-    return accelerator.unwrap_model(controlnet).eval()
+class _Step:
+    """One optimiser step's forward/backward over the global batch (this process's share of it)."""
 
+    def __init__(self, model, backbone: Backbone, data: TrainingData, cfg, accelerator, class_weights):
+        self.model, self.backbone, self.data, self.cfg, self.acc = model, backbone, data, cfg, accelerator
+        self.class_weights = class_weights
+        self.loss_fn = DiffusionLoss(backbone.scheduler, min_snr_gamma=cfg.min_snr_gamma)
+        self.empty_row = torch.tensor([len(data.prompts)])
+        self.empty = data.embeddings(backbone, self.empty_row)
+        self.factor = backbone.vae_scale_factor
+        self.latent_shape = (backbone.unet.config.in_channels, data.size[0] // self.factor, data.size[1] // self.factor)
+
+    def __call__(self, step: int) -> float:
+        cfg, data, acc = self.cfg, self.data, self.acc
+        b, accum = cfg.batch_size, cfg.grad_accum
+        idx = batch_indices(len(data), b, step, cfg.seed)
+        aug = data.draw(b, step_generator(cfg.seed, step))
+        rows = self.empty_row.expand(b) if cfg.conditioning_mode == "mask" else data.prompt_index[idx]
+        emb_all = drop_prompts(data.embeddings(self.backbone, rows), self.empty, cfg.prompt_dropout, step_generator(cfg.seed, step, stream=2))
+        noise_all, t_all = self.loss_fn.draw((b, *self.latent_shape), step_generator(cfg.seed, step, stream=3))
+        micro, total = b // accum, 0.0
+        for j in range(accum):
+            mine = torch.arange(j * micro, (j + 1) * micro)[acc.process_index :: acc.num_processes]  # this process's share
+            latents, cond, masks = data.batch(self.backbone, idx[mine], aug.take(mine))
+            weights = None if self.class_weights is None else latent_weights(masks, self.class_weights, self.factor)
+            emb = emb_all[mine].to(acc.device)
+            cond = None if cond is None else cond.to(acc.device)
+
+            def predict(noisy, t):
+                return self.model(noisy, t, emb, cond)
+
+            with acc.autocast():
+                loss = self.loss_fn(predict, latents.to(acc.device), noise=noise_all[mine], timesteps=t_all[mine], pixel_weights=weights) / accum
+            self._check_finite(loss, step)
+            if j < accum - 1:
+                with acc.no_sync(self.model):
+                    acc.backward(loss)
+            else:
+                acc.backward(loss)
+            total += float(loss.detach())
+        return float(acc.reduce(torch.tensor(total, device=acc.device), reduction="mean"))
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Stop every process together when any of them sees a NaN/inf loss."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="sum")
+        if bad > 0:
+            raise FloatingPointError(f"loss is {float(loss.detach())} at step {step + 1}")
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _ema(model, decay: float):
+    """An EMA of the trainable weights, or None (diffusers' EMAModel: decay warms up from 0)."""
+    if not decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(_trainable(model), decay=decay)

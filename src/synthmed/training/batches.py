@@ -1,0 +1,166 @@
+"""Training tensors for the ControlNet / text-to-image loops: cache, augmentation, batches.
+
+The backbone is frozen, so by default VAE latents and text embeddings are computed once:
+each training image is encoded in every dihedral view the loop may draw (8 flips/90-degree
+rotations for square images, 4 for non-square ones, 1 with flips off), and the text encoder
+runs once per distinct prompt. Random crops and scaling make every view new, so with them
+the images are encoded on the fly (the same numbers as a cache would give, per step).
+Conditioning images and class masks get exactly the same transform as the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synthmed.models.backbone import Backbone
+from synthmed.training.common import dihedral, to_model_range
+
+
+def allowed_views(height: int, width: int, flips: bool) -> tuple[int, ...]:
+    """Dihedral views that keep the image shape: all 8 if square, else identity/flips/180-degree."""
+    if not flips:
+        return (0,)
+    return tuple(range(8)) if height == width else (0, 2, 4, 6)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-sample augmentation drawn for a step: view, scale, crop position (fractions in [0, 1))."""
+
+    views: torch.Tensor  # (B,) dihedral view ids
+    scales: torch.Tensor  # (B,)
+    offsets: torch.Tensor  # (B, 2)
+
+    def take(self, mine: torch.Tensor) -> "Augment":
+        return Augment(self.views[mine], self.scales[mine], self.offsets[mine])
+
+
+@dataclass
+class TrainingData:
+    """Everything the loop draws batches from (CPU tensors)."""
+
+    prompt_index: torch.Tensor  # (N,) row of each sample's prompt in `prompts`
+    prompts: list[str]  # distinct prompts; row len(prompts) is the empty prompt
+    views: tuple[int, ...]  # dihedral views the loop may draw
+    conditioning: torch.Tensor | None = None  # (N, Cc, H, W) uint8; None for text-only training
+    masks: torch.Tensor | None = None  # (N, H, W) uint8 class codes (per-class loss weights)
+    latents: torch.Tensor | None = None  # (N, len(views), C, h, w) when cached
+    prompt_table: torch.Tensor | None = None  # (P + 1, L, D) when cached; the last row is ""
+    images: torch.Tensor | None = None  # (N, 3, H, W) in [-1, 1] when encoded on the fly
+    image_size: tuple[int, int] = (0, 0)  # (H, W) of the stored images
+    crop: tuple[int, int] | None = None  # (h, w) random crop, in pixels
+    scale: tuple[float, float] = (1.0, 1.0)  # random rescale range before the crop
+
+    def __len__(self) -> int:
+        return self.prompt_index.shape[0]
+
+    @property
+    def cached(self) -> bool:
+        return self.latents is not None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the training inputs after augmentation."""
+        return self.crop or self.image_size
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> Augment:
+        """A step's augmentation, in a fixed draw order (resuming draws the same)."""
+        pick = torch.randint(0, len(self.views), (batch_size,), generator=generator)
+        scales = torch.empty(batch_size).uniform_(self.scale[0], self.scale[1], generator=generator)
+        offsets = torch.rand(batch_size, 2, generator=generator)
+        return Augment(torch.tensor(self.views)[pick], scales, offsets)
+
+    def batch(self, backbone: Backbone, idx: torch.Tensor, aug: Augment) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(latents (b, C, h, w), conditioning (b, Cc, H, W) in [0, 1] or None, masks (b, H, W) or None)."""
+        if self.cached:
+            pos = torch.tensor([self.views.index(int(v)) for v in aug.views])
+            latents = self.latents[idx, pos]
+            cond = None if self.conditioning is None else torch.stack([dihedral(self.conditioning[i], int(v)) for i, v in zip(idx, aug.views)])
+            masks = None if self.masks is None else torch.stack([dihedral(self.masks[i], int(v)) for i, v in zip(idx, aug.views)])
+            return latents, _unit(cond), masks
+        images, cond, masks = [], [], []
+        for j, i in enumerate(idx.tolist()):
+            parts = self._augmented(i, int(aug.views[j]), float(aug.scales[j]), aug.offsets[j])
+            images.append(parts[0]), cond.append(parts[1]), masks.append(parts[2])
+        latents = _encode(backbone, torch.stack(images))
+        return latents, _unit(_stack(cond)), _stack(masks)
+
+    def _augmented(self, i: int, view: int, scale: float, offset: torch.Tensor):
+        """Image, conditioning and mask of sample i under one view, rescale and crop."""
+        image = dihedral(self.images[i], view)
+        cond = None if self.conditioning is None else dihedral(self.conditioning[i], view)
+        mask = None if self.masks is None else dihedral(self.masks[i], view)
+        if self.crop is None and scale == 1.0:
+            return image, cond, mask
+        h, w = image.shape[-2:]
+        ch, cw = self.crop or (h, w)
+        s = max(scale, ch / h, cw / w)  # never smaller than the crop
+        size = (max(ch, round(h * s)), max(cw, round(w * s)))
+        y0 = int(offset[0] * (size[0] - ch + 1))
+        x0 = int(offset[1] * (size[1] - cw + 1))
+        box = (slice(y0, y0 + ch), slice(x0, x0 + cw))
+        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0][(slice(None), *box)]
+        if cond is not None:  # nearest: label colours and edge maps keep their values
+            cond = F.interpolate(cond[None].float(), size=size, mode="nearest-exact")[0][(slice(None), *box)].to(torch.uint8)
+        if mask is not None:
+            mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0][box].to(torch.uint8)
+        return image, cond, mask
+
+    def embeddings(self, backbone: Backbone, rows: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings (b, L, D) of prompt rows (len(prompts) = the empty prompt)."""
+        if self.prompt_table is not None:
+            return self.prompt_table[rows]
+        table = self.prompts + [""]
+        return backbone.encode_prompts([table[int(r)] for r in rows]).float().cpu()
+
+
+def _encode(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """Scaled VAE latents (fp32, CPU) of images in [-1, 1], in the VAE's own precision."""
+    return backbone.encode_images(images.to(backbone.vae.dtype)).float().cpu()
+
+
+def _unit(cond: torch.Tensor | None) -> torch.Tensor | None:
+    return None if cond is None else cond.float().div(255.0)
+
+
+def _stack(items: list) -> torch.Tensor | None:
+    return None if items[0] is None else torch.stack(items)
+
+
+@torch.no_grad()
+def build_training_data(backbone: Backbone, images: np.ndarray, cond_images: np.ndarray | None, prompts: list[str],
+                        masks: np.ndarray | None = None, cache: bool = True, flips: bool = True,
+                        crop: tuple[int, int] | None = None, scale: tuple[float, float] = (1.0, 1.0), batch_size: int = 32) -> TrainingData:
+    """Training tensors from uint8 arrays: images (N, H, W, 3), conditioning (N, H, W, Cc), masks (N, H, W).
+
+    With `cache`, every allowed view is VAE-encoded once and every distinct prompt text-encoded
+    once; crops/rescaling cannot be cached and raise ValueError with `cache`.
+    """
+    if cache and (crop is not None or tuple(scale) != (1.0, 1.0)):
+        raise ValueError("build_training_data expects cache=False with random crops or rescaling (every crop is a new image to encode)")
+    x = to_model_range(images)  # (N, 3, H, W)
+    unique = sorted(set(prompts))
+    data = TrainingData(
+        prompt_index=torch.tensor([unique.index(p) for p in prompts]),
+        prompts=unique,
+        views=allowed_views(*x.shape[-2:], flips),
+        image_size=tuple(x.shape[-2:]),
+        conditioning=None if cond_images is None else torch.from_numpy(cond_images if cond_images.ndim == 4 else cond_images[..., None]).permute(0, 3, 1, 2).contiguous(),
+        masks=None if masks is None else torch.from_numpy(np.ascontiguousarray(masks)),
+        crop=tuple(crop) if crop else None,
+        scale=tuple(scale),
+    )
+    if not cache:
+        data.images = x
+        return data
+    per_view = []
+    for v in data.views:
+        xv = dihedral(x, v)
+        per_view.append(torch.cat([_encode(backbone, xv[i : i + batch_size]) for i in range(0, len(xv), batch_size)]))
+    data.latents = torch.stack(per_view, dim=1)  # (N, V, C, h, w)
+    data.prompt_table = backbone.encode_prompts(unique + [""]).float().cpu()
+    return data
