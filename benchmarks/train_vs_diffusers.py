@@ -27,9 +27,10 @@ CUDA, also the peak of nvidia-smi's memory.used for the device during the run mi
 torch.cuda.max_memory_allocated, for both tools alike).
 
 What stays different by design, and so is part of the comparison: synthmed encodes latents and
-prompts once (diffusers runs the VAE and text encoder every step; `--synthmed-set
-cache_latents=false` makes synthmed do so too); synthmed's gradient checkpointing also covers the
-frozen UNet; synthmed saves a checkpoint at the last step and diffusers logs to TensorBoard every
+prompts once, for every train image in each of its 8 flip/rotation views (a one-off that grows
+with the data set; diffusers runs the VAE and text encoder on every batch and does not augment;
+`--synthmed-set cache_latents=false` or `--synthmed-set augment.flips=false` narrow this);
+synthmed's gradient checkpointing also covers the frozen UNet; synthmed saves a checkpoint at the last step and diffusers logs to TensorBoard every
 step (its default), both small or one-off. The backbone's VAE must downsample by 8: diffusers'
 script builds `ControlNetModel.from_unet(unet)` with the default conditioning embedding
 (16, 32, 96, 256), which downsamples by 8, so synthmed's tiny preset (VAE factor 4) cannot run
@@ -44,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,6 +111,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, help="training size (default: the data's, else 64); the data's images must have it")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--steps", type=int, nargs=2, default=(2, 6), metavar=("N1", "N2"), help="the two step counts (default 2 6; a GPU: 10 30)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of the four runs; wall times are the median (default 1)")
     ap.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--xformers", action="store_true", help="xFormers attention on both sides (default: PyTorch SDPA on both)")
@@ -118,12 +121,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--python", default=sys.executable, help="interpreter for both tools (default: this one)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per training process")
     ap.add_argument("--workdir", type=Path, help="where data, backbone, outputs and logs go (kept; default: a temporary folder, removed unless --keep)")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs of every run are in it)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder with every run's outputs (default: only the logs are kept in a named --workdir)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     n1, n2 = args.steps
     if not 1 <= n1 < n2:
         ap.error(f"--steps expects 1 <= N1 < N2, but got {n1} {n2}")
+    if args.repeats < 1:
+        ap.error(f"--repeats expects a positive int, but got {args.repeats}")
     if args.batch_size < 1:
         ap.error(f"--batch-size expects a positive int, but got {args.batch_size}")
     if args.backbone and args.random_preset:
@@ -141,15 +146,19 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict:
     data, resolution = prepared_data(args, work, env)
     backbone, backbone_note = backbone_folder(args, work, env, resolution)
     ddata = diffusers_layout(data, work / "diffusers-data")
-    warm_page_cache(backbone)
     n1, n2 = args.steps
-    runs = {}
-    for steps in (n1, n2):
-        for tool in ("synthmed", "diffusers"):
-            cmd = (synthmed_command(args, data, backbone, work / f"out-{tool}-{steps}", steps) if tool == "synthmed" else
-                   diffusers_command(args, script, ddata, backbone, work / f"out-{tool}-{steps}", steps, resolution, work / f"cache-{steps}"))
-            print(f"running {tool}, {steps} steps ...", file=sys.stderr, flush=True)
-            runs[tool, steps] = run_timed(tool, steps, cmd, env, work / f"{tool}-{steps}.log", args.timeout, probe["cuda"])
+    runs: dict[tuple[str, int], list[Run]] = {}
+    for rep in range(1, args.repeats + 1):
+        for steps in (n1, n2):
+            for tool in ("synthmed", "diffusers"):
+                name = f"{tool}-{steps}" + (f"-r{rep}" if args.repeats > 1 else "")
+                cmd = (synthmed_command(args, data, backbone, work / f"out-{name}", steps) if tool == "synthmed" else
+                       diffusers_command(args, script, ddata, backbone, work / f"out-{name}", steps, resolution, work / f"cache-{name}"))
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                settle(backbone)
+                runs.setdefault((tool, steps), []).append(run_timed(tool, steps, cmd, env, work / f"{name}.log", args.timeout, probe["cuda"]))
+                if not args.keep:
+                    shutil.rmtree(work / f"out-{name}", ignore_errors=True)  # GBs of weights and optimiser state
     summary = summarise(runs, args, probe, resolution)
     print_report(summary, args, probe, script_note, backbone_note, data, ddata, resolution, work, load_before)
     return summary | {"load_before": load_before, "script": script_note, "backbone": backbone_note, "data": str(data), "resolution": resolution, "probe": probe}
@@ -316,16 +325,17 @@ def run_timed(tool: str, steps: int, cmd: list[str], env: dict, log: Path, timeo
 
 
 def read_progress(stream, log, pattern: re.Pattern, marks: dict[int, float], start: float) -> None:
-    """Copy stderr to the log, noting when each step count first appears (tqdm separates updates by \\r)."""
+    """Copy stderr to the log with elapsed times, noting when each step count first appears (tqdm separates updates by \\r)."""
     buf = b""
     while chunk := stream.read1(65536):
         now = time.perf_counter() - start
-        log.write(chunk.decode("utf-8", "replace"))
         buf += chunk
         *parts, buf = re.split(rb"[\r\n]", buf)
-        for part in parts:
-            if m := pattern.search(part.decode("utf-8", "replace")):
+        for part in filter(None, (p.decode("utf-8", "replace") for p in parts)):
+            log.write(f"[{now:8.2f}s] {part}\n")
+            if m := pattern.search(part):
                 marks.setdefault(int(m.group(1)), now)
+    log.write(buf.decode("utf-8", "replace"))
     log.flush()
 
 
@@ -359,14 +369,18 @@ def summarise(runs: dict, args, probe: dict, resolution: int) -> dict:
     out = {"settings": {"batch_size": b, "steps": [n1, n2], "resolution": resolution, "mixed_precision": args.mixed_precision,
                         "gradient_checkpointing": args.gradient_checkpointing, "attention": "xformers" if args.xformers else "sdpa"}}
     for tool in ("synthmed", "diffusers"):
-        r1, r2 = runs[tool, n1], runs[tool, n2]
-        img_s = (n2 - n1) * b / (r2.wall_s - r1.wall_s) if r2.wall_s > r1.wall_s else float("nan")
-        out[tool] = {"wall_s": [r1.wall_s, r2.wall_s], "img_s": img_s, "one_off_s": r1.wall_s - n1 * b / img_s,
-                     "in_run_img_s": in_run_rate(r2.marks, n2, b), "peak_rss_mib": max(r1.peak_rss_mib, r2.peak_rss_mib),
-                     "peak_gpu_mib": None if r2.peak_gpu_mib is None else max(r1.peak_gpu_mib, r2.peak_gpu_mib)}
+        t1, t2 = (statistics.median(r.wall_s for r in runs[tool, n]) for n in (n1, n2))
+        img_s = (n2 - n1) * b / (t2 - t1) if t2 > t1 else float("nan")
+        in_run = [x for r in runs[tool, n2] if (x := in_run_rate(r.marks, n2, b)) is not None]
+        every = runs[tool, n1] + runs[tool, n2]
+        out[tool] = {"wall_s": [t1, t2], "wall_s_all": {n: [r.wall_s for r in runs[tool, n]] for n in (n1, n2)},
+                     "img_s": img_s, "one_off_s": t1 - n1 * b / img_s, "in_run_img_s": statistics.median(in_run) if in_run else None,
+                     "peak_rss_mib": max(r.peak_rss_mib for r in every),
+                     "peak_gpu_mib": max(r.peak_gpu_mib for r in every) if probe["cuda"] else None}
     s, d = out["synthmed"], out["diffusers"]
     mem = "peak_gpu_mib" if probe["cuda"] else "peak_rss_mib"
-    out["ratio"] = {"img_s": s["img_s"] / d["img_s"], "peak_memory": s[mem] / d[mem], "memory_measure": mem}
+    out["ratio"] = {"img_s": s["img_s"] / d["img_s"], "peak_memory": s[mem] / d[mem], "memory_measure": mem,
+                    "in_run_img_s": s["in_run_img_s"] / d["in_run_img_s"] if s["in_run_img_s"] and d["in_run_img_s"] else None}
     return out
 
 
@@ -393,8 +407,9 @@ def print_report(s: dict, args, probe: dict, script_note: str, backbone_note: st
           f"attention {st['attention']}, gradient checkpointing {'on' if st['gradient_checkpointing'] else 'off'}"
           + (f", synthmed extra {args.synthmed_set}" if args.synthmed_set else "") + (f", diffusers extra {args.diffusers_arg}" if args.diffusers_arg else ""))
     print(f"  diffusers script  {script_note}")
-    rows = [(f"wall time, {n1} steps (s)", lambda t: f"{t['wall_s'][0]:.1f}"),
-            (f"wall time, {n2} steps (s)", lambda t: f"{t['wall_s'][1]:.1f}"),
+    med = f", median of {args.repeats}" if args.repeats > 1 else ""
+    rows = [(f"wall time, {n1} steps (s{med})", lambda t: f"{t['wall_s'][0]:.1f}"),
+            (f"wall time, {n2} steps (s{med})", lambda t: f"{t['wall_s'][1]:.1f}"),
             (f"img/s  ({n2}-{n1} steps x {st['batch_size']} / time difference)", lambda t: f"{t['img_s']:.3f}"),
             ("one-off s (start, load, data, save)", lambda t: f"{t['one_off_s']:.1f}"),
             (f"in-run img/s (progress marks, {n2}-step run)", lambda t: "n/a" if t["in_run_img_s"] is None else f"{t['in_run_img_s']:.3f}"),
@@ -406,7 +421,14 @@ def print_report(s: dict, args, probe: dict, script_note: str, backbone_note: st
         print(f"  {label:52s}{fmt(s['synthmed']):>12s}{fmt(s['diffusers']):>12s}")
     r = s["ratio"]
     what = "GPU memory.used" if probe["cuda"] else "peak RSS"
-    print(f"\n  synthmed / diffusers: img/s x{r['img_s']:.2f}, {what} x{r['peak_memory']:.2f}")
+    in_run = "n/a" if r["in_run_img_s"] is None else f"x{r['in_run_img_s']:.2f}"
+    print(f"\n  synthmed / diffusers: img/s x{r['img_s']:.2f} (in-run {in_run}), {what} x{r['peak_memory']:.2f}")
+    noisy = [t for t in ("synthmed", "diffusers") if s[t]["in_run_img_s"] and not 0.85 < s[t]["img_s"] / s[t]["in_run_img_s"] < 1.15]
+    if noisy:
+        print(f"  NOTE: for {' and '.join(noisy)} the two img/s estimates differ by more than 15%: the machine was noisy "
+              "(other load, memory faults); rerun with --repeats 3 and/or more steps")
+    print("  one-off: synthmed's includes VAE-encoding every train image in each flip/rotation view and its resumable checkpoint\n"
+          "  at the last step (trainable weights + AdamW state); diffusers' its datasets cache (fresh per run).")
     print("  Compare only figures from one run on one machine." + (f" Logs: {work}" if args.keep or args.workdir else ""))
 
 
@@ -439,9 +461,11 @@ def link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def warm_page_cache(folder: Path) -> None:
-    """Read the backbone once, so the first timed run does not pay for a cold disk alone."""
-    for p in folder.rglob("*"):
+def settle(backbone: Path) -> None:
+    """Before each timed run: flush what earlier runs wrote (else the next run pays for it) and read
+    the backbone into the page cache (else whichever run comes after a large write pays for a cold disk)."""
+    os.sync()
+    for p in backbone.rglob("*"):
         if p.is_file():
             with open(p, "rb") as fh:
                 while fh.read(1 << 24):

@@ -176,6 +176,7 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     cond = load_conditioning(split)
     bb = _trained_backbone(load_backbone(backbone_src), model, training).freeze()
     controlnet = load_controlnet(model / "controlnet")
+    split_prompts = _prompts_as_trained(split, training)
     settings = SamplingSettings(cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
     pipe = controlnet_pipeline(bb, controlnet, cfg.scheduler).to(_device())
     rng = np.random.default_rng(cfg.seed)
@@ -188,7 +189,7 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
         with task("generate", cfg.n_samples) as update:
             for start in range(0, cfg.n_samples, cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
-                prompts = [split.prompts[i] for i in idx]
+                prompts = [split_prompts[i] for i in idx]
                 images = sample_images(pipe, cond[idx], prompts, seeds[start : start + len(idx)], settings)
                 for j, (i, img) in enumerate(zip(idx, images)):
                     n = start + j
@@ -226,6 +227,15 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     syn_card.update(name=f"synthetic:{card.get('name', 'data')}", source="synthmed generate", real_data=str(Path(data).resolve()), model=str(model.resolve()))
     write_prepared(out, samples(), syn_card, extras={"generate_config.yaml": config_yaml(cfg)})
     return out
+
+
+def _prompts_as_trained(split, training: dict) -> list[str]:
+    """The prompts the model was trained with: the data set's, empty (mask mode) or class-label prompts."""
+    if training.get("conditioning_mode") == "mask":
+        return [""] * len(split)
+    if training.get("prompt_source") == "label":
+        return [training["label_prompt"].format(**(r | {"label": r.get("label")})) for r in split.rows]
+    return split.prompts
 
 
 def _trained_backbone(bb, model: Path, training: dict):
@@ -377,7 +387,7 @@ def demo_config(quick: bool = False) -> RunConfig:
     from synthmed.config import PhantomConfig
 
     if not quick:
-        return RunConfig(prepare=PrepareConfig(phantom=PhantomConfig(n_unlabelled_slides=0)))
+        return RunConfig(prepare=PrepareConfig(phantom=PhantomConfig(n_unlabelled_slides=0)), controlnet=ControlNetConfig(validation_every=500))
     return RunConfig(
         prepare=PrepareConfig(phantom=PhantomConfig(n_slides=9, tiles_per_slide=6, n_unlabelled_slides=0)),
         controlnet=ControlNetConfig(steps=30, batch_size=8, checkpoint_every=20),

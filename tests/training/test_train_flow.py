@@ -108,3 +108,15 @@ def test_an_interrupted_run_asks_for_resume(tiny_backbone_dir, phantom_data, tmp
     (out / "checkpoints" / "step-2").mkdir(parents=True)
     with pytest.raises(SynthmedError, match="interrupted run's checkpoints; add --resume latest"):
         flow.train_controlnet(phantom_data, _cfg(tiny_backbone_dir), out)
+
+
+def test_generation_uses_the_prompts_the_model_was_trained_with(tiny_backbone_dir, phantom_data, tmp_path):
+    from synthmed.data.prepared import load_split
+
+    run = flow.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, steps=1, prompt_source="label", label_prompt="h&e, {label} tissue"), tmp_path / "label")
+    syn = load_split(flow.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=1, batch_size=2), tmp_path / "syn"), "train")
+    labels = {r["id"]: r["label"] for r in load_split(phantom_data, "train").rows}
+    assert [r["text"] for r in syn.rows] == [f"h&e, {labels[r['provenance']['source_mask_id']]} tissue" for r in syn.rows]
+    run = flow.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, steps=1, conditioning_mode="mask"), tmp_path / "mask")
+    syn = load_split(flow.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=1, batch_size=2), tmp_path / "syn2"), "train")
+    assert [r["text"] for r in syn.rows] == ["", ""]
