@@ -251,6 +251,7 @@ def _save_outputs(model, backbone, cfg: ControlNetConfig, out: Path) -> dict:
     from synthmed.models.lora import save_lora
 
     saved = {}
+    model.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors (channels_last runs)
     if model.controlnet is not None:
         with atomic_dir(out / "controlnet") as tmp:
             model.controlnet.save_pretrained(tmp, safe_serialization=True)

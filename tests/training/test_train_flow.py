@@ -64,7 +64,7 @@ def test_lora_before_then_controlnet_and_an_unlocked_decoder(tiny_backbone_dir, 
     training = read_json(run / "training.json")
     assert training["backbone"] == str((run / "lora-stage" / "backbone").resolve()) and (run / "controlnet" / "config.json").is_file()
     assert read_json(run / "lora-stage" / "training.json")["conditioning_mode"] == "text"
-    run = flow.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, unet_decoder_lr=1e-2), tmp_path / "decoder")
+    run = flow.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, unet_decoder_lr=1e-2, channels_last=True), tmp_path / "decoder")
     unet, original = UNet2DConditionModel.from_pretrained(run / "unet"), load_backbone(tiny_backbone_dir).unet
     assert torch.equal(unet.down_blocks[0].resnets[0].conv1.weight, original.down_blocks[0].resnets[0].conv1.weight)
     assert not torch.equal(unet.up_blocks[0].resnets[0].conv1.weight, original.up_blocks[0].resnets[0].conv1.weight)

@@ -66,7 +66,7 @@ def checkpoint_hooks(accelerator, model, ema=None) -> None:
     def save_hook(models, weights, output_dir):
         for i, m in enumerate(models):
             if accelerator.unwrap_model(m) is inner:
-                weights[i] = {k: v for k, v in weights[i].items() if _strip(k) in names}
+                weights[i] = {k: v.contiguous() for k, v in weights[i].items() if _strip(k) in names}  # channels_last too
         if ema is not None and accelerator.is_main_process:
             state = ema.state_dict()
             save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(state.pop("shadow_params"))}, Path(output_dir) / "ema.safetensors")
