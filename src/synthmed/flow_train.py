@@ -99,7 +99,7 @@ def _load_inputs(data: Path, cfg: ControlNetConfig, text_mode: bool):
     """The train split, its prompts (text or label) and conditioning (None in text mode)."""
     from synthmed.data.prepared import load_conditioning, load_split
 
-    split = load_split(data, "train", need_masks=not text_mode and cfg.class_weights is not None)
+    split = load_split(data, "train", need_masks=cfg.class_weights is not None)  # class weights act through the masks
     cond = None if text_mode else load_conditioning(split)
     if cfg.prompt_source == "text":
         return split, split.prompts, cond
