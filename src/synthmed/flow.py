@@ -230,12 +230,10 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
 
 
 def _prompts_as_trained(split, training: dict) -> list[str]:
-    """The prompts the model was trained with: the data set's, empty (mask mode) or class-label prompts."""
-    if training.get("conditioning_mode") == "mask":
-        return [""] * len(split)
-    if training.get("prompt_source") == "label":
-        return [training["label_prompt"].format(**(r | {"label": r.get("label")})) for r in split.rows]
-    return split.prompts
+    """The prompts the model was trained with (older training.json files: the data set's)."""
+    from synthmed.flow_train import trained_prompts
+
+    return trained_prompts(split, training.get("conditioning_mode", "both"), training.get("prompt_source", "text"), training.get("label_prompt", "{label}"))
 
 
 def _trained_backbone(bb, model: Path, training: dict):

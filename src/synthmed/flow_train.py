@@ -68,7 +68,7 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
     attention = _set_attention(backbone, cfg.attention, accelerator.device)
     torch.manual_seed(cfg.seed)
     started = time.time()
-    controlnet = None if cond is None else _controlnet(backbone, cfg, cond.shape[-1] if cond.ndim == 4 else 1)
+    controlnet = None if cond is None else _controlnet(backbone, cfg, cond.shape[-1])  # cond: (N, H, W, C)
     _cast_frozen(backbone, cfg.mixed_precision, accelerator.device)
     data_t = _training_data(backbone, split, prompts, cond, cfg)
     model = _build_model(backbone, controlnet, cfg)
@@ -96,20 +96,30 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
 
 
 def _load_inputs(data: Path, cfg: ControlNetConfig, text_mode: bool):
-    """The train split, its prompts (text or label) and conditioning (None in text mode)."""
+    """The train split, its prompts as the model trains on them, and conditioning (None in text mode)."""
     from synthmed.data.prepared import load_conditioning, load_split
 
     split = load_split(data, "train", need_masks=cfg.class_weights is not None)  # class weights act through the masks
     cond = None if text_mode else load_conditioning(split)
-    if cfg.prompt_source == "text":
-        return split, split.prompts, cond
+    return split, trained_prompts(split, cfg.conditioning_mode, cfg.prompt_source, cfg.label_prompt), cond
+
+
+def trained_prompts(split, conditioning_mode: str, prompt_source: str, label_prompt: str) -> list[str]:
+    """The prompts a model sees for a split: empty (mask mode), label_prompt filled from each row, or the data set's.
+
+    Training, validation and `generate` (from training.json's record) all use this one rule.
+    """
+    if conditioning_mode == "mask":
+        return [""] * len(split)
+    if prompt_source == "text":
+        return split.prompts
+    where = split.root / split.split / "metadata.jsonl"
+    if any(r.get("label") is None for r in split.rows):
+        raise SynthmedError(f"{where}: prompt_source label, but some samples have no label")
     try:
-        prompts = [cfg.label_prompt.format(**(r | {"label": r["label"]})) for r in split.rows if r.get("label") is not None]
+        return [label_prompt.format(**r) for r in split.rows]
     except KeyError as exc:
-        raise SynthmedError(f"{data}: label_prompt field {exc} is not in metadata.jsonl") from None
-    if len(prompts) != len(split):
-        raise SynthmedError(f"{data}: prompt_source label, but some train samples have no label")
-    return split, prompts, cond
+        raise SynthmedError(f"{where}: label_prompt field {exc} is not in metadata.jsonl") from None
 
 
 def _load_checked_backbone(cfg: ControlNetConfig, split, data: Path):
@@ -311,9 +321,12 @@ def _validator(data: Path, backbone, cfg: ControlNetConfig, accelerator):
     """validate(model, step): validation loss and a grid (mask | real | generated) to the trackers."""
     from synthmed.training.validation import validation_grid, validation_loss
 
-    vsplit, vprompts, vcond = _load_inputs_split(data, cfg, "validation")
+    from synthmed.data.prepared import load_conditioning, load_split
     from synthmed.training.batches import build_training_data
 
+    vsplit = load_split(data, "validation", limit=cfg.validation_samples)
+    vcond = None if cfg.conditioning_mode == "text" else load_conditioning(vsplit)
+    vprompts = trained_prompts(vsplit, cfg.conditioning_mode, cfg.prompt_source, cfg.label_prompt)
     vdata = build_training_data(backbone, vsplit.images, vcond, vprompts, flips=False)
 
     def validate(model, step: int) -> None:
@@ -328,13 +341,3 @@ def _validator(data: Path, backbone, cfg: ControlNetConfig, accelerator):
                 tracker.log_images({"validation": [grid]}, step=step)
 
     return validate
-
-
-def _load_inputs_split(data: Path, cfg: ControlNetConfig, split_name: str):
-    """A few fixed validation samples with their prompts and conditioning."""
-    from synthmed.data.prepared import load_conditioning, load_split
-
-    split = load_split(data, split_name, limit=cfg.validation_samples)
-    cond = None if cfg.conditioning_mode == "text" else load_conditioning(split)
-    prompts = [""] * len(split) if cfg.conditioning_mode == "mask" else split.prompts
-    return split, prompts, cond

@@ -60,17 +60,18 @@ def apply_depth(controlnet: ControlNetModel, depth: str) -> ControlNetModel:
     """Zero and freeze the zero convolutions (and unused encoder blocks) that `depth` drops."""
     cfg = controlnet.config
     k, mid = parse_depth(depth, len(cfg.down_block_types))
-    dropped = [conv for conv, block in zip(controlnet.controlnet_down_blocks, residual_blocks(cfg)) if block >= k]
+    zero_convs = [conv for conv, block in zip(controlnet.controlnet_down_blocks, residual_blocks(cfg)) if block >= k]
+    unused = []
     if not mid:
-        dropped.append(controlnet.controlnet_mid_block)
+        zero_convs.append(controlnet.controlnet_mid_block)
         # Encoder stages after K only feed dropped residuals: no gradient ever reaches them.
-        dropped += [controlnet.mid_block, *controlnet.down_blocks[k:]]
+        unused = [controlnet.mid_block, *controlnet.down_blocks[k:]]
     with torch.no_grad():
-        for module in dropped:
-            if module in controlnet.controlnet_down_blocks or module is controlnet.controlnet_mid_block:
-                for p in module.parameters():
-                    p.zero_()
-            module.requires_grad_(False)
+        for conv in zero_convs:
+            for p in conv.parameters():
+                p.zero_()
+    for module in zero_convs + unused:
+        module.requires_grad_(False)
     controlnet.register_to_config(synthmed_depth=depth)
     return controlnet
 

@@ -82,10 +82,8 @@ class TrainingData:
             cond = None if self.conditioning is None else torch.stack([dihedral(self.conditioning[i], int(v)) for i, v in zip(idx, aug.views)])
             masks = None if self.masks is None else torch.stack([dihedral(self.masks[i], int(v)) for i, v in zip(idx, aug.views)])
             return latents, _unit(cond), masks
-        images, cond, masks = [], [], []
-        for j, i in enumerate(idx.tolist()):
-            parts = self._augmented(i, int(aug.views[j]), float(aug.scales[j]), aug.offsets[j])
-            images.append(parts[0]), cond.append(parts[1]), masks.append(parts[2])
+        parts = [self._augmented(i, int(aug.views[j]), float(aug.scales[j]), aug.offsets[j]) for j, i in enumerate(idx.tolist())]
+        images, cond, masks = (list(column) for column in zip(*parts))
         latents = _encode(backbone, torch.stack(images))
         return latents, _unit(_stack(cond)), _stack(masks)
 

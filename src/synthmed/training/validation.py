@@ -12,12 +12,13 @@ from synthmed.training.common import DiffusionLoss, step_generator
 
 @torch.no_grad()
 def validation_loss(model, backbone, data: TrainingData, seed: int = 0) -> float:
-    """Mean diffusion loss over every validation sample (view 0), with the same noise each call."""
+    """Mean diffusion loss over every validation sample, with the same noise each call.
+
+    `data` is built with flips off and no crop/rescale, so every call sees the same (view 0) inputs.
+    """
     device = next(model.parameters()).device
     idx = torch.arange(len(data))
-    aug = data.draw(len(data), step_generator(seed, 0, stream=99))
-    aug = type(aug)(torch.zeros_like(aug.views), torch.ones_like(aug.scales), aug.offsets)
-    latents, cond, _ = data.batch(backbone, idx, aug)
+    latents, cond, _ = data.batch(backbone, idx, data.draw(len(data), step_generator(seed, 0, stream=99)))
     emb = data.embeddings(backbone, data.prompt_index).to(device)
     cond = None if cond is None else cond.to(device)
     loss_fn = DiffusionLoss(backbone.scheduler)
