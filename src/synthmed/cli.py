@@ -163,23 +163,53 @@ def train_controlnet(
 @app.command()
 @command
 def generate(
-    data: Path = typer.Option(..., "--data", help="prepared data set whose train-split masks condition generation"),
+    data: Path = typer.Option(..., "--data", help="prepared data set whose train split (never validation/test) gives the layouts"),
     model: Path = typer.Option(..., "--model", help="output folder of `synthmed train controlnet`"),
-    out: Path = typer.Option(..., "--out", help="output folder (prepared layout + provenance)"),
-    n: int = typer.Option(96, "--n", help="number of samples"),
-    steps: int = typer.Option(25),
-    guidance_scale: float = typer.Option(3.0),
-    conditioning_scale: float = typer.Option(1.5),
-    scheduler: str = typer.Option("unipc", help="ddim, unipc, dpm or euler"),
-    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., "--out", help="output folder (prepared layout + provenance); OUT.partial while running"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of generation settings (the `generate:` section of a run config)"),
+    n: Optional[int] = typer.Option(None, "--n", help="replay plan: number of samples"),
+    plan: Optional[str] = typer.Option(None, help="replay | balance | multiply | counts (see --set plan.classes=[dead] plan.factor=3 plan.counts={dead:200})"),
+    steps: Optional[int] = typer.Option(None),
+    guidance_scale: Optional[float] = typer.Option(None),
+    conditioning_scale: Optional[float] = typer.Option(None),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, unipc, dpm (DPM-Solver++ 2M) or euler"),
+    batch_size: Optional[int] = typer.Option(None),
+    filter_by: Optional[str] = typer.Option(None, "--filter", help="none | dice | confidence | both"),
+    export: list[str] = typer.Option([], "--export", help="also write OUT/export/FORMAT: folder, medmnist, pannuke (repeatable)"),
+    seed: Optional[int] = typer.Option(None),
+    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE (dotted for nested ones), e.g. -s layouts.copy_paste=6 -s guess_mode=true"),
     backbone: Optional[str] = typer.Option(None, help="override the backbone recorded in the model's training.json"),
 ):
-    """Generate synthetic images from training-split masks, with per-sample provenance."""
+    """Plan by class, make layouts from training masks, sample (resumable; `accelerate launch` shards it), filter, export."""
     from synthmed import flow
-    from synthmed.config import GenerateConfig
+    from synthmed.config import GenerateConfig, load_yaml_config, overrides
 
-    cfg = GenerateConfig(n_samples=n, steps=steps, guidance_scale=guidance_scale, conditioning_scale=conditioning_scale, scheduler=scheduler, seed=seed)
-    typer.echo(f"wrote {flow.generate(data, model, cfg, out, backbone=backbone)}")
+    base = load_yaml_config(config, GenerateConfig).model_dump() if config else {}
+    flags = dict(n_samples=n, steps=steps, guidance_scale=guidance_scale, conditioning_scale=conditioning_scale, scheduler=scheduler,
+                 batch_size=batch_size, seed=seed)
+    base |= {k: v for k, v in flags.items() if v is not None}
+    if plan is not None:
+        base.setdefault("plan", {})["mode"] = plan
+    if filter_by is not None:
+        base.setdefault("filter", {})["by"] = filter_by
+    if export:
+        base["export"] = export
+    cfg = overrides(GenerateConfig, base, set_)
+    out = flow.generate(data, model, cfg, out, backbone=backbone)
+    card = _read_card(out)
+    if card is not None:
+        plan_info, kept = card.get("plan", {}), card.get("filter_summary", {})
+        typer.echo(f"wrote {out}: {card['splits']['train']['n']} samples (plan {plan_info.get('mode')}, {plan_info.get('unit')}: "
+                   f"combined {plan_info.get('combined')}; dropped by the filter {kept.get('dropped', 0)})")
+
+
+def _read_card(out: Path):
+    """The card of a finished output (None on the other processes of a multi-process run: one report is enough)."""
+    import os
+
+    from synthmed.io import read_json
+
+    return read_json(out / "dataset.json") if os.environ.get("RANK", "0") == "0" and (out / "dataset.json").is_file() else None
 
 
 @app.command()

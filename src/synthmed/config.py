@@ -127,16 +127,65 @@ class ControlNetConfig(_Strict):
     log_with: str | None = Field("tensorboard", description="accelerate tracker: tensorboard, wandb, mlflow (if installed), or null")
 
 
-class GenerateConfig(_Strict):
-    """`synthmed generate`: sample images from training-split masks."""
+class PlanConfig(_Strict):
+    """What to generate: how many synthetic samples of which class (written before sampling)."""
 
-    n_samples: int = Field(96, ge=1)
+    mode: str = Field("replay", pattern="^(replay|balance|multiply|counts)$",
+                      description="replay: n_samples from training masks as they are; balance: every class (or `classes`) up to the largest; "
+                                  "multiply: `classes` x factor; counts: add `counts` per class")
+    classes: list[str] | None = Field(None, description="the classes to add (default: all classes below the target)")
+    factor: float = Field(2.0, gt=1, description="multiply: target = factor x the real count")
+    counts: dict[str, int] = Field(default_factory=dict, description="counts: how many objects (segmentation) or images (classification) to add per class")
+    unit: str = Field("auto", pattern="^(auto|objects|pixels|images)$",
+                      description="what is counted: auto = objects where the data has instances, else pixels for masks, images for labels")
+    max_samples: int = Field(2000, ge=1, description="cap on the synthetic samples a plan may ask for")
+
+
+class LayoutConfig(_Strict):
+    """New mask layouts made from training masks only; the options used are recorded per sample."""
+
+    flips: bool = Field(True, description="a random flip/90-degree rotation of the source mask (4 shape-keeping ones for non-square)")
+    elastic: float = Field(0.5, ge=0, le=1, description="probability of an elastic deformation")
+    elastic_magnitude: tuple[float, float] = Field((2.0, 4.0), description="displacement range in pixels")
+    copy_paste: int = Field(4, ge=0, description="objects of the classes being added pasted into each layout (0: off)")
+    max_overlap: float = Field(0.1, ge=0, le=1, description="largest share of a pasted object that may cover existing objects")
+
+
+class FilterConfig(_Strict):
+    """Quality filter: score every sample with judges trained on the real train split, keep the good ones."""
+
+    by: str = Field("none", pattern="^(none|dice|confidence|both)$",
+                    description="dice: the real-trained segmenter's Dice against the conditioning mask; confidence: the real-trained classifier's probability of the intended class")
+    min_dice: float = Field(0.5, ge=0, le=1)
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    attempts: int = Field(3, ge=1, description="draws per planned sample (new seed each) before it is dropped")
+    segmenter_steps: int = Field(1200, ge=1)
+    classifier_steps: int = Field(600, ge=1)
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(2e-3, gt=0)
+
+
+class GenerateConfig(_Strict):
+    """`synthmed generate`: plan by class, make layouts from training masks, sample, filter, export."""
+
+    n_samples: int = Field(96, ge=1, description="replay mode: how many samples")
+    plan: PlanConfig = PlanConfig()
+    layouts: LayoutConfig = LayoutConfig()
     steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(3.0, ge=1)
-    conditioning_scale: float = Field(1.5, ge=0, description="ControlNet residual scale; >1 follows the mask more strictly")
-    scheduler: str = Field("unipc", pattern="^(ddim|unipc|dpm|euler)$")
-    batch_size: int = Field(16, ge=1)
+    guidance_scale: float = Field(3.0, ge=1, description="classifier-free guidance (1: off)")
+    conditioning_scale: float = Field(1.5, ge=0, description="ControlNet residual scale (controlnet_conditioning_scale); >1 follows the mask more strictly")
+    scheduler: str = Field("unipc", pattern="^(ddim|unipc|dpm|euler)$", description="dpm = DPM-Solver++ (2M)")
+    guess_mode: bool = Field(False, description="ControlNet on the conditional pass only, residuals scaled from 0.1 to 1 (diffusers' guess mode)")
+    control_start: float = Field(0.0, ge=0, lt=1, description="fraction of the steps before the ControlNet is applied")
+    control_end: float = Field(1.0, gt=0, le=1, description="fraction of the steps after which it is no longer applied")
+    negative_prompt: str = ""
+    precision: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="auto: fp16 on CUDA, fp32 on CPU")
+    batch_size: int = Field(16, ge=1, description="images per network call on each process")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads per process on CPU (default: torch's); CPU kernels split work by "
+                                                             "thread count, so bit-identical samples across runs need the same value")
     seed: int = 0
+    filter: FilterConfig = FilterConfig()
+    export: list[str] = Field(default_factory=list, description="also write OUT/export/<format>: folder, medmnist, pannuke")
 
 
 class EvaluateConfig(_Strict):

@@ -19,7 +19,8 @@ from synthmed.progress import task
 
 PHANTOM = "phantom-histology"
 
-from synthmed.flow_train import train_controlnet  # noqa: E402  (the `train controlnet` flow lives beside this one)
+from synthmed.flow_generate import generate  # noqa: E402  (the `generate` and `train controlnet` flows live beside this one)
+from synthmed.flow_train import train_controlnet  # noqa: E402
 
 
 def prepare(cfg: PrepareConfig, out: Path) -> dict:
@@ -153,87 +154,6 @@ def _mark_run(out: Path, kind: str) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_MARKER).write_text(kind + "\n")
-
-
-def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: str | None = None) -> Path:
-    """Synthesise images from training-split masks (never validation/test), with provenance per sample."""
-    import numpy as np
-
-    from synthmed.data.prepared import Sample, load_conditioning, load_split, read_card, write_prepared
-    from synthmed.generation.sample import SamplingSettings, controlnet_pipeline, sample_images
-    from synthmed.io import folder_hash, read_json
-    from synthmed.models.backbone import load_backbone
-    from synthmed.models.controlnet import load_controlnet
-
-    model, out = Path(model), Path(out)
-    check_new_output(out)
-    training = read_json(model / "training.json")
-    if "controlnet" not in training.get("outputs", {"controlnet": "controlnet"}):
-        raise SynthmedError(f"{model}: trained with conditioning_mode {training.get('conditioning_mode')!r}, it has no ControlNet to generate from masks")
-    backbone_src = backbone or training["backbone"]
-    card = read_card(data)
-    split = load_split(data, "train", need_masks=True)  # hygiene: only training masks feed generation
-    cond = load_conditioning(split)
-    bb = _trained_backbone(load_backbone(backbone_src), model, training).freeze()
-    controlnet = load_controlnet(model / "controlnet")
-    split_prompts = _prompts_as_trained(split, training)
-    settings = SamplingSettings(cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
-    pipe = controlnet_pipeline(bb, controlnet, cfg.scheduler).to(_device())
-    rng = np.random.default_rng(cfg.seed)
-    order = np.concatenate([rng.permutation(len(split)) for _ in range(-(-cfg.n_samples // len(split)))])[: cfg.n_samples]
-    seeds = [cfg.seed * 1_000_000 + i for i in range(cfg.n_samples)]
-    model_hash = training.get("controlnet_hash") or folder_hash(model / "controlnet")
-    backbone_hash = folder_hash(Path(bb.source)) if Path(bb.source).is_dir() else _shipped_hash(backbone_src)
-
-    def samples():
-        with task("generate", cfg.n_samples) as update:
-            for start in range(0, cfg.n_samples, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                prompts = [split_prompts[i] for i in idx]
-                images = sample_images(pipe, cond[idx], prompts, seeds[start : start + len(idx)], settings)
-                for j, (i, img) in enumerate(zip(idx, images)):
-                    n = start + j
-                    row = split.rows[i]
-                    yield Sample(
-                        id=f"syn_{n:06d}",
-                        image=img,
-                        split="train",
-                        prompt=prompts[j],
-                        patient_id=row["patient_id"],
-                        source=f"synthetic:{row['id']}",
-                        mask=split.masks[i],
-                        label=row.get("label"),
-                        extra={
-                            "synthetic": True,
-                            "provenance": {
-                                "model_hash": model_hash,
-                                "trained_parts": training.get("output_hashes", {"controlnet": model_hash}),
-                                "backbone": backbone_src,
-                                "backbone_hash": backbone_hash,
-                                "prompt": prompts[j],
-                                "seed": seeds[n],
-                                "source_mask_id": row["id"],
-                                "source_split": "train",
-                                "scheduler": settings.scheduler,
-                                "steps": settings.steps,
-                                "guidance_scale": settings.guidance_scale,
-                                "conditioning_scale": settings.conditioning_scale,
-                            },
-                        },
-                    )
-                update(min(start + cfg.batch_size, cfg.n_samples))
-
-    syn_card = {k: card[k] for k in ("classes", "label_map", "image_size", "channels", "conditioning", "task") if k in card}
-    syn_card.update(name=f"synthetic:{card.get('name', 'data')}", source="synthmed generate", real_data=str(Path(data).resolve()), model=str(model.resolve()))
-    write_prepared(out, samples(), syn_card, extras={"generate_config.yaml": config_yaml(cfg)})
-    return out
-
-
-def _prompts_as_trained(split, training: dict) -> list[str]:
-    """The prompts the model was trained with (older training.json files: the data set's)."""
-    from synthmed.flow_train import trained_prompts
-
-    return trained_prompts(split, training.get("conditioning_mode", "both"), training.get("prompt_source", "text"), training.get("label_prompt", "{label}"))
 
 
 def _trained_backbone(bb, model: Path, training: dict):

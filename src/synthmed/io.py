@@ -101,6 +101,20 @@ def save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array.astype(np.uint8)).save(path)
 
 
+def save_array(path: Path, array: np.ndarray) -> None:
+    """PNG (or .npy for channel counts PNG cannot hold), via a temporary name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".npy":
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+    else:
+        img = Image.fromarray(array.astype(np.uint16) if array.dtype == np.uint16 else array)
+        # zlib level 1: several times faster than PIL's default 6 (0.09 s vs 0.6 s for a
+        # 1024 px RGB image here) for files about a third larger; prepare is I/O heavy.
+        img.save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, path)
+
+
 def load_png(path: Path) -> np.ndarray:
     """Load an image file as a numpy array, with a one-line error naming the file if unreadable."""
     path = Path(path)

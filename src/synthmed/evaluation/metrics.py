@@ -73,3 +73,17 @@ def _nanmean(x: np.ndarray) -> float:
 
 def _num(x) -> float | None:
     return None if not np.isfinite(x) else float(x)
+
+
+def dice_per_image(pred: np.ndarray, target: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N,) Dice of each image, averaged over the foreground classes its target contains.
+
+    An image whose target is all background scores 1 if the prediction is too, else 0.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"dice_per_image expects equal shapes, but got {pred.shape} and {target.shape}")
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    scores = metric(one_hot(pred, n_classes), one_hot(target, n_classes)).numpy()  # (N, K), nan where absent
+    empty = ~np.isfinite(scores).any(1)
+    out = np.where(empty, 0.0, np.nanmean(np.where(empty[:, None], 0.0, scores), axis=1))
+    return np.where(empty, (pred.reshape(len(pred), -1) == 0).all(1).astype(float), out)

@@ -111,8 +111,11 @@ class MedMNISTReader(Reader):
         return present[0]
 
     def _labels(self, key: str) -> np.ndarray:
-        labels = np.stack(list(npz_member_rows(self.path, f"{key}_labels")))  # small: (N, 1) or (N, L)
+        rows = list(npz_member_rows(self.path, f"{key}_labels"))
         names = FLAGS[self.options.flag][1]
+        width = len(names) if self.options.flag in MULTI_LABEL else 1
+        # small: (N, 1) or (N, L); a split with no rows is (0, width); (N,) labels are read as (N, 1)
+        labels = np.stack(rows).reshape(len(rows), -1) if rows else np.zeros((0, width), np.uint8)
         if self.options.flag in MULTI_LABEL:
             ok = labels.shape[1] == len(names) and np.isin(labels, (0, 1)).all()
         else:

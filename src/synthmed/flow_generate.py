@@ -1,0 +1,327 @@
+"""`synthmed generate`: plan ▸ layouts ▸ sample (sharded, resumable) ▸ filter ▸ export.
+
+Runs as one process or under `accelerate launch --num_processes N`: process 0 writes the plan
+(and trains the quality filter's judges), every process draws the planned samples whose index
+is its rank modulo N, and process 0 writes the manifest and renames OUT.partial to OUT.
+Sample i's seed depends on (seed, i, attempt) only and batches are padded so that no row sees
+its neighbours, so the output is the same whatever the batch size or number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from synthmed.config import GenerateConfig, config_yaml
+from synthmed.io import SynthmedError, check_new_output, folder_hash, read_json, write_json
+from synthmed.progress import task
+
+
+def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: str | None = None) -> Path:
+    """Synthesise the planned samples from training-split layouts, with provenance per sample."""
+    from accelerate import PartialState
+
+    from synthmed.generation.store import GenerationStore
+
+    data, model, out = Path(data), Path(model), Path(out)
+    state = PartialState(cpu=_cpu_only())
+    if state.device.type == "cpu" and cfg.cpu_threads:
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
+    training = read_json(model / "training.json")
+    if "controlnet" not in training.get("outputs", {"controlnet": "controlnet"}):
+        raise SynthmedError(f"{model}: trained with conditioning_mode {training.get('conditioning_mode')!r}, it has no ControlNet to generate from masks")
+    partial = out.with_name(out.name + ".partial")
+    if state.is_main_process:
+        check_new_output(out)
+    store = GenerationStore(partial)
+    identity = _identity(data, model, cfg, backbone)
+    if state.is_main_process:
+        _plan(store, data, cfg, identity)
+    state.wait_for_everyone()
+    summary, items = store.read_plan()
+    judges = _judges(store, data, cfg, state)
+    sampler, provenance = _sampler(data, model, training, cfg, backbone, state.device)
+    todo = [it for it in items if it["index"] % state.num_processes == state.process_index]
+    with task(f"generate (process {state.process_index + 1}/{state.num_processes})" if state.num_processes > 1 else "generate", len(todo)) as update:
+        draw_shard(store, todo, sampler, judges, cfg, _prompt_rule(data, training), update)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        card = _card(data, model, summary, cfg, judges)
+        store.finish(out, card, lambda item, rec: _row(item, rec, provenance), extras={"generate_config.yaml": config_yaml(cfg)},
+                     before_rename=lambda root: _export(root, cfg.export))
+    state.wait_for_everyone()
+    return out
+
+
+def _cpu_only() -> bool:
+    """Processes run on CPU when asked (ACCELERATE_USE_CPU, as `accelerate launch --cpu` sets) or when there is no GPU."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def _identity(data: Path, model: Path, cfg: GenerateConfig, backbone: str | None) -> str:
+    """What a resumed run must share with the interrupted one (not batch size or export)."""
+    keep = cfg.model_dump(mode="json", exclude={"batch_size", "export"})
+    text = repr((str(data.resolve()), str(model.resolve()), backbone, keep))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plan(store, data: Path, cfg: GenerateConfig, identity: str) -> None:
+    """Write the plan once; a resumed run checks that it was made with the same settings."""
+    from synthmed.generation.plan import make_plan
+
+    if (store.root / "plan.json").is_file():
+        made = read_json(store.root / "plan.json").get("identity")
+        if made != identity:
+            raise SynthmedError(f"{store.root}: an interrupted run with other settings (data, model or generate config); remove it or use them again")
+        return
+    train = _training_layouts(data)
+    try:
+        summary, entries = make_plan(train, cfg.plan, cfg.n_samples, cfg.layouts, cfg.seed)
+    except ValueError as exc:
+        raise SynthmedError(f"{data}: {exc}") from None
+    summary["identity"] = identity
+    summary["layouts"] = cfg.layouts.model_dump(mode="json")
+    store.write_plan(summary, entries)
+
+
+def _training_layouts(data: Path):
+    """The training split's rows, masks, instances and conditioning (never validation/test)."""
+    from synthmed.data.conditioning import ConditioningSpec
+    from synthmed.data.prepared import load_conditioning, load_split, read_card
+    from synthmed.generation.plan import TrainingLayouts
+    from synthmed.io import load_png
+
+    card = read_card(data)
+    split = load_split(data, "train")  # hygiene: only the training split feeds generation
+    cond = load_conditioning(split)
+    cond_card = card.get("conditioning") or {}
+    builders = tuple(cond_card.get("builders") or ["colour"])
+    classes = card.get("classes") or []
+    instances = [load_png(data / "train" / r["instance_mask"]).astype(np.int32) if "instance_mask" in r else None for r in split.rows]
+    canny = cond_card.get("canny") or {}
+    spec = ConditioningSpec(builders, canny.get("sigma", 1.5), canny.get("low", 0.05), canny.get("high", 0.15), canny.get("region", "image"),
+                            n_classes=max(1, len(classes)))
+    labels = [r.get("label") for r in split.rows]
+    if split.masks is None:
+        classes = sorted({str(x) for x in labels if x is not None}) or classes
+    from_mask = set(builders) <= {"colour", "binary", "onehot", "boundary"}
+    return TrainingLayouts(split.rows, classes, split.masks, instances, cond, from_mask, None, labels, spec)
+
+
+def _prompt_rule(data: Path, training: dict):
+    """item -> the prompt the model was trained to read for it (mask mode: empty; label prompts)."""
+    from synthmed.data.prepared import PreparedSplit
+    from synthmed.flow_train import trained_prompts
+
+    mode, source, template = training.get("conditioning_mode", "both"), training.get("prompt_source", "text"), training.get("label_prompt", "{label}")
+
+    def prompts(items: list[dict]) -> list[str]:
+        rows = [{**it.get("row_fields", {}), "text": it["prompt"], "label": it.get("label")} for it in items]
+        return trained_prompts(PreparedSplit(Path(data), "train", rows, None, None), mode, source, template)
+
+    return prompts
+
+
+def draw_shard(store, items: list[dict], sampler, judges, cfg: GenerateConfig, prompts_of, progress=None) -> None:
+    """Draw this process's planned samples, skipping finished ones; filter and redraw up to cfg.filter.attempts."""
+    from synthmed.generation.plan import sample_seed
+
+    done = store.finished()
+    todo = deque((it, store.rejected_attempts(it["id"])) for it in items if it["id"] not in done)
+    finished = len(items) - len(todo)
+    if progress:
+        progress(finished)
+    while todo:
+        batch = [todo.popleft() for _ in range(min(cfg.batch_size, len(todo)))]
+        chosen = [it for it, _ in batch]
+        cond = np.stack([store.conditioning(it) for it in chosen])
+        prompts = prompts_of(chosen)
+        seeds = [sample_seed(cfg.seed, it["index"], a) for it, a in batch]
+        images = sampler(cond, prompts, seeds)
+        scores = judges.score(images, chosen, store) if judges else [{} for _ in batch]
+        for (item, attempt), image, score, seed, prompt in zip(batch, images, scores, seeds, prompts):
+            record = {"attempt": attempt, "seed": seed, "prompt": prompt, "scores": score}
+            if not judges or judges.accept(score):
+                store.keep(item, image, record)
+                finished += 1
+            else:
+                last = attempt + 1 >= cfg.filter.attempts
+                store.reject(item, image, record, final=last)
+                if last:
+                    finished += 1
+                else:
+                    todo.append((item, attempt + 1))
+        if progress:
+            progress(finished)
+
+
+def _sampler(data: Path, model: Path, training: dict, cfg: GenerateConfig, backbone: str | None, device):
+    """The Sampler over the trained model, and the provenance every sample shares."""
+    import torch
+
+    from synthmed.flow import _shipped_hash, _trained_backbone
+    from synthmed.generation.sample import Sampler, SamplingSettings
+    from synthmed.models.backbone import load_backbone
+    from synthmed.models.controlnet import load_controlnet
+
+    backbone_src = backbone or training["backbone"]
+    bb = _trained_backbone(load_backbone(backbone_src), model, training).freeze()
+    controlnet = load_controlnet(model / "controlnet")
+    settings = SamplingSettings(cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale, cfg.guess_mode,
+                                cfg.control_start, cfg.control_end, cfg.negative_prompt)
+    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    model_hash = training.get("controlnet_hash") or folder_hash(model / "controlnet")
+    provenance = {
+        "model": str(model.resolve()),
+        "model_hash": model_hash,
+        "trained_parts": training.get("output_hashes", {"controlnet": model_hash}),
+        "backbone": backbone_src,
+        "backbone_hash": folder_hash(Path(bb.source)) if Path(bb.source).is_dir() else _shipped_hash(backbone_src),
+        "real_data": str(data.resolve()),
+        "source_split": "train",
+        **settings.record(),
+        "precision": precision,
+        "device": device.type,
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+    }
+    return Sampler(bb, controlnet, settings, device=str(device), dtype=dtype), provenance
+
+
+def _row(item: dict, record: dict, shared: dict) -> dict:
+    """The metadata.jsonl row of a kept sample: prepared-layout columns + provenance."""
+    files = item["files"]
+    row = {**item["row_fields"], "file_name": f"images/{item['id']}.png", "id": item["id"], "text": item["prompt"], **files,
+           "label": item.get("label"), "patient_id": item.get("patient_id"), "split": "train", "source": f"synthetic:{item['source_id']}",
+           "synthetic": True}
+    for key in ("classes", "objects", "pixels"):
+        if key in item:
+            row[key] = item[key]
+    row["provenance"] = {
+        **shared,
+        "prompt": record["prompt"],
+        "seed": record["seed"],
+        "attempt": record["attempt"],
+        "source_mask_id": item["source_id"],
+        "layout": item["layout"],
+        "plan_focus": item["focus"],
+        "filter_scores": record["scores"],
+    }
+    return row
+
+
+class Judges:
+    """The quality filter's judges, trained on the real train split: per-sample scores and the keep rule."""
+
+    def __init__(self, cfg, segmenter=None, classifier=None, n_classes: int = 0, label_index: dict | None = None):
+        self.cfg, self.segmenter, self.classifier = cfg, segmenter, classifier
+        self.n_classes, self.label_index = n_classes, label_index or {}
+
+    def score(self, images: np.ndarray, items: list[dict], store) -> list[dict]:
+        from synthmed.evaluation.metrics import dice_per_image
+
+        scores = [{} for _ in items]
+        if self.segmenter is not None:
+            from synthmed.evaluation.segmenter import predict
+
+            masks = np.stack([store.mask(it) for it in items])
+            for s, d in zip(scores, dice_per_image(predict(self.segmenter, images), masks, self.n_classes)):
+                s["dice"] = float(d)
+        if self.classifier is not None:
+            from synthmed.evaluation.classifier import predict_proba
+
+            probs = predict_proba(self.classifier, images)
+            for s, p, it in zip(scores, probs, items):
+                s["confidence"] = float(p[self.label_index[str(it["label"])]])
+        return scores
+
+    def accept(self, score: dict) -> bool:
+        from synthmed.generation.filter import passes
+
+        return passes(score, self.cfg.min_dice, self.cfg.min_confidence)
+
+    def describe(self) -> dict:
+        return {"by": self.cfg.by, "min_dice": self.cfg.min_dice if self.segmenter is not None else None,
+                "min_confidence": self.cfg.min_confidence if self.classifier is not None else None, "attempts": self.cfg.attempts,
+                "segmenter": "MONAI UNet trained on the real train split (Dice+CE)" if self.segmenter is not None else None,
+                "classifier": "MONAI ResNet trained on the real train split (class-balanced)" if self.classifier is not None else None}
+
+
+def _judges(store, data: Path, cfg: GenerateConfig, state):
+    """Train (process 0, once: saved in OUT.partial/judges) and load the filter's judges."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = cfg.filter
+    if f.by == "none":
+        return None
+    folder = store.root / "judges"
+    want_seg, want_clf = f.by in ("dice", "both"), f.by in ("confidence", "both")
+    from synthmed.data.prepared import load_split, read_card
+
+    card = read_card(data)
+    train = load_split(data, "train")
+    if want_seg and train.masks is None:
+        raise SynthmedError(f"{data}: filter by dice needs masks in the train split; use filter.by confidence")
+    labels = [str(r.get("label")) for r in train.rows]
+    if want_clf and any(r.get("label") is None for r in train.rows):
+        raise SynthmedError(f"{data}: filter by confidence needs a label on every training sample")
+    names = sorted(set(labels))
+    device = "cuda" if state.device.type == "cuda" else "cpu"
+    if state.is_main_process and not (folder / "done.json").is_file():
+        from synthmed.evaluation.classifier import train_classifier
+        from synthmed.evaluation.segmenter import train_segmenter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        if want_seg:
+            with task("filter: train segmenter (real train split)", f.segmenter_steps) as update:
+                seg = train_segmenter(train.images, train.masks, len(card["classes"]), f.segmenter_steps, f.batch_size, f.lr, cfg.seed, update, device=device)
+            save_file({k: v.contiguous().cpu() for k, v in seg.state_dict().items()}, str(folder / "segmenter.safetensors"))
+        if want_clf:
+            codes = np.array([names.index(x) for x in labels])
+            with task("filter: train classifier (real train split)", f.classifier_steps) as update:
+                clf = train_classifier(train.images, codes, len(names), f.classifier_steps, f.batch_size, f.lr, cfg.seed, update, device=device)
+            save_file({k: v.contiguous().cpu() for k, v in clf.state_dict().items()}, str(folder / "classifier.safetensors"))
+        write_json(folder / "done.json", {"segmenter_steps": f.segmenter_steps, "classifier_steps": f.classifier_steps, "seed": cfg.seed, "classes": names})
+    state.wait_for_everyone()
+    seg = clf = None
+    if want_seg:
+        from synthmed.evaluation.segmenter import build_segmenter
+
+        seg = build_segmenter(len(card["classes"]), train.images.shape[-1])
+        seg.load_state_dict(load_file(str(folder / "segmenter.safetensors")))
+        seg = seg.to(device).eval()
+    if want_clf:
+        from synthmed.evaluation.classifier import build_classifier
+
+        clf = build_classifier(len(names), train.images.shape[-1])
+        clf.load_state_dict(load_file(str(folder / "classifier.safetensors")))
+        clf = clf.to(device).eval()
+    return Judges(f, seg, clf, len(card.get("classes") or []), {n: i for i, n in enumerate(names)})
+
+
+def _card(data: Path, model: Path, summary: dict, cfg: GenerateConfig, judges) -> dict:
+    from synthmed.data.prepared import read_card
+
+    card = read_card(data)
+    syn = {k: card[k] for k in ("classes", "labels", "label_map", "image_size", "channels", "conditioning", "task") if k in card}
+    syn.update(name=f"synthetic:{card.get('name', 'data')}", source="synthmed generate", real_data=str(data.resolve()), model=str(model.resolve()),
+               filter=judges.describe() if judges else None)
+    return syn
+
+
+def _export(root: Path, formats: list[str]) -> None:
+    """Also write the finished set in the formats asked for, under ROOT/export/<format>."""
+    from synthmed.generation.export import export_dataset
+
+    for fmt in formats:
+        export_dataset(root, fmt, root / "export" / fmt)
