@@ -46,7 +46,7 @@ def _setup(a):
         with torch.no_grad():  # a trained ControlNet's zero convolutions are not zero
             for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
                 conv.weight.normal_(0, 0.05)
-    tiles = [t for t, _ in zip(phantom_samples(0, min(size, 256), n_slides=a.n_images // 12 + 2, tiles_per_slide=12, n_unlabelled_slides=0), range(a.n_images))]
+    tiles = [t for t, _ in zip(phantom_samples(0, min(size, 256), n_slides=max(3, a.n_images // 12 + 1), tiles_per_slide=12, n_unlabelled_slides=0), range(a.n_images))]
     r = max(1, size // tiles[0].mask.shape[0])
     cond = np.stack([colour_mask(np.kron(t.mask, np.ones((r, r), dtype=t.mask.dtype))) for t in tiles])  # (N, H, W, 3)
     return bb, cn, cond, [t.prompt for t in tiles]

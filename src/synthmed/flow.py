@@ -178,7 +178,7 @@ def _shipped_hash(name: str) -> str | None:
     return folder_hash(folder) if folder else None
 
 
-def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: int = 8) -> dict:
+def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: int = 8) -> dict:  # noqa: C901
     """Plausibility (segmenter Dice/IoU vs conditioning and shuffled masks, real-test reference) and SSIM."""
     import numpy as np
 
@@ -206,7 +206,10 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     real_test = dice_iou(predict(seg, test.images), test.masks, classes)
     generated = dice_iou(pred_syn, syn.masks, classes)
     shuffled = dice_iou(pred_syn, syn.masks[perm], classes)
-    ssim_gen = ssim(syn.images, train.images[src])
+    # SSIM against "the real image of the same mask" only means something where the layout is the
+    # training mask unchanged (replayed); new layouts (flips, warps, pasted objects) have no real twin.
+    same = np.array([not (r.get("provenance") or {}).get("layout") for r in syn.rows])
+    ssim_gen = ssim(syn.images[same], train.images[src[same]]) if same.any() else np.array([np.nan])
     ssim_ref = ssim(train.images[src], train.images[src[perm]])
     results = {
         "plausibility": {
@@ -224,11 +227,13 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
             "n_real_test": len(test),
             "segmenter": "MONAI UNet (16-32-64-128, residual), Dice+CE, trained on the real train split only",
         },
+        "generation": _generation_summary(synthetic, seg, classes, generated["dice"]),
         "fidelity": {
             "ssim": float(np.mean(ssim_gen)),
             "ssim_std": float(np.std(ssim_gen)),
+            "ssim_n": int(same.sum()),
             "ssim_unrelated_real_pairs": float(np.mean(ssim_ref)),
-            "ssim_protocol": "generated vs the real image of its conditioning mask; RGB on [0,1], 7 px Gaussian window (MONAI SSIMMetric)",
+            "ssim_protocol": "generated vs the real image of its conditioning mask (replayed training layouts only); RGB on [0,1], 7 px Gaussian window (MONAI SSIMMetric)",
         },
         "inputs": {"data": str(Path(data).resolve()), "synthetic": str(Path(synthetic).resolve()), "classes": classes},
         "grid": [
@@ -237,9 +242,9 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
                 "mask": str(Path(synthetic).resolve() / "train" / syn.rows[i]["conditioning_image"]),
                 "real": str(Path(data).resolve() / "train" / train.rows[src[i]]["file_name"]),
                 "generated": str(Path(synthetic).resolve() / "train" / syn.rows[i]["file_name"]),
-                "prompt": syn.prompts[i],
+                "prompt": syn.prompts[i] + ("" if same[i] else " [new layout: the real image is its source before the edits]"),
             }
-            for i in range(min(grid, len(syn)))
+            for i in _grid_order(same)[:grid]
         ],
         "environment": environment(),
     }
@@ -247,6 +252,41 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
         write_results(tmp, results)
         save_config(cfg, tmp / "evaluate_config.yaml")
     return results
+
+
+def _grid_order(same: np.ndarray) -> list[int]:
+    """Replayed layouts first (their real twin is comparable), then new layouts."""
+    import numpy as np
+
+    return [int(i) for i in np.flatnonzero(same)] + [int(i) for i in np.flatnonzero(~same)]
+
+
+def _generation_summary(synthetic: Path, seg, classes: list[str], dice_kept: float) -> dict | None:
+    """The plan, the filter's counts, and this (independent) segmenter's Dice on kept vs rejected draws."""
+    import numpy as np
+
+    from synthmed.evaluation.metrics import dice_iou
+    from synthmed.evaluation.segmenter import predict
+    from synthmed.io import load_png, read_json, read_jsonl
+
+    card = read_json(Path(synthetic) / "dataset.json")
+    if "plan" not in card:
+        return None
+    out = {"plan": card["plan"], "filter": card.get("filter"), "filter_summary": card.get("filter_summary"), "dice_kept": dice_kept}
+    rejected = Path(synthetic) / "rejected" / "metadata.jsonl"
+    if rejected.is_file():
+        rows = read_jsonl(rejected)
+        images = np.stack([load_png(rejected.parent / r["file_name"])[..., :3] for r in rows])
+        masks = np.stack([load_png(_layout_mask(Path(synthetic), r["id"])) for r in rows])
+        out["dice_rejected_draws"] = dice_iou(predict(seg, images), masks, classes)["dice"]
+        out["n_rejected_draws"] = len(rows)
+    return out
+
+
+def _layout_mask(synthetic: Path, sid: str) -> Path:
+    """The mask a draw was conditioned on: kept samples' in train/masks, dropped ones' in rejected/layouts."""
+    kept = synthetic / "train" / "masks" / f"{sid}.png"
+    return kept if kept.is_file() else synthetic / "rejected" / "layouts" / f"{sid}_masks.png"
 
 
 def report(results: Path, out: Path, title: str = "synthmed report") -> Path:
@@ -301,15 +341,21 @@ def run(cfg: RunConfig, out: Path, resume: bool = True) -> dict:
 
 
 def demo_config(quick: bool = False) -> RunConfig:
-    """The embedded default: phantom-histology + the shipped tiny backbone. --quick is for tests."""
-    from synthmed.config import PhantomConfig
+    """The embedded default: phantom-histology + the shipped tiny backbone. --quick is for tests.
+
+    The full demo generates for the rare class: three times the real training split's dead nuclei
+    (copy-paste into flipped/warped training layouts), each sample filtered by a real-trained
+    segmenter's Dice against its mask (redrawn up to 3 times).
+    """
+    from synthmed.config import FilterConfig, PhantomConfig, PlanConfig
 
     if not quick:
-        return RunConfig(prepare=PrepareConfig(phantom=PhantomConfig(n_unlabelled_slides=0)), controlnet=ControlNetConfig(validation_every=500))
+        return RunConfig(prepare=PrepareConfig(phantom=PhantomConfig(n_unlabelled_slides=0)), controlnet=ControlNetConfig(validation_every=500),
+                         generate=GenerateConfig(plan=PlanConfig(mode="multiply", classes=["dead"], factor=3), filter=FilterConfig(by="dice", min_dice=0.5)))
     return RunConfig(
         prepare=PrepareConfig(phantom=PhantomConfig(n_slides=9, tiles_per_slide=6, n_unlabelled_slides=0)),
         controlnet=ControlNetConfig(steps=30, batch_size=8, checkpoint_every=20),
-        generate=GenerateConfig(n_samples=8, steps=8, batch_size=8),
+        generate=GenerateConfig(n_samples=8, steps=8, batch_size=8, filter=FilterConfig(by="dice", min_dice=0.0, segmenter_steps=30, batch_size=8)),
         evaluate=EvaluateConfig(segmenter_steps=60, segmenter_batch_size=8),
     )
 

@@ -20,6 +20,10 @@ from synthmed.config import GenerateConfig, config_yaml
 from synthmed.io import SynthmedError, check_new_output, folder_hash, read_json, write_json
 from synthmed.progress import task
 
+# The filter's judges train with this offset on the seed, so that `evaluate`'s segmenter (same recipe,
+# seed 0) is a different model: a filter that selects for one model's Dice would otherwise inflate it.
+JUDGE_SEED = 7919
+
 
 def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: str | None = None) -> Path:
     """Synthesise the planned samples from training-split layouts, with provenance per sample."""
@@ -252,7 +256,7 @@ class Judges:
     def describe(self) -> dict:
         return {"by": self.cfg.by, "min_dice": self.cfg.min_dice if self.segmenter is not None else None,
                 "min_confidence": self.cfg.min_confidence if self.classifier is not None else None, "attempts": self.cfg.attempts,
-                "segmenter": "MONAI UNet trained on the real train split (Dice+CE)" if self.segmenter is not None else None,
+                "segmenter": f"MONAI UNet trained on the real train split (Dice+CE), seed offset {JUDGE_SEED}" if self.segmenter is not None else None,
                 "classifier": "MONAI ResNet trained on the real train split (class-balanced)" if self.classifier is not None else None}
 
 
@@ -284,14 +288,14 @@ def _judges(store, data: Path, cfg: GenerateConfig, state):
         folder.mkdir(parents=True, exist_ok=True)
         if want_seg:
             with task("filter: train segmenter (real train split)", f.segmenter_steps) as update:
-                seg = train_segmenter(train.images, train.masks, len(card["classes"]), f.segmenter_steps, f.batch_size, f.lr, cfg.seed, update, device=device)
+                seg = train_segmenter(train.images, train.masks, len(card["classes"]), f.segmenter_steps, f.batch_size, f.lr, cfg.seed + JUDGE_SEED, update, device=device)
             save_file({k: v.contiguous().cpu() for k, v in seg.state_dict().items()}, str(folder / "segmenter.safetensors"))
         if want_clf:
             codes = np.array([names.index(x) for x in labels])
             with task("filter: train classifier (real train split)", f.classifier_steps) as update:
-                clf = train_classifier(train.images, codes, len(names), f.classifier_steps, f.batch_size, f.lr, cfg.seed, update, device=device)
+                clf = train_classifier(train.images, codes, len(names), f.classifier_steps, f.batch_size, f.lr, cfg.seed + JUDGE_SEED, update, device=device)
             save_file({k: v.contiguous().cpu() for k, v in clf.state_dict().items()}, str(folder / "classifier.safetensors"))
-        write_json(folder / "done.json", {"segmenter_steps": f.segmenter_steps, "classifier_steps": f.classifier_steps, "seed": cfg.seed, "classes": names})
+        write_json(folder / "done.json", {"segmenter_steps": f.segmenter_steps, "classifier_steps": f.classifier_steps, "seed": cfg.seed + JUDGE_SEED, "classes": names})
     state.wait_for_everyone()
     seg = clf = None
     if want_seg:

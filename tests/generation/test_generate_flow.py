@@ -162,3 +162,16 @@ def test_only_the_training_split_feeds_generation(phantom_data, model, tmp_path)
         assert r["provenance"]["source_mask_id"] in train_ids
         donors = [p["donor_id"] for op in r["provenance"]["layout"] if op["op"] == "copy_paste" for p in op["pasted"]]
         assert set(donors) <= train_ids
+
+
+def test_generate_exports_to_formats_the_source_readers_read(phantom_data, model, tmp_path):
+    from synthmed.config import PrepareConfig
+
+    proc = run_cli("generate", "--data", str(phantom_data), "--model", str(model), "--out", str(tmp_path / "syn"), "--n", "4", "--steps", "2",
+                   "--export", "pannuke", "--export", "folder")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    syn = tmp_path / "syn"
+    fold = next((syn / "export" / "pannuke").glob("Fold */images/fold*/images.npy"))
+    assert np.load(fold).shape == (4, 64, 64, 3)
+    back = flow.prepare(PrepareConfig(source="folder", root=str(syn / "export" / "folder"), options={"classes": read_json(syn / "dataset.json")["classes"]}), tmp_path / "back")
+    assert sum(s["n"] for s in back["splits"].values()) == 4

@@ -130,7 +130,7 @@ class GenerationStore:
         card = dict(card)
         card["splits"] = {"train": _split_counts(rows, card.get("classes", []))}
         card["plan"] = summary
-        card["filter_summary"] = _filter_counts(items, records, summary["unit"])
+        card["filter_summary"] = _filter_counts(items, records, self._rejected_records())
         write_json(self.root / "dataset.json", card)
         for name, text in (extras or {}).items():
             (self.root / name).write_text(text)
@@ -150,12 +150,15 @@ class GenerationStore:
             if src.exists():
                 os.replace(src, dest / src.name.replace(item["id"], f"{item['id']}_{Path(rel).parts[0]}"))
 
-    def _write_rejected_manifest(self, items: list[dict]) -> None:
+    def _rejected_records(self) -> list[dict]:
         folder = self.root / "rejected" / "records"
-        if not folder.is_dir():
+        return [read_json(p) for p in folder.glob("*.json")] if folder.is_dir() else []
+
+    def _write_rejected_manifest(self, items: list[dict]) -> None:
+        recs = self._rejected_records()
+        if not recs:
             return
         order = {it["id"]: it["index"] for it in items}
-        recs = [read_json(p) for p in folder.glob("*.json")]
         recs.sort(key=lambda r: (order[r["id"]], r["attempt"]))
         write_jsonl(self.root / "rejected" / "metadata.jsonl", [{"file_name": f"images/{r['id']}_a{r['attempt']}.png", **r} for r in recs])
 
@@ -178,11 +181,18 @@ def _split_counts(rows: list[dict], classes: list[str]) -> dict:
     }
 
 
-def _filter_counts(items: list[dict], records: dict, unit: str) -> dict:
-    """Kept and dropped planned samples per class (the class a sample was planned for)."""
+def _filter_counts(items: list[dict], records: dict, rejected: list[dict]) -> dict:
+    """Kept and dropped planned samples per class (the class a sample was planned for), and mean judge scores."""
     kept, dropped = Counter(), Counter()
     for item in items:
         for c in item.get("focus") or [str(item.get("label"))]:
             (kept if records[item["id"]]["status"] == "kept" else dropped)[c] += 1
+    kept_scores = [r["scores"] for r in records.values() if r["status"] == "kept"]
     return {"kept_per_class": dict(kept), "dropped_per_class": dict(dropped),
-            "kept": sum(r["status"] == "kept" for r in records.values()), "dropped": sum(r["status"] == "dropped" for r in records.values())}
+            "kept": sum(r["status"] == "kept" for r in records.values()), "dropped": sum(r["status"] == "dropped" for r in records.values()),
+            "rejected_draws": len(rejected), "mean_scores_kept": _means(kept_scores), "mean_scores_rejected_draws": _means([r["scores"] for r in rejected])}
+
+
+def _means(scores: list[dict]) -> dict:
+    keys = sorted({k for s in scores for k in s})
+    return {k: float(np.mean([s[k] for s in scores if s.get(k) is not None])) for k in keys}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import io
 import math
 from pathlib import Path
@@ -69,6 +70,29 @@ def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
 
 
+def _generation_section(g: dict) -> list[str]:
+    """What was generated (the plan's per-class counts) and what the quality filter kept."""
+    plan = g["plan"]
+    unit = plan.get("unit", "")
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{plan['real'][c]}</td><td>{(plan.get('wanted') or {}).get(c, '')}</td><td>{plan['planned'][c]}</td>"
+                   f"<td>{plan['combined'][c]}</td></tr>" for c in plan["real"])
+    out = ["<h2>Generation plan</h2>",
+           f"<p>Plan <b>{html.escape(str(plan['mode']))}</b>, counted in {html.escape(unit)}; {plan['n_samples']} synthetic samples planned "
+           f"from training layouts (flips, elastic warps, pasted objects).</p>",
+           f"<table><tr><th>class</th><th>real ({html.escape(unit)})</th><th>wanted</th><th>planned</th><th>real + synthetic</th></tr>{rows}</table>"]
+    fs, flt = g.get("filter_summary") or {}, g.get("filter") or {}
+    if flt:
+        judge = fs.get("mean_scores_kept", {}), fs.get("mean_scores_rejected_draws", {})
+        out += ["<h3>Quality filter</h3>",
+                f"<p>By {html.escape(str(flt.get('by')))} (Dice &ge; {_fmt(flt.get('min_dice'))}, confidence &ge; {_fmt(flt.get('min_confidence'))}, "
+                f"up to {flt.get('attempts')} draws per sample): {fs.get('kept')} kept, {fs.get('dropped')} dropped, {fs.get('rejected_draws')} draws rejected.</p>",
+                "<table><tr><th></th><th>kept</th><th>rejected draws</th></tr>",
+                f"<tr><td>judge's Dice (the filter's segmenter)</td><td>{_fmt(judge[0].get('dice'))}</td><td>{_fmt(judge[1].get('dice'))}</td></tr>",
+                f"<tr><td>Dice of this report's segmenter (another seed)</td><td>{_fmt(g.get('dice_kept'))}</td><td>{_fmt(g.get('dice_rejected_draws'))}</td></tr></table>",
+                "<p class='note'>Dropped per class: " + html.escape(json.dumps(fs.get("dropped_per_class", {}))) + "</p>"]
+    return out
+
+
 def render_report(results: dict, title: str = "synthmed report") -> str:
     """The HTML text of a report for one evaluation's results."""
     try:
@@ -101,12 +125,14 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
         f"<img alt='per-class Dice' src='data:image/png;base64,{_png_b64(per_class_figure(p['per_class']))}'>",
         f"<p class='note'>{html.escape(p.get('segmenter', ''))}. A class's Dice averages the images whose mask contains it.</p>",
         "<h2>Fidelity</h2><table><tr><th>metric</th><th>value</th></tr>",
-        f"<tr><td>SSIM, generated vs real image of the same mask</td><td>{_fmt(f['ssim'])} ± {_fmt(f['ssim_std'])}</td></tr>",
+        f"<tr><td>SSIM, generated vs real image of the same mask (n = {f.get('ssim_n', p['n_generated'])} replayed layouts)</td><td>{_fmt(f['ssim'])} ± {_fmt(f['ssim_std'])}</td></tr>",
         f"<tr><td>SSIM, unrelated real pairs (reference)</td><td>{_fmt(f['ssim_unrelated_real_pairs'])}</td></tr></table>",
         f"<p class='note'>{html.escape(f.get('ssim_protocol', ''))}</p>",
     ]
+    if results.get("generation"):
+        parts.extend(_generation_section(results["generation"]))
     if results.get("grid"):
-        parts.append("<h2>Samples</h2><p>Each row: conditioning mask | real image of that mask | generated image.</p>")
+        parts.append("<h2>Samples</h2><p>Each row: conditioning mask | real image of that mask (for a new layout: its source before the edits) | generated image.</p>")
         parts.append(f"<img class='grid' alt='sample grid' src='data:image/png;base64,{_png_b64(sample_grid(results['grid']))}'>")
         parts.append("<ol class='note'>" + "".join(f"<li>{html.escape(e['prompt'])}</li>" for e in results["grid"]) + "</ol>")
     env = results.get("environment", {})
