@@ -72,8 +72,8 @@ def _cpu_only() -> bool:
 
 
 def _identity(data: Path, model: Path, cfg: GenerateConfig, backbone: str | None) -> str:
-    """What a resumed run must share with the interrupted one (not batch size or export)."""
-    keep = cfg.model_dump(mode="json", exclude={"batch_size", "export"})
+    """What a resumed run must share with the interrupted one (not batch size, threads or export)."""
+    keep = cfg.model_dump(mode="json", exclude={"batch_size", "export", "cpu_threads"})
     text = repr((str(data.resolve()), str(model.resolve()), backbone, keep))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

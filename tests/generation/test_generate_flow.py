@@ -100,7 +100,7 @@ def test_kill_9_then_rerun_gives_every_id_once_and_manifest_equals_files(phantom
     proc = subprocess.Popen([sys.executable, "-m", "synthmed.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = out.with_name("syn.partial") / "records"
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(records.glob("*.json"))) < 6 if records.exists() else time.time() < deadline:
+    while time.time() < deadline and len(list(records.glob("*.json"))) < 6:  # glob of a missing folder is empty
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -175,3 +175,12 @@ def test_generate_exports_to_formats_the_source_readers_read(phantom_data, model
     assert np.load(fold).shape == (4, 64, 64, 3)
     back = flow.prepare(PrepareConfig(source="folder", root=str(syn / "export" / "folder"), options={"classes": read_json(syn / "dataset.json")["classes"]}), tmp_path / "back")
     assert sum(s["n"] for s in back["splits"].values()) == 4
+
+
+def test_the_confidence_filter_scores_the_intended_class_with_a_real_trained_classifier(phantom_data, model, tmp_path):
+    cfg = GenerateConfig(n_samples=4, batch_size=4, filter=FilterConfig(by="both", min_dice=0.0, min_confidence=0.0, segmenter_steps=5, classifier_steps=5, batch_size=4), **FAST)
+    out = flow.generate(phantom_data, model, cfg, tmp_path / "syn")
+    rows = read_jsonl(out / "train" / "metadata.jsonl")
+    assert all(set(r["provenance"]["filter_scores"]) == {"dice", "confidence"} and 0 <= r["provenance"]["filter_scores"]["confidence"] <= 1 for r in rows)
+    assert {p.name for p in (out / "judges").iterdir()} >= {"segmenter.safetensors", "classifier.safetensors", "done.json"}
+    assert "ResNet" in read_json(out / "dataset.json")["filter"]["classifier"]
