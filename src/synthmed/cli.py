@@ -214,6 +214,23 @@ def _read_card(out: Path):
 
 @app.command()
 @command
+def export(
+    data: Path = typer.Argument(..., help="a prepared data set, e.g. the output of `synthmed generate`"),
+    fmt: str = typer.Option(..., "--format", help="folder | medmnist | pannuke"),
+    out: Path = typer.Option(..., "--out", help="output folder (medmnist: a folder or a .npz file name)"),
+    split: str = typer.Option("train", help="which split to export"),
+    real: Optional[Path] = typer.Option(None, help="the real prepared set a synthetic one came from (default: its card's real_data)"),
+):
+    """Write a prepared (synthetic) data set in a source format its users' own loaders read."""
+    from synthmed.generation.export import FORMATS, export_dataset
+
+    if fmt not in FORMATS:
+        raise SynthmedError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+    typer.echo(f"wrote {export_dataset(data, fmt, out, split=split, real=real)}")
+
+
+@app.command()
+@command
 def evaluate(
     data: Path = typer.Option(..., "--data", help="the real prepared data set"),
     synthetic: Path = typer.Option(..., "--synthetic", help="output folder of `synthmed generate`"),

@@ -218,3 +218,13 @@ def test_medmnist_takes_the_flag_for_the_file_name_from_the_real_set(breastmnist
     path = export_dataset(syn, "medmnist", tmp_path / "export", real=prepared)
     with np.load(npz) as want, np.load(path) as got:
         assert path.name == "breastmnist.npz" and np.array_equal(got["train_labels"], want["train_labels"])
+
+
+def test_the_export_command_refuses_an_unknown_format_in_one_line(tmp_path, phantom_data):
+    from tests.conftest import run_cli
+
+    proc = run_cli("export", str(phantom_data), "--format", "nifti", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "nifti" in proc.stderr
+    ok = run_cli("export", str(phantom_data), "--format", "folder", "--out", str(tmp_path / "f"))
+    assert ok.returncode == 0, ok.stderr
+    assert len(list((tmp_path / "f" / "images").glob("*.png"))) == len(list((phantom_data / "train" / "images").glob("*.png")))
