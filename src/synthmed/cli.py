@@ -203,6 +203,11 @@ def generate(
                    f"combined {plan_info.get('combined')}; dropped by the filter {kept.get('dropped', 0)})")
 
 
+def _num(x) -> str:
+    """A figure for a one-line summary; n/a where a metric does not apply."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _read_card(out: Path):
     """The card of a finished output (None on the other processes of a multi-process run: one report is enough)."""
     import os
@@ -244,7 +249,7 @@ def evaluate(
 
     res = flow.evaluate(data, synthetic, EvaluateConfig(segmenter_steps=segmenter_steps, seed=seed), out)
     p = res["plausibility"]
-    typer.echo(f"dice generated {p['dice_generated']:.3f}, shuffled {p['dice_shuffled']:.3f}, real test {p['dice_real_test']:.3f}; ssim {res['fidelity']['ssim']:.3f}")
+    typer.echo(f"dice generated {p['dice_generated']:.3f}, shuffled {p['dice_shuffled']:.3f}, real test {p['dice_real_test']:.3f}; ssim {_num(res['fidelity']['ssim'])}")
 
 
 @app.command()
@@ -288,7 +293,7 @@ def _summary(results: dict, out: Path) -> None:
     p = results["plausibility"]
     typer.echo(
         f"dice generated {p['dice_generated']:.3f} | shuffled {p['dice_shuffled']:.3f} | real test {p['dice_real_test']:.3f} | "
-        f"ssim {results['fidelity']['ssim']:.3f}\nreport: {Path(out) / 'report.html'}"
+        f"ssim {_num(results['fidelity']['ssim'])}\nreport: {Path(out) / 'report.html'}"
     )
 
 

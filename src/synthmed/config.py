@@ -156,8 +156,12 @@ class FilterConfig(_Strict):
 
     by: str = Field("none", pattern="^(none|dice|confidence|both)$",
                     description="dice: the real-trained segmenter's Dice against the conditioning mask; confidence: the real-trained classifier's probability of the intended class")
-    min_dice: float = Field(0.5, ge=0, le=1)
-    min_confidence: float = Field(0.5, ge=0, le=1)
+    min_dice: float | None = Field(None, ge=0, le=1, description="keep samples whose Dice reaches this; None: the judge's "
+                                                                     "`real_quantile` per-image Dice on the real validation split")
+    min_confidence: float | None = Field(None, ge=0, le=1, description="keep samples whose intended-class probability reaches this; None: "
+                                                                           "the `real_quantile` of the classifier's true-class probability on real validation images")
+    real_quantile: float = Field(0.1, ge=0, le=1, description="automatic thresholds: keep what the judge rates at least as well as the worst "
+                                                              "real_quantile of real validation images")
     attempts: int = Field(3, ge=1, description="draws per planned sample (new seed each) before it is dropped")
     segmenter_steps: int = Field(1200, ge=1)
     classifier_steps: int = Field(600, ge=1)

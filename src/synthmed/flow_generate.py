@@ -226,9 +226,10 @@ def _row(item: dict, record: dict, shared: dict) -> dict:
 class Judges:
     """The quality filter's judges, trained on the real train split: per-sample scores and the keep rule."""
 
-    def __init__(self, cfg, segmenter=None, classifier=None, n_classes: int = 0, label_index: dict | None = None):
+    def __init__(self, cfg, segmenter=None, classifier=None, n_classes: int = 0, label_index: dict | None = None, thresholds: dict | None = None):
         self.cfg, self.segmenter, self.classifier = cfg, segmenter, classifier
         self.n_classes, self.label_index = n_classes, label_index or {}
+        self.thresholds = thresholds or {}  # {"dice": t, "confidence": t}: resolved (explicit or from real validation images)
 
     def score(self, images: np.ndarray, items: list[dict], store) -> list[dict]:
         from synthmed.evaluation.metrics import dice_per_image
@@ -251,11 +252,14 @@ class Judges:
     def accept(self, score: dict) -> bool:
         from synthmed.generation.filter import passes
 
-        return passes(score, self.cfg.min_dice, self.cfg.min_confidence)
+        return passes(score, self.thresholds.get("dice", 0.0), self.thresholds.get("confidence", 0.0))
 
     def describe(self) -> dict:
-        return {"by": self.cfg.by, "min_dice": self.cfg.min_dice if self.segmenter is not None else None,
-                "min_confidence": self.cfg.min_confidence if self.classifier is not None else None, "attempts": self.cfg.attempts,
+        return {"by": self.cfg.by, "min_dice": self.thresholds.get("dice"), "min_confidence": self.thresholds.get("confidence"),
+                "thresholds_from": {k: ("given" if getattr(self.cfg, f"min_{k}") is not None else f"quantile {self.cfg.real_quantile} of real validation images")
+                                    for k in ("dice", "confidence") if k in self.thresholds},
+                "real_validation_scores": self.thresholds.get("validation"),
+                "attempts": self.cfg.attempts,
                 "segmenter": f"MONAI UNet trained on the real train split (Dice+CE), seed offset {JUDGE_SEED}" if self.segmenter is not None else None,
                 "classifier": "MONAI ResNet trained on the real train split (class-balanced)" if self.classifier is not None else None}
 
@@ -295,7 +299,9 @@ def _judges(store, data: Path, cfg: GenerateConfig, state):
             with task("filter: train classifier (real train split)", f.classifier_steps) as update:
                 clf = train_classifier(train.images, codes, len(names), f.classifier_steps, f.batch_size, f.lr, cfg.seed + JUDGE_SEED, update, device=device)
             save_file({k: v.contiguous().cpu() for k, v in clf.state_dict().items()}, str(folder / "classifier.safetensors"))
-        write_json(folder / "done.json", {"segmenter_steps": f.segmenter_steps, "classifier_steps": f.classifier_steps, "seed": cfg.seed + JUDGE_SEED, "classes": names})
+        thresholds = _thresholds(data, f, seg if want_seg else None, clf if want_clf else None, len(card["classes"] or []), names)
+        write_json(folder / "done.json", {"segmenter_steps": f.segmenter_steps, "classifier_steps": f.classifier_steps, "seed": cfg.seed + JUDGE_SEED,
+                                          "classes": names, "thresholds": thresholds})
     state.wait_for_everyone()
     seg = clf = None
     if want_seg:
@@ -310,7 +316,40 @@ def _judges(store, data: Path, cfg: GenerateConfig, state):
         clf = build_classifier(len(names), train.images.shape[-1])
         clf.load_state_dict(load_file(str(folder / "classifier.safetensors")))
         clf = clf.to(device).eval()
-    return Judges(f, seg, clf, len(card.get("classes") or []), {n: i for i, n in enumerate(names)})
+    thresholds = read_json(folder / "done.json")["thresholds"]
+    return Judges(f, seg, clf, len(card.get("classes") or []), {n: i for i, n in enumerate(names)}, thresholds)
+
+
+def _thresholds(data: Path, f, seg, clf, n_classes: int, names: list[str]) -> dict:
+    """The keep thresholds: as given, or the judge's `real_quantile` score on the real validation split."""
+    from synthmed.data.prepared import load_split
+
+    out, validation = {}, {}
+    if (seg is not None and f.min_dice is None) or (clf is not None and f.min_confidence is None):
+        try:
+            val = load_split(data, "validation", need_masks=seg is not None and f.min_dice is None)
+        except SynthmedError as exc:
+            raise SynthmedError(f"{exc}; the automatic filter threshold needs it (or give filter.min_dice / filter.min_confidence)") from None
+    if seg is not None:
+        if f.min_dice is None:
+            from synthmed.evaluation.metrics import dice_per_image
+            from synthmed.evaluation.segmenter import predict
+
+            scores = dice_per_image(predict(seg, val.images), val.masks, n_classes)
+            validation["dice"] = {"mean": float(scores.mean()), "n": len(scores)}
+        out["dice"] = f.min_dice if f.min_dice is not None else float(np.quantile(scores, f.real_quantile))
+    if clf is not None:
+        if f.min_confidence is None:
+            from synthmed.evaluation.classifier import predict_proba
+
+            idx = np.array([names.index(str(r.get("label"))) if str(r.get("label")) in names else -1 for r in val.rows])
+            probs = predict_proba(clf, val.images[idx >= 0])
+            scores = probs[np.arange(len(probs)), idx[idx >= 0]]
+            validation["confidence"] = {"mean": float(scores.mean()), "n": len(scores)}
+        out["confidence"] = f.min_confidence if f.min_confidence is not None else float(np.quantile(scores, f.real_quantile))
+    if validation:
+        out["validation"] = validation
+    return out
 
 
 def _card(data: Path, model: Path, summary: dict, cfg: GenerateConfig, judges) -> dict:

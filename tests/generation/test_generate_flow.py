@@ -184,3 +184,26 @@ def test_the_confidence_filter_scores_the_intended_class_with_a_real_trained_cla
     assert all(set(r["provenance"]["filter_scores"]) == {"dice", "confidence"} and 0 <= r["provenance"]["filter_scores"]["confidence"] <= 1 for r in rows)
     assert {p.name for p in (out / "judges").iterdir()} >= {"segmenter.safetensors", "classifier.safetensors", "done.json"}
     assert "ResNet" in read_json(out / "dataset.json")["filter"]["classifier"]
+
+
+def test_the_automatic_threshold_is_the_judges_quantile_on_real_validation_images(phantom_data, model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from synthmed.evaluation.metrics import dice_per_image
+    from synthmed.evaluation.segmenter import build_segmenter, predict
+
+    cfg = GenerateConfig(n_samples=4, batch_size=4, filter=FilterConfig(by="dice", real_quantile=0.25, attempts=1, segmenter_steps=20, batch_size=8), **FAST)
+    try:
+        out = flow.generate(phantom_data, model, cfg, tmp_path / "syn")
+    except SynthmedError as exc:  # a random ControlNet may fall below a real-image threshold everywhere
+        assert "dropped every sample" in str(exc)
+        out = tmp_path / "syn.partial"
+    done = read_json(out / "judges" / "done.json")
+    seg = build_segmenter(5)
+    seg.load_state_dict(load_file(str(out / "judges" / "segmenter.safetensors")))
+    val = load_split(phantom_data, "validation", need_masks=True)
+    with torch.no_grad():
+        expected = np.quantile(dice_per_image(predict(seg.eval(), val.images), val.masks, 5), 0.25)
+    assert done["thresholds"]["dice"] == pytest.approx(expected)
+    assert done["thresholds"]["validation"]["dice"]["n"] == len(val)
