@@ -124,7 +124,8 @@ class GenerationStore:
                 dropped.append(item)
                 self._move_dropped_layout(item)
         if not rows:
-            raise SynthmedError(f"{self.root}: the quality filter dropped every sample; lower its threshold or train longer")
+            raise SynthmedError(f"{self.root}: the quality filter dropped every sample (scores in {self.root / 'rejected'}); lower its threshold "
+                                f"or train longer, and remove {self.root} to run again with other settings")
         write_jsonl(self.train / "metadata.jsonl", rows)
         self._write_rejected_manifest(items)
         card = dict(card)
