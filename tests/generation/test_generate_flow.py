@@ -47,7 +47,7 @@ def test_balancing_the_rare_class_brings_the_histogram_to_the_plan(phantom_data,
         assert {names[c]: n for c, n in counted.items() if n} == {k: v for k, v in r["objects"].items() if v}
         added.update(r["objects"])
     combined = {c: real[c] + added[c] for c in real}
-    assert combined == plan["combined"]
+    assert combined == plan["combined"] == plan["achieved"]  # no filter: everything planned is kept
     assert combined["dead"] >= 3 * real["dead"] and not plan["shortfall"]
     share = lambda h: h["dead"] / sum(h.values())  # noqa: E731
     assert share(combined) > 2 * share(real)
@@ -141,8 +141,14 @@ def test_a_middle_threshold_drops_per_class_and_records_rejected_draws(phantom_d
     assert len(kept) == 4 and len(rejected) == 4
     assert all(r["provenance"]["filter_scores"]["dice"] >= threshold for r in kept)
     assert all(r["scores"]["dice"] < threshold and (out / "rejected" / r["file_name"]).is_file() for r in rejected)
-    summary = read_json(out / "dataset.json")["filter_summary"]
+    card = read_json(out / "dataset.json")
+    summary = card["filter_summary"]
     assert summary["kept"] == 4 and summary["dropped"] == 4 and sum(summary["dropped_per_class"].values()) == 4
+    assert summary["mean_scores_kept"]["dice"] > summary["mean_scores_rejected_draws"]["dice"]
+    kept_objects = Counter()
+    for r in kept:
+        kept_objects.update(r["objects"])
+    assert card["plan"]["achieved"] == {c: n + kept_objects[c] for c, n in card["plan"]["real"].items()}
 
 
 def test_a_resumed_run_with_other_settings_is_refused(phantom_data, model, tmp_path):

@@ -130,7 +130,7 @@ class GenerationStore:
         self._write_rejected_manifest(items)
         card = dict(card)
         card["splits"] = {"train": _split_counts(rows, card.get("classes", []))}
-        card["plan"] = summary
+        card["plan"] = {**summary, "achieved": _achieved(summary, rows)}
         card["filter_summary"] = _filter_counts(items, records, self._rejected_records())
         write_json(self.root / "dataset.json", card)
         for name, text in (extras or {}).items():
@@ -162,6 +162,17 @@ class GenerationStore:
         order = {it["id"]: it["index"] for it in items}
         recs.sort(key=lambda r: (order[r["id"]], r["attempt"]))
         write_jsonl(self.root / "rejected" / "metadata.jsonl", [{"file_name": f"images/{r['id']}_a{r['attempt']}.png", **r} for r in recs])
+
+
+def _achieved(summary: dict, rows: list[dict]) -> dict:
+    """Real + kept synthetic counts per class: the plan's `combined` less what the filter dropped."""
+    kept: Counter = Counter()
+    for r in rows:
+        if summary["unit"] == "images":
+            kept[str(r.get("label"))] += 1
+        else:
+            kept.update(r.get("objects" if summary["unit"] == "objects" else "pixels") or {})
+    return {c: n + kept.get(c, 0) for c, n in summary["real"].items()}
 
 
 def _split_counts(rows: list[dict], classes: list[str]) -> dict:

@@ -75,11 +75,11 @@ def _generation_section(g: dict) -> list[str]:
     plan = g["plan"]
     unit = plan.get("unit", "")
     rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{plan['real'][c]}</td><td>{(plan.get('wanted') or {}).get(c, '')}</td><td>{plan['planned'][c]}</td>"
-                   f"<td>{plan['combined'][c]}</td></tr>" for c in plan["real"])
+                   f"<td>{plan['combined'][c]}</td><td>{(plan.get('achieved') or {}).get(c, '')}</td></tr>" for c in plan["real"])
     out = ["<h2>Generation plan</h2>",
            f"<p>Plan <b>{html.escape(str(plan['mode']))}</b>, counted in {html.escape(unit)}; {plan['n_samples']} synthetic samples planned "
            f"from training layouts (flips, elastic warps, pasted objects).</p>",
-           f"<table><tr><th>class</th><th>real ({html.escape(unit)})</th><th>wanted</th><th>planned</th><th>real + synthetic</th></tr>{rows}</table>"]
+           f"<table><tr><th>class</th><th>real ({html.escape(unit)})</th><th>wanted</th><th>planned</th><th>real + planned</th><th>real + kept (after the filter)</th></tr>{rows}</table>"]
     fs, flt = g.get("filter_summary") or {}, g.get("filter") or {}
     if flt:
         judge = fs.get("mean_scores_kept", {}), fs.get("mean_scores_rejected_draws", {})
