@@ -116,7 +116,9 @@ def test_generation_uses_the_prompts_the_model_was_trained_with(tiny_backbone_di
     run = flow.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, steps=1, prompt_source="label", label_prompt="h&e, {label} tissue"), tmp_path / "label")
     syn = load_split(flow.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=1, batch_size=2), tmp_path / "syn"), "train")
     labels = {r["id"]: r["label"] for r in load_split(phantom_data, "train").rows}
-    assert [r["text"] for r in syn.rows] == [f"h&e, {labels[r['provenance']['source_mask_id']]} tissue" for r in syn.rows]
+    # provenance.prompt is what the model read; `text` stays the data set's description of the (new) layout
+    assert [r["provenance"]["prompt"] for r in syn.rows] == [f"h&e, {labels[r['provenance']['source_mask_id']]} tissue" for r in syn.rows]
+    assert all(r["text"].startswith("h&e histology") for r in syn.rows)
     run = flow.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, steps=1, conditioning_mode="mask"), tmp_path / "mask")
     syn = load_split(flow.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=1, batch_size=2), tmp_path / "syn2"), "train")
-    assert [r["text"] for r in syn.rows] == ["", ""]
+    assert [r["provenance"]["prompt"] for r in syn.rows] == ["", ""]
