@@ -6,15 +6,19 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
+# test reference for the FID InceptionV3 (tests/evaluation/test_inception.py); installed with --no-deps
+# because its requirements pull torchvision, which synthmed does not use
+TORCH_FIDELITY_SPEC ?= torch-fidelity==0.4.0
 STAMP := $(VENV)/.synthmed-installed
 
 .PHONY: demo demo-quick test test-slow clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	$(VENV)/bin/python -m pip install -q --no-deps "$(TORCH_FIDELITY_SPEC)"
 	touch $(STAMP)
 
 demo: $(STAMP)
