@@ -21,7 +21,18 @@ def test_quick_demo_writes_every_artefact(quick_demo):
     for key in ("dice_generated", "dice_shuffled", "dice_real_test"):
         assert 0.0 <= p[key] <= 1.0
     assert -1.0 <= res["fidelity"]["ssim"] <= 1.0
-    assert "Anatomical plausibility" in (out / "report.html").read_text()
+    domain = res["fidelity"]["feature_spaces"]["domain"]
+    assert domain["extractor"].startswith("domain:") and "InceptionV3" in domain["extractor"]  # named, and said not to be Inception
+    for key in ("fid", "kid", "fid_real_test_vs_train", "kid_real_test_vs_train"):
+        assert domain[key]["low"] <= domain[key]["high"] and domain[key]["n"][0] > 0
+    assert any("rank-deficient" in w for w in domain["warnings"])  # 8 generated images for 256-d features
+    iv = res["plausibility"]["intervals"]["dice_generated"]
+    assert iv["low"] <= iv["value"] <= iv["high"] and iv["n"] == 8
+    mem = res["memorisation"]
+    assert mem["n_synthetic"] == 8 and len(mem["records"]) == 8 and set(mem["distances"]) == {"pixel", "feature"}
+    text = (out / "report.html").read_text()
+    for section in ("Anatomical plausibility", "Fidelity in feature space", "Memorisation audit"):
+        assert section in text
     assert "dice generated" in proc.stdout
 
 

@@ -199,6 +199,14 @@ class EvaluateConfig(_Strict):
     segmenter_batch_size: int = Field(16, ge=1)
     segmenter_lr: float = Field(2e-3, gt=0)
     seed: int = 0
+    extractors: list[str] = Field(default_factory=lambda: ["domain"],
+                                  description="feature spaces for FID/KID: domain (a classifier trained on the real train split's labels), "
+                                              "inception (the standard FID InceptionV3; needs its weights file), or module:function")
+    inception_weights: str | None = Field(None, description="pt_inception-2015-12-05-6726825d.pth (default: SYNTHMED_FID_WEIGHTS, then the torch hub cache)")
+    domain_steps: int = Field(600, ge=1, description="training steps of the domain classifier")
+    n_boot: int = Field(200, ge=10, description="bootstrap resamples for every 95% interval")
+    memorisation_quantile: float = Field(0.01, gt=0, lt=1, description="near-copy: closer to training than this quantile of real test images")
+    memorisation_ratio: float | None = Field(0.5, gt=0, lt=1, description="... and nearest/second-nearest distance ratio below this")
 
 
 class RunConfig(_Strict):

@@ -179,15 +179,21 @@ def _shipped_hash(name: str) -> str | None:
 
 
 def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: int = 8) -> dict:  # noqa: C901
-    """Plausibility (segmenter Dice/IoU vs conditioning and shuffled masks, real-test reference) and SSIM."""
+    """Plausibility (segmenter Dice/IoU vs conditioning and shuffled masks, real-test reference), fidelity
+    (FID/KID/precision-recall in named feature spaces, paired SSIM/PSNR/MS-SSIM), memorisation; 95% bootstrap CIs."""
+    import json
+
     import numpy as np
 
     from synthmed.data.prepared import load_split, read_card
-    from synthmed.evaluation.metrics import derangement, dice_iou, ssim
+    from synthmed import flow_evaluate as fe
+    from synthmed.evaluation import paired
+    from synthmed.evaluation.metrics import derangement, dice_iou, dice_per_image
     from synthmed.evaluation.segmenter import predict, train_segmenter
 
     out = Path(out)
     check_new_output(out)
+    fe.check_extractors(cfg.extractors, cfg)
     classes = read_card(data)["classes"]
     train = load_split(data, "train", need_masks=True)
     test = load_split(data, "test", need_masks=True)
@@ -199,6 +205,7 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
         raise SynthmedError(f"{synthetic}: sample without provenance.source_mask_id from {data}'s train split ({exc})") from None
     if syn.images.shape[1:] != train.images.shape[1:]:
         raise SynthmedError(f"{synthetic}: images {syn.images.shape[1:]} differ from real {train.images.shape[1:]}")
+    spaces = fe.extractors(cfg.extractors, train, cfg, _device())  # first: a missing weights file fails before any training
     with task("train segmenter (real train split)", cfg.segmenter_steps) as update:
         seg = train_segmenter(train.images, train.masks, len(classes), cfg.segmenter_steps, cfg.segmenter_batch_size, cfg.segmenter_lr, cfg.seed, update, device=_device())
     pred_syn = predict(seg, syn.images)
@@ -209,8 +216,12 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     # SSIM against "the real image of the same mask" only means something where the layout is the
     # training mask unchanged (replayed); new layouts (flips, warps, pasted objects) have no real twin.
     same = np.array([not (r.get("provenance") or {}).get("layout") for r in syn.rows])
-    ssim_gen = ssim(syn.images[same], train.images[src[same]]) if same.any() else None
-    ssim_ref = ssim(train.images[src], train.images[src[perm]])
+    twins = (syn.images[same], train.images[src[same]])
+    ssim_gen = paired.ssim(*twins) if same.any() else None
+    ssim_ref = paired.ssim(train.images[src], train.images[src[perm]])
+    small = min(train.images.shape[1:3]) < paired.ms_ssim_min_size(3, 7)
+    pred_test = predict(seg, test.images)
+    k = len(classes)
     results = {
         "plausibility": {
             "dice_generated": generated["dice"],
@@ -226,6 +237,11 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
             "n_generated": len(syn),
             "n_real_test": len(test),
             "segmenter": "MONAI UNet (16-32-64-128, residual), Dice+CE, trained on the real train split only",
+            "intervals": {  # per-image Dice (mean over the classes each image contains), mean with 95% bootstrap CI
+                "dice_generated": fe.interval(dice_per_image(pred_syn, syn.masks, k), cfg),
+                "dice_shuffled": fe.interval(dice_per_image(pred_syn, syn.masks[perm], k), cfg),
+                "dice_real_test": fe.interval(dice_per_image(pred_test, test.masks, k), cfg),
+            },
         },
         "generation": _generation_summary(synthetic, seg, classes, generated["dice"]),
         "fidelity": {
@@ -233,8 +249,13 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
             "ssim_std": None if ssim_gen is None else float(np.std(ssim_gen)),
             "ssim_n": int(same.sum()),
             "ssim_unrelated_real_pairs": float(np.mean(ssim_ref)),
-            "ssim_protocol": "generated vs the real image of its conditioning mask (replayed training layouts only); RGB on [0,1], 7 px Gaussian window (MONAI SSIMMetric)",
+            "ssim_ci": fe.interval(ssim_gen, cfg) if same.any() else None,
+            "psnr_ci": fe.interval(paired.psnr(*twins), cfg) if same.any() else None,
+            "ms_ssim_ci": fe.interval(paired.ms_ssim(*twins), cfg) if same.any() and not small else None,
+            "ssim_protocol": "generated vs the real image of its conditioning mask (replayed training layouts only); " + json.dumps(paired.PROTOCOL, default=str),
+            "feature_spaces": fe.fidelity(spaces, train, test, syn.images, [r.get("label") for r in syn.rows], cfg),
         },
+        "memorisation": fe.memorisation(syn.images, train.images, test.images, spaces, cfg),
         "inputs": {"data": str(Path(data).resolve()), "synthetic": str(Path(synthetic).resolve()), "classes": classes},
         "grid": [
             {
@@ -358,7 +379,7 @@ def demo_config(quick: bool = False) -> RunConfig:
         prepare=PrepareConfig(phantom=PhantomConfig(n_slides=9, tiles_per_slide=6, n_unlabelled_slides=0)),
         controlnet=ControlNetConfig(steps=30, batch_size=8, checkpoint_every=20),
         generate=GenerateConfig(n_samples=8, steps=8, batch_size=8, filter=FilterConfig(by="dice", min_dice=0.0, segmenter_steps=30, batch_size=8)),
-        evaluate=EvaluateConfig(segmenter_steps=60, segmenter_batch_size=8),
+        evaluate=EvaluateConfig(segmenter_steps=60, segmenter_batch_size=8, domain_steps=20, n_boot=20),
     )
 
 

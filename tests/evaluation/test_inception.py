@@ -232,3 +232,17 @@ def test_official_weights_equal_torch_fidelity(fidelity):
     got = inception_features(ours, x)
     assert np.abs(got - ref.double().numpy()).max() / np.abs(ref.numpy()).max() < 1e-5
     assert np.all(got >= 0) and got.std() > 0  # pool3 follows a ReLU
+
+
+def test_evaluate_with_inception_and_no_weights_fails_in_one_line_before_training(phantom_data, tmp_path, monkeypatch):
+    from synthmed import flow
+    from synthmed.config import EvaluateConfig
+    from synthmed.io import SynthmedError
+
+    monkeypatch.delenv("SYNTHMED_FID_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(SynthmedError) as err:
+        flow.evaluate(phantom_data, phantom_data, EvaluateConfig(extractors=["inception"]), tmp_path / "eval")
+    message = str(err.value)
+    assert "\n" not in message and "pt_inception-2015-12-05-6726825d.pth" in message and "SYNTHMED_FID_WEIGHTS" in message
+    assert not (tmp_path / "eval").exists()

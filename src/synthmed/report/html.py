@@ -70,6 +70,65 @@ def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
 
 
+def _ci(x: dict | None) -> str:
+    """'value [low, high] (n = ...)' for a bootstrap result."""
+    if not x or x.get("value") is None:
+        return "n/a"
+    n = x.get("n")
+    n = " / ".join(map(str, n)) if isinstance(n, list) else n
+    return f"{_fmt(float(x['value']))} [{_fmt(float(x['low']))}, {_fmt(float(x['high']))}] (n = {n})"
+
+
+def _feature_space_section(spaces: dict) -> list[str]:
+    """FID/KID/precision/recall per named feature space, with 95% bootstrap intervals."""
+    out = ["<h2>Fidelity in feature space</h2>",
+           "<p>Generated vs real training images, and real test vs real training images as the reference. "
+           "Values with 95% bootstrap intervals [low, high] and sample counts (generated or test / train). "
+           "FID grows when a set is resampled with replacement (duplicates), so its interval sits above the point estimate; KID is unbiased.</p>",
+           "<table><tr><th>feature space</th><th>FID generated</th><th>FID real test</th><th>KID generated</th><th>KID real test</th><th>precision</th><th>recall</th></tr>"]
+    for name, r in spaces.items():
+        out.append(f"<tr><td>{html.escape(name)}</td><td>{_ci(r['fid'])}</td><td>{_ci(r['fid_real_test_vs_train'])}</td><td>{_ci(r['kid'])}</td>"
+                   f"<td>{_ci(r['kid_real_test_vs_train'])}</td><td>{_fmt(r['precision'])}</td><td>{_fmt(r['recall'])}</td></tr>")
+    out.append("</table>")
+    for name, r in spaces.items():
+        out.append(f"<p class='note'><b>{html.escape(name)}</b>: {html.escape(r['extractor'])}; {r['dim']}-d features.</p>")
+        out += [f"<p class='note'>warning: {html.escape(w)}</p>" for w in r.get("warnings", [])]
+    return out
+
+
+def _memorisation_section(m: dict) -> list[str]:
+    """Nearest-training-image distances of generated vs real test images; near-copies flagged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spaces = list(m["histograms"])
+    fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 2.6), dpi=100, squeeze=False)
+    for ax, space in zip(axes[0], spaces):
+        h = m["histograms"][space]
+        edges = np.asarray(h["edges"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        ax.bar(centres, np.asarray(h["test"]) / max(1, sum(h["test"])), width, alpha=0.5, label="real test → train", color="#37c")
+        ax.bar(centres, np.asarray(h["synthetic"]) / max(1, sum(h["synthetic"])), width, alpha=0.5, label="generated → train", color="#2a7")
+        if m["thresholds"].get(space) is not None:
+            ax.axvline(m["thresholds"][space], color="#a00", lw=1)
+        ax.set_title(f"{space} space: distance to nearest training image", fontsize=8)
+        ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    figure = np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return ["<h2>Memorisation audit</h2>",
+            f"<p>For every generated image, its nearest training image in pixel space"
+            f"{' and in the ' + html.escape(str(m.get('feature_space'))) + ' feature space' if m.get('feature_space') else ''}, against the same distance "
+            f"for real test images (new images of the same domain). Near-copies (closer than the real test images' "
+            f"{_fmt(m['rule']['quantile'])} quantile, and distinctly closer to one training image than to the next): "
+            f"<b>{m['n_flagged']}</b> of {m['n_synthetic']} (expected by chance: {_fmt(m.get('expected_by_chance'))}; {m['n_test']} real test images).</p>",
+            f"<img alt='memorisation histogram' src='data:image/png;base64,{_png_b64(figure)}'>"]
+
+
 def _generation_section(g: dict) -> list[str]:
     """What was generated (the plan's per-class counts) and what the quality filter kept."""
     plan = g["plan"]
@@ -115,6 +174,8 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
         f"on real test images as the reference. {p['n_generated']} generated images, {p['n_real_test']} real test images.</p>",
         "<table><tr><th>metric</th><th>generated vs own mask</th><th>generated vs shuffled mask</th><th>real test</th></tr>",
         f"<tr><td>Dice (mean over classes)</td><td>{_fmt(p['dice_generated'])}</td><td>{_fmt(p['dice_shuffled'])}</td><td>{_fmt(p['dice_real_test'])}</td></tr>",
+        *([f"<tr><td>per-image Dice, mean [95% CI] (n)</td>" + "".join(f"<td>{_ci(p['intervals'][k])}</td>" for k in ("dice_generated", "dice_shuffled", "dice_real_test")) + "</tr>"]
+          if p.get("intervals") else []),
         f"<tr><td>IoU (mean over classes)</td><td>{_fmt(p['iou_generated'])}</td><td>{_fmt(p['iou_shuffled'])}</td><td>{_fmt(p['iou_real_test'])}</td></tr>",
         f"<tr><td>Dice, nuclei vs background</td><td>{_fmt(p['dice_foreground_generated'])}</td><td>{_fmt(p['dice_foreground_shuffled'])}</td><td>{_fmt(p['dice_foreground_real_test'])}</td></tr>",
         "</table>",
@@ -129,6 +190,10 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
         f"<tr><td>SSIM, unrelated real pairs (reference)</td><td>{_fmt(f['ssim_unrelated_real_pairs'])}</td></tr></table>",
         f"<p class='note'>{html.escape(f.get('ssim_protocol', ''))}</p>",
     ]
+    if f.get("feature_spaces"):
+        parts.extend(_feature_space_section(f["feature_spaces"]))
+    if results.get("memorisation"):
+        parts.extend(_memorisation_section(results["memorisation"]))
     if results.get("generation"):
         parts.extend(_generation_section(results["generation"]))
     if results.get("grid"):
