@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -30,8 +31,11 @@ def test_quick_demo_writes_every_artefact(quick_demo):
     assert iv["low"] <= iv["value"] <= iv["high"] and iv["n"] == 8
     mem = res["memorisation"]
     assert mem["n_synthetic"] == 8 and len(mem["records"]) == 8 and set(mem["distances"]) == {"pixel", "feature"}
+    assert mem["pairs"] and all(Path(p["synthetic"]).is_file() and Path(p["train"]).is_file() for p in mem["pairs"])
+    ic = res["intended_class"]
+    assert ic["accuracy"]["n"] == 8 and 0 <= ic["accuracy"]["value"] <= 1 and sum(v["n"] for v in ic["per_class"].values()) == 8
     text = (out / "report.html").read_text()
-    for section in ("Anatomical plausibility", "Fidelity in feature space", "Memorisation audit"):
+    for section in ("Anatomical plausibility", "Fidelity in feature space", "Memorisation audit", "Intended class"):
         assert section in text
     assert "dice generated" in proc.stdout
 

@@ -222,6 +222,9 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     small = min(train.images.shape[1:3]) < paired.ms_ssim_min_size(3, 7)
     pred_test = predict(seg, test.images)
     k = len(classes)
+    mem = fe.memorisation(syn.images, train.images, test.images, spaces, cfg)
+    mem["pairs"] = fe.closest_pairs(mem, [str(Path(synthetic).resolve() / "train" / r["file_name"]) for r in syn.rows],
+                                    [str(Path(data).resolve() / "train" / r["file_name"]) for r in train.rows])
     results = {
         "plausibility": {
             "dice_generated": generated["dice"],
@@ -255,7 +258,8 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
             "ssim_protocol": "generated vs the real image of its conditioning mask (replayed training layouts only); " + json.dumps(paired.PROTOCOL, default=str),
             "feature_spaces": fe.fidelity(spaces, train, test, syn.images, [r.get("label") for r in syn.rows], cfg),
         },
-        "memorisation": fe.memorisation(syn.images, train.images, test.images, spaces, cfg),
+        "memorisation": mem,
+        "intended_class": fe.intended_class(spaces, syn.images, [r.get("label") for r in syn.rows], cfg),
         "inputs": {"data": str(Path(data).resolve()), "synthetic": str(Path(synthetic).resolve()), "classes": classes},
         "grid": [
             {

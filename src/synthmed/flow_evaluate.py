@@ -61,8 +61,38 @@ def _domain(train, cfg, device: str):
         raise SynthmedError(f"{train.root}: the domain feature extractor needs a label (2+ classes) on every training sample; use extractors: [inception]")
     with task("evaluate: train domain classifier (real train split)", cfg.domain_steps) as update:
         model = train_classifier(train.images, np.array([names.index(x) for x in labels]), len(names), cfg.domain_steps, 16, 2e-3, cfg.seed + 1, update, device=device)
+    def extract(x):
+        return features(model, x).astype(np.float64)
+
+    extract.classifier, extract.class_names = model, names  # also the judge of intended-class accuracy
     return (f"domain: MONAI ResNet penultimate layer (256-d), trained on the real train split's labels ({', '.join(names)}); not InceptionV3, so not comparable with published FIDs",
-            lambda x: features(model, x).astype(np.float64))
+            extract)
+
+
+def intended_class(spaces: dict, syn_images: np.ndarray, syn_labels: list, cfg) -> dict | None:
+    """The real-trained (domain) classifier's accuracy on generated images for the class each was generated as."""
+    from synthmed.evaluation.classifier import predict_proba
+
+    extract = spaces.get("domain", (None, None))[1]
+    names = getattr(extract, "class_names", None)
+    labels = [str(x) for x in syn_labels]
+    if names is None or any(x not in names for x in labels):
+        return None
+    pred = predict_proba(extract.classifier, syn_images).argmax(1)
+    hits = (pred == np.array([names.index(x) for x in labels])).astype(float)
+    per_class = {c: {"accuracy": float(hits[[x == c for x in labels]].mean()), "n": int(sum(x == c for x in labels))} for c in sorted(set(labels))}
+    return {"accuracy": interval(hits, cfg), "per_class": per_class, "classifier": "the domain extractor's classifier (real train split)"}
+
+
+def closest_pairs(mem: dict, syn_paths: list[str], train_paths: list[str], n: int = 6) -> list[dict]:
+    """Flagged near-copies first, then the closest remaining pairs: thumbnails for the report."""
+    order = sorted(mem["records"], key=lambda r: (not r["flagged"], r["pixel"]["distance"]))
+    out = []
+    for r in order[:n]:
+        j = r["nearest_train_index"]
+        out.append({"synthetic": syn_paths[r["index"]], "train": train_paths[j], "flagged": r["flagged"], "rules": r.get("rules_fired", []),
+                    "pixel_distance": r["pixel"]["distance"]})
+    return out
 
 
 def fidelity(spaces: dict, real_train, real_test, syn_images: np.ndarray, syn_labels: list, cfg) -> dict:

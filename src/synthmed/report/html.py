@@ -126,7 +126,26 @@ def _memorisation_section(m: dict) -> list[str]:
             f"for real test images (new images of the same domain). Near-copies (closer than the real test images' "
             f"{_fmt(m['rule']['quantile'])} quantile, and distinctly closer to one training image than to the next): "
             f"<b>{m['n_flagged']}</b> of {m['n_synthetic']} (expected by chance: {_fmt(m.get('expected_by_chance'))}; {m['n_test']} real test images).</p>",
-            f"<img alt='memorisation histogram' src='data:image/png;base64,{_png_b64(figure)}'>"]
+            f"<img alt='memorisation histogram' src='data:image/png;base64,{_png_b64(figure)}'>",
+            *_pairs(m.get("pairs") or [])]
+
+
+def _pairs(pairs: list[dict]) -> list[str]:
+    """Thumbnails: each generated image beside its nearest training image (flagged near-copies first)."""
+    if not pairs:
+        return []
+    cells = []
+    for p in pairs:
+        tiles = [np.kron(_rgb(load_png(Path(p[k]))), np.ones((2, 2, 1), np.uint8)) for k in ("synthetic", "train")]
+        pair = np.concatenate([tiles[0], np.full((tiles[0].shape[0], 2, 3), 255, np.uint8), tiles[1]], axis=1)
+        label = ("<b class='bad'>near-copy</b>" if p["flagged"] else "not flagged") + f", pixel distance {_fmt(p['pixel_distance'])}"
+        cells.append(f"<figure style='display:inline-block;margin:4px'><img class='grid' src='data:image/png;base64,{_png_b64(pair)}'>"
+                     f"<figcaption class='note'>{label}</figcaption></figure>")
+    return ["<p>Generated image | its nearest training image (flagged near-copies first, then the closest pairs):</p>", "".join(cells)]
+
+
+def _rgb(x: np.ndarray) -> np.ndarray:
+    return np.repeat(x[..., None], 3, -1) if x.ndim == 2 else x[..., :3]
 
 
 def _generation_section(g: dict) -> list[str]:
@@ -194,6 +213,10 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
         parts.extend(_feature_space_section(f["feature_spaces"]))
     if results.get("memorisation"):
         parts.extend(_memorisation_section(results["memorisation"]))
+    if results.get("intended_class"):
+        ic = results["intended_class"]
+        parts += ["<h3>Intended class</h3>", f"<p>Accuracy of {html.escape(ic['classifier'])} on generated images for the class each was generated as: "
+                  f"{_ci(ic['accuracy'])}. Per class: " + ", ".join(f"{html.escape(c)} {_fmt(v['accuracy'])} (n = {v['n']})" for c, v in ic["per_class"].items()) + "</p>"]
     if results.get("generation"):
         parts.extend(_generation_section(results["generation"]))
     if results.get("grid"):
