@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from synthmed.testing.cli import run_cli
 from synthmed.models.backbone import shipped_backbone_dir
 
 

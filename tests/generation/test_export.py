@@ -221,7 +221,7 @@ def test_medmnist_takes_the_flag_for_the_file_name_from_the_real_set(breastmnist
 
 
 def test_the_export_command_refuses_an_unknown_format_in_one_line(tmp_path, phantom_data):
-    from tests.conftest import run_cli
+    from synthmed.testing.cli import run_cli
 
     proc = run_cli("export", str(phantom_data), "--format", "nifti", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "nifti" in proc.stderr

@@ -18,7 +18,7 @@ from synthmed.data.prepared import load_split
 from synthmed.generation.layouts import count_objects
 from synthmed.io import SynthmedError, load_png, read_json, read_jsonl
 from synthmed.testing.generation import model_folder
-from tests.conftest import run_cli
+from synthmed.testing.cli import run_cli
 
 FAST = dict(steps=2, guidance_scale=2.0, scheduler="dpm")
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from synthmed.io import read_json
-from tests.conftest import run_cli
+from synthmed.testing.cli import run_cli
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")

@@ -9,7 +9,7 @@ from synthmed import flow
 from synthmed.config import ConditioningConfig, ControlNetConfig, GenerateConfig, PhantomConfig, PrepareConfig
 from synthmed.io import SynthmedError, read_json
 from synthmed.models.backbone import load_backbone
-from tests.conftest import run_cli
+from synthmed.testing.cli import run_cli
 
 
 def _cfg(bb, **kw):
