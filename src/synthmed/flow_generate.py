@@ -10,7 +10,6 @@ its neighbours, so the output is the same whatever the batch size or number of p
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import deque
 from pathlib import Path
 
@@ -117,8 +116,7 @@ def _training_layouts(data: Path):
     labels = [r.get("label") for r in split.rows]
     if split.masks is None:
         classes = sorted({str(x) for x in labels if x is not None}) or classes
-    from_mask = set(builders) <= {"colour", "binary", "onehot", "boundary"}
-    return TrainingLayouts(split.rows, classes, split.masks, instances, cond, from_mask, None, labels, spec)
+    return TrainingLayouts(split.rows, classes, split.masks, instances, cond, labels, spec)
 
 
 def _prompt_rule(data: Path, training: dict):

@@ -12,7 +12,7 @@ def _classification(n_per_class=(8, 2)):
     labels = [c for c, n in zip(("benign", "malignant"), n_per_class) for _ in range(n)]
     rows = [{"id": f"r{i}", "text": f"breast ultrasound, {lab}", "label": lab, "patient_id": f"p{i}"} for i, lab in enumerate(labels)]
     cond = (rng.random((len(rows), 16, 16, 1)) > 0.8).astype(np.uint8) * 255
-    return TrainingLayouts(rows, ["benign", "malignant"], None, [None] * len(rows), cond, False, None, labels)
+    return TrainingLayouts(rows, ["benign", "malignant"], None, [None] * len(rows), cond, labels)
 
 
 def test_targets_from_real_counts():

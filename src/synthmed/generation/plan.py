@@ -32,8 +32,6 @@ class TrainingLayouts:
     masks: np.ndarray | None  # (N, H, W) uint8
     instances: list[np.ndarray | None]
     cond: np.ndarray  # (N, H, W, C) uint8
-    cond_from_mask: bool
-    rebuild: object = None  # mask, instances -> conditioning (mask-derived conditioning only)
     labels: list[str | None] = field(default_factory=list)
     spec: object = None  # the data set's ConditioningSpec: mask-derived channels are rebuilt after an edit
 
@@ -97,9 +95,9 @@ def _new_layout(train: TrainingLayouts, i: int, lay_cfg, rng: np.random.Generato
     if lay_cfg.flips:
         square = layout.cond.shape[0] == layout.cond.shape[1]
         k = int(rng.choice(8 if square else [0, 2, 4, 6]))  # the 4 shape-keeping views when not square
-        layout = dihedral_layout(layout, k, rebuild=train.rebuild)
+        layout = dihedral_layout(layout, k)
     if lay_cfg.elastic > 0 and rng.random() < lay_cfg.elastic:
-        layout = elastic_layout(layout, int(rng.integers(2**31)), magnitude=tuple(lay_cfg.elastic_magnitude), rebuild=train.rebuild)
+        layout = elastic_layout(layout, int(rng.integers(2**31)), magnitude=tuple(lay_cfg.elastic_magnitude))
     return layout
 
 
@@ -120,7 +118,6 @@ def _item(train: TrainingLayouts, i: int, layout: Layout, focus: list[str] | Non
         item["prompt"] = updated["text"]
         if "classes" in updated:
             item["classes"] = updated["classes"]
-    if layout.mask is not None:
         objects = count_objects(layout.mask, layout.instances)
         item["objects"] = {name: int(objects.get(code, 0)) for code, name in enumerate(train.classes, start=1)}
         pixels = count_pixels(layout.mask)
@@ -148,7 +145,7 @@ def plan_segmentation(train: TrainingLayouts, add: dict[str, int], unit: str, la
             if len(donor_idx):
                 picks = rng.choice(donor_idx, size=min(8, len(donor_idx)), replace=False)
                 layout = copy_paste(layout, [train.layout(int(d)) for d in picks], rng, lay_cfg.copy_paste,
-                                    classes=[codes[c] for c in need], max_overlap=lay_cfg.max_overlap, rebuild=train.rebuild)
+                                    classes=[codes[c] for c in need], max_overlap=lay_cfg.max_overlap)
         item, layout = _item(train, i, layout, need)
         got.update(item["objects" if unit == "objects" else "pixels"])
         out.append((item, layout))

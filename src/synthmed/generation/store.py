@@ -38,9 +38,6 @@ class GenerationStore:
         self.train = self.root / "train"
 
     # ---- plan -------------------------------------------------------------------------------
-    def has_plan(self) -> bool:
-        return (self.root / "plan.jsonl").is_file()
-
     def write_plan(self, summary: dict, entries: list[tuple[dict, Layout]]) -> None:
         """Layout files first, then plan.jsonl, then plan.json: plan.json marks a complete plan."""
         for sub in (*LAYOUT_DIRS, "images"):
