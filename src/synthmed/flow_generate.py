@@ -137,8 +137,8 @@ def draw_shard(store, items: list[dict], sampler, judges, cfg: GenerateConfig, p
     """Draw this process's planned samples, skipping finished ones; filter and redraw up to cfg.filter.attempts."""
     from synthmed.generation.plan import sample_seed
 
-    done = store.finished()
-    todo = deque((it, store.rejected_attempts(it["id"])) for it in items if it["id"] not in done)
+    done, rejected = store.finished(), store.rejected_attempts()
+    todo = deque((it, rejected[it["id"]]) for it in items if it["id"] not in done)
     finished = len(items) - len(todo)
     if progress:
         progress(finished)

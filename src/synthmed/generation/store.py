@@ -83,10 +83,10 @@ class GenerationStore:
         folder = self.root / "records"
         return {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
 
-    def rejected_attempts(self, sid: str) -> int:
-        """How many draws of `sid` the filter has already rejected (the next attempt's number)."""
+    def rejected_attempts(self) -> Counter:
+        """id -> how many of its draws the filter has already rejected (the next attempt's number); one folder scan."""
         folder = self.root / "rejected" / "records"
-        return len(list(folder.glob(f"{sid}_a*.json"))) if folder.is_dir() else 0
+        return Counter(p.stem.rsplit("_a", 1)[0] for p in folder.glob("*.json")) if folder.is_dir() else Counter()
 
     def keep(self, item: dict, image: np.ndarray, record: dict) -> None:
         (self.root / "records").mkdir(exist_ok=True)
