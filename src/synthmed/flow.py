@@ -222,7 +222,8 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     small = min(train.images.shape[1:3]) < paired.ms_ssim_min_size(3, 7)
     pred_test = predict(seg, test.images)
     k = len(classes)
-    mem = fe.memorisation(syn.images, train.images, test.images, spaces, cfg)
+    feats = fe.embed(spaces, train.images, test.images, syn.images)
+    mem = fe.memorisation(syn.images, train.images, test.images, feats, cfg)
     mem["pairs"] = fe.closest_pairs(mem, [str(Path(synthetic).resolve() / "train" / r["file_name"]) for r in syn.rows],
                                     [str(Path(data).resolve() / "train" / r["file_name"]) for r in train.rows])
     results = {
@@ -256,7 +257,7 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
             "psnr_ci": fe.interval(paired.psnr(*twins), cfg) if same.any() else None,
             "ms_ssim_ci": fe.interval(paired.ms_ssim(*twins), cfg) if same.any() and not small else None,
             "ssim_protocol": "generated vs the real image of its conditioning mask (replayed training layouts only); " + json.dumps(paired.PROTOCOL, default=str),
-            "feature_spaces": fe.fidelity(spaces, train, test, syn.images, [r.get("label") for r in syn.rows], cfg),
+            "feature_spaces": fe.fidelity(feats, train, [r.get("label") for r in syn.rows], cfg),
         },
         "memorisation": mem,
         "intended_class": fe.intended_class(spaces, syn.images, [r.get("label") for r in syn.rows], cfg),

@@ -95,15 +95,19 @@ def closest_pairs(mem: dict, syn_paths: list[str], train_paths: list[str], n: in
     return out
 
 
-def fidelity(spaces: dict, real_train, real_test, syn_images: np.ndarray, syn_labels: list, cfg) -> dict:
-    """FID, KID, precision/recall of generated vs real train images in each space, with 95% bootstrap
-    intervals, per class where labels exist, and real test vs real train as the reference."""
+def embed(spaces: dict, train_images: np.ndarray, test_images: np.ndarray, syn_images: np.ndarray) -> dict:
+    """name -> (description, train, test, synthetic features): each image set goes through each extractor once."""
+    return {name: (description, extract(train_images), extract(test_images), extract(syn_images)) for name, (description, extract) in spaces.items()}
+
+
+def fidelity(feats: dict, real_train, syn_labels: list, cfg) -> dict:
+    """FID, KID, precision/recall of generated vs real train images in each space (`embed`'s output), with 95%
+    bootstrap intervals, per class where labels exist, and real test vs real train as the reference."""
     from synthmed.evaluation.bootstrap import bootstrap_ci
     from synthmed.evaluation.fidelity import frechet_distance, kernel_inception_distance, per_class, precision_recall
 
     out = {}
-    for name, (description, extract) in spaces.items():
-        f_train, f_test, f_syn = extract(real_train.images), extract(real_test.images), extract(syn_images)
+    for name, (description, f_train, f_test, f_syn) in feats.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fid = bootstrap_ci((f_syn, f_train), lambda a, b: frechet_distance(a, b), n_boot=cfg.n_boot, seed=cfg.seed)
@@ -130,16 +134,17 @@ def fidelity(spaces: dict, real_train, real_test, syn_images: np.ndarray, syn_la
     return out
 
 
-def memorisation(syn_images: np.ndarray, train_images: np.ndarray, test_images: np.ndarray, spaces: dict, cfg) -> dict:
-    """Nearest training image of every synthetic one (pixels, and the first feature space), against real test images."""
+def memorisation(syn_images: np.ndarray, train_images: np.ndarray, test_images: np.ndarray, feats: dict, cfg) -> dict:
+    """Nearest training image of every synthetic one (pixels, and the first feature space of `embed`'s output), against real test images."""
     from synthmed.evaluation.memorisation import audit, histogram_data
 
-    feats = {}
-    if spaces:
-        name, (_, extract) = next(iter(spaces.items()))
-        feats = dict(synthetic_feats=extract(syn_images), train_feats=extract(train_images), test_feats=extract(test_images))
-    result = audit(syn_images, train_images, test_images, quantile=cfg.memorisation_quantile, ratio=cfg.memorisation_ratio, **feats)
-    result["feature_space"] = next(iter(spaces)) if spaces else None
+    first = next(iter(feats), None)
+    space = {}
+    if first is not None:
+        _, f_train, f_test, f_syn = feats[first]
+        space = dict(synthetic_feats=f_syn, train_feats=f_train, test_feats=f_test)
+    result = audit(syn_images, train_images, test_images, quantile=cfg.memorisation_quantile, ratio=cfg.memorisation_ratio, **space)
+    result["feature_space"] = first
     result["histograms"] = {space: histogram_data(d["synthetic_to_train"], d["test_to_train"], threshold=result["thresholds"].get(space))
                             for space, d in result["distances"].items()}
     return result
