@@ -264,58 +264,66 @@ class Judges:
 
 def _judges(store, data: Path, cfg: GenerateConfig, state):
     """Train (process 0, once: saved in OUT.partial/judges) and load the filter's judges."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    from synthmed.data.prepared import read_card
+    from synthmed.evaluation.classifier import build_classifier
+    from synthmed.evaluation.segmenter import build_segmenter
+    from synthmed.io import read_jsonl
 
     f = cfg.filter
     if f.by == "none":
         return None
     folder = store.root / "judges"
     want_seg, want_clf = f.by in ("dice", "both"), f.by in ("confidence", "both")
-    from synthmed.data.prepared import load_split, read_card
-
-    card = read_card(data)
-    train = load_split(data, "train")
-    if want_seg and train.masks is None:
+    n_classes = len(read_card(data).get("classes") or [])
+    rows = read_jsonl(data / "train" / "metadata.jsonl")  # the rows only: images are loaded only to train
+    if want_seg and not all("mask" in r for r in rows):
         raise SynthmedError(f"{data}: filter by dice needs masks in the train split; use filter.by confidence")
-    labels = [str(r.get("label")) for r in train.rows]
-    if want_clf and any(r.get("label") is None for r in train.rows):
+    if want_clf and any(r.get("label") is None for r in rows):
         raise SynthmedError(f"{data}: filter by confidence needs a label on every training sample")
-    names = sorted(set(labels))
+    names = sorted({str(r.get("label")) for r in rows})
     device = "cuda" if state.device.type == "cuda" else "cpu"
     if state.is_main_process and not (folder / "done.json").is_file():
-        from synthmed.evaluation.classifier import train_classifier
-        from synthmed.evaluation.segmenter import train_segmenter
-
-        folder.mkdir(parents=True, exist_ok=True)
-        if want_seg:
-            with task("filter: train segmenter (real train split)", f.segmenter_steps) as update:
-                seg = train_segmenter(train.images, train.masks, len(card["classes"]), f.segmenter_steps, f.batch_size, f.lr, cfg.seed + JUDGE_SEED, update, device=device)
-            save_file({k: v.contiguous().cpu() for k, v in seg.state_dict().items()}, str(folder / "segmenter.safetensors"))
-        if want_clf:
-            codes = np.array([names.index(x) for x in labels])
-            with task("filter: train classifier (real train split)", f.classifier_steps) as update:
-                clf = train_classifier(train.images, codes, len(names), f.classifier_steps, f.batch_size, f.lr, cfg.seed + JUDGE_SEED, update, device=device)
-            save_file({k: v.contiguous().cpu() for k, v in clf.state_dict().items()}, str(folder / "classifier.safetensors"))
-        thresholds = _thresholds(data, f, seg if want_seg else None, clf if want_clf else None, len(card["classes"] or []), names)
-        write_json(folder / "done.json", {"segmenter_steps": f.segmenter_steps, "classifier_steps": f.classifier_steps, "seed": cfg.seed + JUDGE_SEED,
-                                          "classes": names, "thresholds": thresholds})
+        _train_judges(folder, data, cfg, want_seg, want_clf, n_classes, names, device)
     state.wait_for_everyone()
+    seg = _load_weights(build_segmenter(n_classes), folder / "segmenter.safetensors", device) if want_seg else None
+    clf = _load_weights(build_classifier(len(names)), folder / "classifier.safetensors", device) if want_clf else None
+    thresholds = read_json(folder / "done.json")["thresholds"]
+    return Judges(f, seg, clf, n_classes, {n: i for i, n in enumerate(names)}, thresholds)
+
+
+def _train_judges(folder: Path, data: Path, cfg: GenerateConfig, want_seg: bool, want_clf: bool, n_classes: int, names: list[str], device: str) -> None:
+    """Train the judges on the real train split, save their weights, resolve the thresholds; done.json marks completion."""
+    from safetensors.torch import save_file
+
+    from synthmed.data.prepared import load_split
+    from synthmed.evaluation.classifier import train_classifier
+    from synthmed.evaluation.segmenter import train_segmenter
+
+    f = cfg.filter
+    train = load_split(data, "train")
+    folder.mkdir(parents=True, exist_ok=True)
     seg = clf = None
     if want_seg:
-        from synthmed.evaluation.segmenter import build_segmenter
-
-        seg = build_segmenter(len(card["classes"]), train.images.shape[-1])
-        seg.load_state_dict(load_file(str(folder / "segmenter.safetensors")))
-        seg = seg.to(device).eval()
+        with task("filter: train segmenter (real train split)", f.segmenter_steps) as update:
+            seg = train_segmenter(train.images, train.masks, n_classes, f.segmenter_steps, f.batch_size, f.lr, cfg.seed + JUDGE_SEED, update, device=device)
     if want_clf:
-        from synthmed.evaluation.classifier import build_classifier
+        codes = np.array([names.index(str(r.get("label"))) for r in train.rows])
+        with task("filter: train classifier (real train split)", f.classifier_steps) as update:
+            clf = train_classifier(train.images, codes, len(names), f.classifier_steps, f.batch_size, f.lr, cfg.seed + JUDGE_SEED, update, device=device)
+    for model, name in ((seg, "segmenter"), (clf, "classifier")):
+        if model is not None:
+            save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / f"{name}.safetensors"))
+    thresholds = _thresholds(data, f, seg, clf, n_classes, names)
+    write_json(folder / "done.json", {"segmenter_steps": f.segmenter_steps, "classifier_steps": f.classifier_steps, "seed": cfg.seed + JUDGE_SEED,
+                                      "classes": names, "thresholds": thresholds})
 
-        clf = build_classifier(len(names), train.images.shape[-1])
-        clf.load_state_dict(load_file(str(folder / "classifier.safetensors")))
-        clf = clf.to(device).eval()
-    thresholds = read_json(folder / "done.json")["thresholds"]
-    return Judges(f, seg, clf, len(card.get("classes") or []), {n: i for i, n in enumerate(names)}, thresholds)
+
+def _load_weights(model, path: Path, device: str):
+    """A judge as saved by `_train_judges` (safetensors), in eval mode on the device."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval()
 
 
 def _thresholds(data: Path, f, seg, clf, n_classes: int, names: list[str]) -> dict:
