@@ -9,6 +9,9 @@ PYTEST_ARGS ?=
 # test reference for the FID InceptionV3 (tests/evaluation/test_inception.py); installed with --no-deps
 # because its requirements pull torchvision, which synthmed does not use
 TORCH_FIDELITY_SPEC ?= torch-fidelity==0.4.0
+# test reference for LPIPS (tests/evaluation/test_lpips.py), and the source of its linear-head weights;
+# --no-deps for the same reason (the test stands in for torchvision)
+LPIPS_SPEC ?= lpips==0.1.4
 STAMP := $(VENV)/.synthmed-installed
 
 .PHONY: demo demo-quick test test-slow clean
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	$(VENV)/bin/python -m pip install -q --no-deps "$(TORCH_FIDELITY_SPEC)"
+	$(VENV)/bin/python -m pip install -q --no-deps "$(LPIPS_SPEC)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -22,6 +22,14 @@ def test_quick_demo_writes_every_artefact(quick_demo):
     for key in ("dice_generated", "dice_shuffled", "dice_real_test"):
         assert 0.0 <= p[key] <= 1.0
     assert -1.0 <= res["fidelity"]["ssim"] <= 1.0
+    paired = res["fidelity"]["paired"]
+    assert set(paired) == {"replayed", "regenerated"}  # the quick demo replays 8 training layouts; the model regenerates validation masks
+    n_val = json.loads((out / "data" / "dataset.json").read_text())["splits"]["validation"]["n"]
+    regen = paired["regenerated"]
+    assert regen["n"] == min(64, n_val) and regen["ssim"]["n"] == regen["n"] and regen["ssim"]["low"] <= regen["ssim"]["value"] <= regen["ssim"]["high"]
+    assert res["fidelity"]["ssim"] == regen["ssim"]["value"] and regen["psnr"]["value"] > 0
+    assert all("/validation/" in e["real"] and Path(e["generated"]).is_file() for e in res["paired_grid"])  # held-out masks, never test
+    assert len(list((out / "evaluation" / "paired").glob("*.png"))) == regen["n"]
     domain = res["fidelity"]["feature_spaces"]["domain"]
     assert domain["extractor"].startswith("domain:") and "InceptionV3" in domain["extractor"]  # named, and said not to be Inception
     for key in ("fid", "kid", "fid_real_test_vs_train", "kid_real_test_vs_train"):
@@ -32,10 +40,14 @@ def test_quick_demo_writes_every_artefact(quick_demo):
     mem = res["memorisation"]
     assert mem["n_synthetic"] == 8 and len(mem["records"]) == 8 and set(mem["distances"]) == {"pixel", "feature"}
     assert mem["pairs"] and all(Path(p["synthetic"]).is_file() and Path(p["train"]).is_file() for p in mem["pairs"])
+    # replayed layouts: every sample's layout source is a training image; the audit says which flags are beside it
+    assert mem["n_flagged_layout_source"] + mem["n_flagged_other_image"] == mem["n_flagged"]
+    assert all(set(r["nearest_is_layout_source"]) == {"pixel", "feature"} for r in mem["records"])
+    assert set(domain["per_class"]["fid"]) == set(domain["per_class"]["kid"])
     ic = res["intended_class"]
     assert ic["accuracy"]["n"] == 8 and 0 <= ic["accuracy"]["value"] <= 1 and sum(v["n"] for v in ic["per_class"].values()) == 8
     text = (out / "report.html").read_text()
-    for section in ("Anatomical plausibility", "Fidelity in feature space", "Memorisation audit", "Intended class"):
+    for section in ("Anatomical plausibility", "Paired metrics", "Same-mask regeneration", "Fidelity in feature space", "Memorisation audit", "Intended class"):
         assert section in text
     assert "dice generated" in proc.stdout
 

@@ -15,6 +15,8 @@ from synthmed.io import SynthmedError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ControlNet-based synthetic medical images: prepare, train, generate, evaluate, report.")
 train_app = typer.Typer(no_args_is_help=True, help="Train a backbone (tiny preset) or a ControlNet.")
 app.add_typer(train_app, name="train")
+evaluate_app = typer.Typer(help="Evaluate a synthetic set (plausibility, fidelity, memorisation); `evaluate downstream`: real vs real+synthetic training.")
+app.add_typer(evaluate_app, name="evaluate", invoke_without_command=True)
 
 
 def _quiet_libraries() -> None:
@@ -234,22 +236,65 @@ def export(
     typer.echo(f"wrote {export_dataset(data, fmt, out, split=split, real=real)}")
 
 
-@app.command()
+@evaluate_app.callback()
 @command
 def evaluate(
-    data: Path = typer.Option(..., "--data", help="the real prepared data set"),
-    synthetic: Path = typer.Option(..., "--synthetic", help="output folder of `synthmed generate`"),
-    out: Path = typer.Option(..., "--out", help="output folder for results.json"),
-    segmenter_steps: int = typer.Option(1200),
-    seed: int = typer.Option(0),
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, "--data", help="the real prepared data set"),
+    synthetic: Optional[Path] = typer.Option(None, "--synthetic", help="output folder of `synthmed generate`"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder for results.json"),
+    model: Optional[Path] = typer.Option(None, "--model", help="the trained model (`synthmed train controlnet`): enables same-mask regeneration of validation masks for paired SSIM/PSNR"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of evaluation settings (the `evaluate:` section of a run config)"),
+    extractor: list[str] = typer.Option([], "--extractor", help="feature space for FID/KID: domain, inception or module:function (repeatable)"),
+    inception_weights: Optional[Path] = typer.Option(None, help="pt_inception-2015-12-05-6726825d.pth for --extractor inception"),
+    segmenter_steps: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE, e.g. -s n_boot=1000 -s paired_regeneration=0"),
 ):
-    """Plausibility (Dice/IoU vs own and shuffled masks, real-test reference) and SSIM."""
+    """Plausibility, FID/KID/precision-recall per feature space, paired SSIM/PSNR/MS-SSIM, memorisation; 95% CIs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [name for name, v in (("--data", data), ("--synthetic", synthetic), ("--out", out)) if v is None]
+    if missing:
+        raise SynthmedError(f"evaluate needs {', '.join(missing)} (or: synthmed evaluate downstream --help)")
     from synthmed import flow
-    from synthmed.config import EvaluateConfig
+    from synthmed.config import EvaluateConfig, load_yaml_config, overrides
 
-    res = flow.evaluate(data, synthetic, EvaluateConfig(segmenter_steps=segmenter_steps, seed=seed), out)
+    base = load_yaml_config(config, EvaluateConfig).model_dump() if config else {}
+    flags = dict(segmenter_steps=segmenter_steps, seed=seed, inception_weights=str(inception_weights) if inception_weights else None, extractors=extractor or None)
+    base |= {k: v for k, v in flags.items() if v is not None}
+    res = flow.evaluate(data, synthetic, overrides(EvaluateConfig, base, set_), out, model=model)
     p = res["plausibility"]
-    typer.echo(f"dice generated {p['dice_generated']:.3f}, shuffled {p['dice_shuffled']:.3f}, real test {p['dice_real_test']:.3f}; ssim {_num(res['fidelity']['ssim'])}")
+    spaces = ", ".join(f"FID({k}) {v['fid']['value']:.2f}, KID({k}) {v['kid']['value']:.4f}" for k, v in res["fidelity"]["feature_spaces"].items())
+    typer.echo(f"dice generated {p['dice_generated']:.3f}, shuffled {p['dice_shuffled']:.3f}, real test {p['dice_real_test']:.3f}; "
+               f"ssim {_num(res['fidelity']['ssim'])}; {spaces}; near-copies {res['memorisation']['n_flagged']}; wrote {out}")
+
+
+@evaluate_app.command("downstream")
+@command
+def evaluate_downstream(
+    data: Path = typer.Option(..., "--data", help="the real prepared data set (its train split is subset; validation stops early; test scores)"),
+    out: Path = typer.Option(..., "--out", help="study folder; re-running it skips finished cells"),
+    synthetic: list[str] = typer.Option([], "--synthetic", help="PATH (every fraction) or FRACTION=PATH, a `generate` output whose model and masks come from that fraction only (repeatable)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of study settings (the `downstream:` section of a run config)"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE, e.g. -s fractions=[0.1,1.0] -s seeds=[0,1,2] -s arms=[real,real+classic]"),
+):
+    """Train MONAI models on real / real+synthetic / synthetic-only / real+classic arms per real fraction and seed; CIs and paired tests."""
+    from synthmed import flow_study
+    from synthmed.config import DownstreamConfig, load_yaml_config, overrides
+
+    cfg = overrides(DownstreamConfig, load_yaml_config(config, DownstreamConfig).model_dump() if config else {}, set_)
+    sets = {}
+    for item in synthetic:
+        frac, sep, path = item.rpartition("=")
+        try:
+            sets[float(frac) if sep else None] = Path(path)
+        except ValueError:
+            raise SynthmedError(f"--synthetic expects PATH or FRACTION=PATH, but got {item!r}") from None
+    res = flow_study.downstream(data, cfg, out, sets)
+    typer.echo(f"{res['n_finished']}/{res['n_cells']} cells finished ({len(res['errors'])} failed); wrote {Path(out) / 'results.json'}")
+    flow_study.report(out / "results.json", out / "report.html")
+    typer.echo(f"report: {Path(out) / 'report.html'}")
 
 
 @app.command()
@@ -267,14 +312,21 @@ def report(
 @app.command()
 @command
 def run(
-    config: Path = typer.Argument(..., help="experiment YAML (see configs/)"),
-    out: Path = typer.Option(..., "--out", help="run folder; re-running on it resumes"),
+    config: Path = typer.Argument(..., help="experiment YAML (configs/, experiments/)"),
+    out: Path = typer.Option(..., "--out", help="run folder; re-running on it resumes (finished stages and study cells are kept)"),
+    quick: bool = typer.Option(False, "--quick", help="lay the config's `quick:` settings over it (a test-sized run)"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE (dotted), e.g. -s data=/path/to/prepared -s downstream.seeds=[0,1,2,3,4]"),
 ):
-    """Run prepare -> train -> generate -> evaluate -> report from one YAML config."""
+    """Run one experiment from a YAML config: the generation flow, or a study (experiment: data_augmentation, ...)."""
     from synthmed import flow
-    from synthmed.config import RunConfig, load_yaml_config
+    from synthmed.config import RunConfig, load_yaml_config, overrides, quick_version
 
-    _summary(flow.run(load_yaml_config(config, RunConfig), out), out)
+    cfg = load_yaml_config(config, RunConfig)
+    if set_:
+        cfg = overrides(RunConfig, cfg.model_dump(), set_)
+    if quick:
+        cfg = quick_version(cfg, str(config))
+    _summary(flow.run(cfg, out), out)
 
 
 @app.command()
@@ -290,6 +342,12 @@ def demo(
 
 
 def _summary(results: dict, out: Path) -> None:
+    if "cells" in results and "n_cells" in results:  # an ablation study
+        typer.echo(f"{len(results['cells'])}/{results['n_cells']} cells finished ({len(results['errors'])} failed)\nreport: {Path(out) / 'report.html'}")
+        return
+    if "summary" in results:  # a downstream study
+        typer.echo(f"{results['n_finished']}/{results['n_cells']} cells finished ({len(results['errors'])} failed)\nreport: {Path(out) / 'report.html'}")
+        return
     p = results["plausibility"]
     typer.echo(
         f"dice generated {p['dice_generated']:.3f} | shuffled {p['dice_shuffled']:.3f} | real test {p['dice_real_test']:.3f} | "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synthmed.io import SynthmedError
 
@@ -207,16 +208,52 @@ class EvaluateConfig(_Strict):
     n_boot: int = Field(200, ge=10, description="bootstrap resamples for every 95% interval")
     memorisation_quantile: float = Field(0.01, gt=0, lt=1, description="near-copy: closer to training than this quantile of real test images")
     memorisation_ratio: float | None = Field(0.5, gt=0, lt=1, description="... and nearest/second-nearest distance ratio below this")
+    model_cache: str | None = Field(None, description="folder where the evaluation segmenter and domain classifier are saved and reused for the same data, settings and seed")
+    paired_regeneration: int = Field(64, ge=0, description="real validation masks drawn again with the model for paired SSIM/PSNR/MS-SSIM/LPIPS (0: off)")
+    lpips_alexnet: str | None = Field(None, description="torchvision's alexnet-owt-7be5be79.pth for LPIPS (default: SYNTHMED_LPIPS_ALEXNET, then the torch hub cache)")
+    lpips_lin: str | None = Field(None, description="LPIPS v0.1 alex.pth linear heads (default: SYNTHMED_LPIPS_LIN, then the installed lpips package's file)")
+
+
+class DownstreamConfig(_Strict):
+    """`synthmed evaluate downstream`: real vs real+synthetic training, per real-data fraction and seed."""
+
+    task: Literal["auto", "segmentation", "classification"] = Field("auto", description="auto: segmentation where the train split has masks")
+    arms: list[Literal["real", "real+synthetic", "synthetic-only", "real+classic", "real+synthetic+classic"]] = Field(
+        default_factory=lambda: ["real", "real+synthetic", "synthetic-only", "real+classic"])
+    fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 1.0], description="nested shares of the labelled train split, by patient")
+    subset_seed: int = Field(0, description="order in which patients enter the nested fractions")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="training seeds per cell (3+ for a CI)")
+    synthetic_count: int | None = Field(None, ge=1, description="synthetic samples a cell may use (None: all of the fraction's set)")
+    mix: float | None = Field(0.5, ge=0, le=1, description="share of each real+synthetic batch drawn from the synthetic pool (None: pool sizes)")
+    max_steps: int = Field(1500, ge=1)
+    eval_every: int = Field(100, ge=1, description="validation (real validation split) every this many steps")
+    patience: int = Field(4, ge=1, description="early stopping: evaluations without improvement")
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    arch: Literal["resnet", "densenet"] = Field("resnet", description="classification network (MONAI)")
+    rare_class: str | None = Field(None, description="the class reported on its own (default: the rarest in the train split)")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"fractions must lie in (0, 1], got {v}")
+        return sorted(set(v))
 
 
 class RunConfig(_Strict):
     """`synthmed run CONFIG.yaml`: the whole flow for one experiment."""
 
+    experiment: Literal["generation", "data_augmentation", "baseline_generation", "ablations"] = Field(
+        "generation", description="generation: prepare > train > generate > evaluate; data_augmentation: the downstream grid")
     prepare: PrepareConfig = PrepareConfig()
     data: str | None = Field(None, description="an already prepared data set; skips `prepare` if given")
     controlnet: ControlNetConfig = ControlNetConfig()
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
+    ablations: dict[str, dict] = Field(default_factory=dict, description="experiment ablations: cell name -> settings laid over this config (e.g. {shallow: {controlnet: {depth: 'shallow:1'}}})")
+    quick: dict = Field(default_factory=dict, description="settings that `synthmed run --quick` lays over the others (a test-sized run)")
 
 
 def load_yaml_config(path: Path, model: type[BaseModel] = RunConfig) -> BaseModel:
@@ -264,3 +301,22 @@ def config_yaml(cfg: BaseModel) -> str:
 def save_config(cfg: BaseModel, path: Path) -> None:
     """Write the resolved config as YAML next to an output."""
     Path(path).write_text(config_yaml(cfg))
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`base` with `over` laid on it, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def quick_version(cfg: RunConfig, source: str = "config") -> RunConfig:
+    """The config with its `quick:` settings laid over the others (what `synthmed run --quick` runs)."""
+    if not cfg.quick:
+        raise SynthmedError(f"{source}: has no `quick:` section for --quick")
+    try:
+        return RunConfig.model_validate(deep_merge(cfg.model_dump(exclude={"quick"}), cfg.quick))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SynthmedError(f"{source}: quick.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None

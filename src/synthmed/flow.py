@@ -178,18 +178,20 @@ def _shipped_hash(name: str) -> str | None:
     return folder_hash(folder) if folder else None
 
 
-def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: int = 8) -> dict:  # noqa: C901
+def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: int = 8, model: Path | None = None) -> dict:  # noqa: C901
     """Plausibility (segmenter Dice/IoU vs conditioning and shuffled masks, real-test reference), fidelity
-    (FID/KID/precision-recall in named feature spaces, paired SSIM/PSNR/MS-SSIM), memorisation; 95% bootstrap CIs."""
-    import json
+    (FID/KID/precision-recall in named feature spaces, paired SSIM/PSNR/MS-SSIM), memorisation; 95% bootstrap CIs.
 
+    Paired metrics compare a generated image with the real image of the same mask: replayed training layouts
+    (if the synthetic set has any) and, given the trained `model`, `cfg.paired_regeneration` real validation
+    masks drawn again (same-mask regeneration on masks the model never trained on)."""
     import numpy as np
 
     from synthmed.data.prepared import load_split, read_card
     from synthmed import flow_evaluate as fe
-    from synthmed.evaluation import paired
     from synthmed.evaluation.metrics import derangement, dice_iou, dice_per_image
-    from synthmed.evaluation.segmenter import predict, train_segmenter
+    from synthmed.evaluation.segmenter import build_segmenter, predict, train_segmenter
+    from synthmed.io import save_png
 
     out = Path(out)
     check_new_output(out)
@@ -206,24 +208,33 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     if syn.images.shape[1:] != train.images.shape[1:]:
         raise SynthmedError(f"{synthetic}: images {syn.images.shape[1:]} differ from real {train.images.shape[1:]}")
     spaces = fe.extractors(cfg.extractors, train, cfg, _device())  # first: a missing weights file fails before any training
-    with task("train segmenter (real train split)", cfg.segmenter_steps) as update:
-        seg = train_segmenter(train.images, train.masks, len(classes), cfg.segmenter_steps, cfg.segmenter_batch_size, cfg.segmenter_lr, cfg.seed, update, device=_device())
+    def train_seg():
+        with task("train segmenter (real train split)", cfg.segmenter_steps) as update:
+            return train_segmenter(train.images, train.masks, len(classes), cfg.segmenter_steps, cfg.segmenter_batch_size, cfg.segmenter_lr, cfg.seed, update, device=_device())
+
+    key = {**fe.data_key(Path(data), train), "steps": cfg.segmenter_steps, "batch_size": cfg.segmenter_batch_size, "lr": cfg.segmenter_lr, "seed": cfg.seed}
+    seg = fe.cached_model(cfg.model_cache, "segmenter", key, lambda: build_segmenter(len(classes)), train_seg, _device())
     pred_syn = predict(seg, syn.images)
     perm = derangement(len(syn), cfg.seed)
     real_test = dice_iou(predict(seg, test.images), test.masks, classes)
     generated = dice_iou(pred_syn, syn.masks, classes)
     shuffled = dice_iou(pred_syn, syn.masks[perm], classes)
-    # SSIM against "the real image of the same mask" only means something where the layout is the
-    # training mask unchanged (replayed); new layouts (flips, warps, pasted objects) have no real twin.
+    # "the real image of the same mask" exists where the layout is the training mask unchanged (replayed);
+    # new layouts (flips, warps, pasted objects) have no real twin, regenerated validation masks do
     same = np.array([not (r.get("provenance") or {}).get("layout") for r in syn.rows])
-    twins = (syn.images[same], train.images[src[same]])
-    ssim_gen = paired.ssim(*twins) if same.any() else None
-    ssim_ref = paired.ssim(train.images[src], train.images[src[perm]])
-    small = min(train.images.shape[1:3]) < paired.ms_ssim_min_size(3, 7)
+    pairs = {}
+    if same.any():
+        pairs["replayed"] = fe.paired_metrics(syn.images[same], train.images[src[same]], cfg, "generated vs the real training image of its replayed training mask")
+    regen = fe.regenerate(data, model, synthetic, cfg.paired_regeneration, cfg.seed, _device()) if model is not None else None
+    if regen is not None:
+        val, regen_images, pick = regen
+        pairs["regenerated"] = fe.paired_metrics(regen_images, val.images[pick], cfg,
+                                                 "same-mask regeneration: real validation masks (never trained on) drawn again with the model and the synthetic set's sampler settings, vs their real images")
+    primary = pairs.get("regenerated") or pairs.get("replayed") or {}
     pred_test = predict(seg, test.images)
     k = len(classes)
     feats = fe.embed(spaces, train.images, test.images, syn.images)
-    mem = fe.memorisation(syn.images, train.images, test.images, feats, cfg)
+    mem = fe.memorisation(syn.images, train.images, test.images, feats, cfg, sources=src)
     mem["pairs"] = fe.closest_pairs(mem, [str(Path(synthetic).resolve() / "train" / r["file_name"]) for r in syn.rows],
                                     [str(Path(data).resolve() / "train" / r["file_name"]) for r in train.rows])
     results = {
@@ -249,14 +260,8 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
         },
         "generation": _generation_summary(synthetic, seg, classes, generated["dice"]),
         "fidelity": {
-            "ssim": None if ssim_gen is None else float(np.mean(ssim_gen)),  # None: no replayed layout to compare with
-            "ssim_std": None if ssim_gen is None else float(np.std(ssim_gen)),
-            "ssim_n": int(same.sum()),
-            "ssim_unrelated_real_pairs": float(np.mean(ssim_ref)),
-            "ssim_ci": fe.interval(ssim_gen, cfg) if same.any() else None,
-            "psnr_ci": fe.interval(paired.psnr(*twins), cfg) if same.any() else None,
-            "ms_ssim_ci": fe.interval(paired.ms_ssim(*twins), cfg) if same.any() and not small else None,
-            "ssim_protocol": "generated vs the real image of its conditioning mask (replayed training layouts only); " + json.dumps(paired.PROTOCOL, default=str),
+            "ssim": (primary.get("ssim") or {}).get("value"),  # the headline pair set's mean (regenerated, else replayed); None without pairs
+            "paired": pairs,
             "feature_spaces": fe.fidelity(feats, train, [r.get("label") for r in syn.rows], cfg),
         },
         "memorisation": mem,
@@ -274,7 +279,15 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
         ],
         "environment": environment(),
     }
+    if regen is not None:
+        results["paired_grid"] = [{"id": val.ids[j], "mask": str(Path(data).resolve() / "validation" / val.rows[j]["conditioning_image"]),
+                                   "real": str(Path(data).resolve() / "validation" / val.rows[j]["file_name"]),
+                                   "generated": str(out.resolve() / "paired" / f"{val.ids[j]}.png"), "prompt": val.prompts[j]} for j in pick[:grid]]
     with atomic_dir(out) as tmp:
+        if regen is not None:
+            (tmp / "paired").mkdir()
+            for j, image in zip(pick, regen_images):
+                save_png(tmp / "paired" / f"{val.ids[j]}.png", image)
         write_results(tmp, results)
         save_config(cfg, tmp / "evaluate_config.yaml")
     return results
@@ -351,6 +364,20 @@ def run(cfg: RunConfig, out: Path, resume: bool = True) -> dict:
     data = Path(cfg.data) if cfg.data else out / "data"
     if not cfg.data and not (data / "dataset.json").is_file():
         prepare(cfg.prepare, data)
+    if cfg.experiment == "ablations":
+        from synthmed import flow_study
+
+        results = flow_study.ablations(cfg, out, data)
+        flow_study.ablation_report(out / "results.json", out / "report.html")
+        write_json(out / "run.json", {"seconds_this_invocation": round(time.time() - started, 1), "report": "report.html", "results": "results.json"})
+        return results
+    if cfg.experiment == "data_augmentation":
+        from synthmed import flow_study
+
+        results = flow_study.data_augmentation(cfg, out, data)
+        flow_study.report(out / "downstream" / "results.json", out / "report.html", title="synthmed study: data augmentation")
+        write_json(out / "run.json", {"seconds_this_invocation": round(time.time() - started, 1), "report": "report.html", "results": "downstream/results.json"})
+        return results
     model = out / "controlnet"
     if not (model / "controlnet" / "config.json").is_file():
         train_controlnet(data, cfg.controlnet, model, resume=True)
@@ -359,7 +386,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = True) -> dict:
         generate(data, model, cfg.generate, synthetic)
     evaluation = out / "evaluation"
     if not (evaluation / "results.json").is_file():
-        evaluate(data, synthetic, cfg.evaluate, evaluation)
+        evaluate(data, synthetic, cfg.evaluate, evaluation, model=model)
     report(evaluation / "results.json", out / "report.html")
     results = read_json(evaluation / "results.json")
     write_json(out / "run.json", {"seconds_this_invocation": round(time.time() - started, 1), "report": "report.html", "results": "evaluation/results.json"})

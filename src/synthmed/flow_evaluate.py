@@ -53,14 +53,18 @@ def extractors(names: list[str], train, cfg, device: str) -> dict:
 
 def _domain(train, cfg, device: str):
     """The penultimate layer of a classifier trained on the real train split's labels (works offline)."""
-    from synthmed.evaluation.classifier import features, train_classifier
+    from synthmed.evaluation.classifier import build_classifier, features, train_classifier
 
     labels = [str(r.get("label")) for r in train.rows]
     names = sorted(set(labels))
     if len(names) < 2 or any(r.get("label") is None for r in train.rows):
         raise SynthmedError(f"{train.root}: the domain feature extractor needs a label (2+ classes) on every training sample; use extractors: [inception]")
-    with task("evaluate: train domain classifier (real train split)", cfg.domain_steps) as update:
-        model = train_classifier(train.images, np.array([names.index(x) for x in labels]), len(names), cfg.domain_steps, 16, 2e-3, cfg.seed + 1, update, device=device)
+    def fit():
+        with task("evaluate: train domain classifier (real train split)", cfg.domain_steps) as update:
+            return train_classifier(train.images, np.array([names.index(x) for x in labels]), len(names), cfg.domain_steps, 16, 2e-3, cfg.seed + 1, update, device=device)
+
+    key = {**data_key(train.root, train), "steps": cfg.domain_steps, "classes": names, "seed": cfg.seed + 1}
+    model = cached_model(cfg.model_cache, "domain-classifier", key, lambda: build_classifier(len(names), train.images.shape[-1]), fit, device)
     def extract(x):
         return features(model, x).astype(np.float64)
 
@@ -91,7 +95,7 @@ def closest_pairs(mem: dict, syn_paths: list[str], train_paths: list[str], n: in
     for r in order[:n]:
         j = r["nearest_train_index"]
         out.append({"synthetic": syn_paths[r["index"]], "train": train_paths[j], "flagged": r["flagged"], "rules": r.get("rules_fired", []),
-                    "pixel_distance": r["pixel"]["distance"]})
+                    "pixel_distance": r["pixel"]["distance"], "layout_source": r.get("shown_is_layout_source")})
     return out
 
 
@@ -110,8 +114,9 @@ def fidelity(feats: dict, real_train, syn_labels: list, cfg) -> dict:
     for name, (description, f_train, f_test, f_syn) in feats.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fid = bootstrap_ci((f_syn, f_train), lambda a, b: frechet_distance(a, b), n_boot=cfg.n_boot, seed=cfg.seed)
-            fid_ref = bootstrap_ci((f_test, f_train), lambda a, b: frechet_distance(a, b), n_boot=cfg.n_boot, seed=cfg.seed)
+            # resampling with replacement inflates FID: its interval is shifted by the bootstrap's bias estimate
+            fid = bootstrap_ci((f_syn, f_train), lambda a, b: frechet_distance(a, b), n_boot=cfg.n_boot, seed=cfg.seed, method="bias_corrected", lower_bound=0.0)
+            fid_ref = bootstrap_ci((f_test, f_train), lambda a, b: frechet_distance(a, b), n_boot=cfg.n_boot, seed=cfg.seed, method="bias_corrected", lower_bound=0.0)
         kid = bootstrap_ci((f_syn, f_train), lambda a, b: kernel_inception_distance(a, b, subsets=10)[0], n_boot=cfg.n_boot, seed=cfg.seed)
         kid_ref = bootstrap_ci((f_test, f_train), lambda a, b: kernel_inception_distance(a, b, subsets=10)[0], n_boot=cfg.n_boot, seed=cfg.seed)
         pr = precision_recall(f_train, f_syn)
@@ -128,14 +133,26 @@ def fidelity(feats: dict, real_train, syn_labels: list, cfg) -> dict:
         if all(x != "None" for x in labels):
             train_labels = [str(r.get("label")) for r in real_train.rows]
             classes = sorted(set(labels))
-            out[name]["per_class"] = {
-                "kid": per_class(lambda a, b: kernel_inception_distance(a, b, subsets=10)[0], f_syn, np.array(labels), f_train, np.array(train_labels), classes),
-            }
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[name]["per_class"] = {
+                    "kid": per_class(lambda a, b: kernel_inception_distance(a, b, subsets=10)[0], f_syn, np.array(labels), f_train, np.array(train_labels), classes),
+                    "fid": per_class(frechet_distance, f_syn, np.array(labels), f_train, np.array(train_labels), classes),
+                }
+            short = sorted(c for c, v in out[name]["per_class"]["fid"].items() if v["value"] is not None and min(v["n_a"], v["n_b"]) <= f_syn.shape[1])
+            if short:  # one line, not one per class
+                out[name]["warnings"].append(f"per-class FID for {', '.join(short)}: fewer samples than D + 1 = {f_syn.shape[1] + 1}, so the covariance is "
+                                             "rank-deficient and FID biased and unstable (read KID)")
     return out
 
 
-def memorisation(syn_images: np.ndarray, train_images: np.ndarray, test_images: np.ndarray, feats: dict, cfg) -> dict:
-    """Nearest training image of every synthetic one (pixels, and the first feature space of `embed`'s output), against real test images."""
+def memorisation(syn_images: np.ndarray, train_images: np.ndarray, test_images: np.ndarray, feats: dict, cfg, sources: np.ndarray | None = None) -> dict:
+    """Nearest training image of every synthetic one (pixels, and the first feature space of `embed`'s output), against real test images.
+
+    `sources[i]` is the training index whose mask synthetic image i was drawn from: its layout's source. A
+    mask-conditioned image is expected to sit near that image (same anatomy), so each record says whether
+    its nearest neighbour is the layout source, and flags are counted both ways: a near-copy of the source
+    image's texture is still a copy, but a near-copy of another training image is the stronger signal."""
     from synthmed.evaluation.memorisation import audit, histogram_data
 
     first = next(iter(feats), None)
@@ -145,6 +162,15 @@ def memorisation(syn_images: np.ndarray, train_images: np.ndarray, test_images: 
         space = dict(synthetic_feats=f_syn, train_feats=f_train, test_feats=f_test)
     result = audit(syn_images, train_images, test_images, quantile=cfg.memorisation_quantile, ratio=cfg.memorisation_ratio, **space)
     result["feature_space"] = first
+    if sources is not None:
+        for rec in result["records"]:
+            rec["nearest_is_layout_source"] = {space: rec[space]["train_index"] == int(sources[rec["index"]]) for space in result["distances"]}
+            rec["shown_is_layout_source"] = rec["nearest_train_index"] == int(sources[rec["index"]])  # the neighbour the report shows
+        flagged = [r for r in result["records"] if r["flagged"]]
+        result["n_flagged_layout_source"] = sum(r["shown_is_layout_source"] for r in flagged)
+        result["n_flagged_other_image"] = len(flagged) - result["n_flagged_layout_source"]
+        result["fraction_nearest_is_layout_source"] = {space: float(np.mean([r["nearest_is_layout_source"][space] for r in result["records"]]))
+                                                       for space in result["distances"]}
     result["histograms"] = {space: histogram_data(d["synthetic_to_train"], d["test_to_train"], threshold=result["thresholds"].get(space))
                             for space, d in result["distances"].items()}
     return result
@@ -157,3 +183,122 @@ def interval(values: np.ndarray, cfg) -> dict:
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     return bootstrap_ci(values, np.mean, n_boot=cfg.n_boot, seed=cfg.seed) if len(values) else {"value": None, "low": None, "high": None, "n": 0}
+
+
+def regenerate(data, model, synthetic, n: int, seed: int, device: str):
+    """Same-mask regeneration: up to n real validation samples' conditioning, drawn again with the trained
+    model and the synthetic set's sampler settings. -> (validation split, images, row indices) or None.
+
+    Validation, not test: nothing derived from the test split feeds generation; the ControlNet never
+    trained on validation samples either, so the pairs measure unseen masks. The images stay in the
+    evaluation folder and never enter a synthetic training set."""
+    from pathlib import Path
+
+    import torch
+
+    from synthmed.config import GenerateConfig, load_yaml_config
+    from synthmed.data.prepared import load_conditioning, load_split, read_card
+    from synthmed.flow_generate import _prompt_rule, _sampler
+    from synthmed.generation.plan import sample_seed
+    from synthmed.io import read_json
+
+    data, model, synthetic = Path(data), Path(model), Path(synthetic)
+    if n <= 0 or "validation" not in read_card(data).get("splits", {}):
+        return None
+    saved = synthetic / "generate_config.yaml"
+    gen = load_yaml_config(saved, GenerateConfig) if saved.is_file() else GenerateConfig()
+    val = load_split(data, "validation")
+    pick = np.sort(np.random.default_rng(seed).permutation(len(val))[:n])
+    cond = load_conditioning(val)[pick]
+    training = read_json(model / "training.json")
+    sampler, _ = _sampler(data, model, training, gen, None, torch.device(device))
+    items = [{"row_fields": val.rows[i], "prompt": val.rows[i].get("text", ""), "label": val.rows[i].get("label")} for i in pick]
+    prompts = _prompt_rule(data, training)(items)
+    images = []
+    with task("evaluate: same-mask regeneration (real validation masks)", len(pick)) as update:
+        for s in range(0, len(pick), gen.batch_size):
+            b = slice(s, s + gen.batch_size)
+            seeds = [sample_seed(seed, int(i), 0) for i in pick[b]]
+            images.append(sampler(cond[b], prompts[b], seeds) if sampler.controlnet is not None else sampler(None, prompts[b], seeds, size=cond.shape[1:3]))
+            update(min(s + gen.batch_size, len(pick)))
+    return val, np.concatenate(images), pick
+
+
+def paired_metrics(generated: np.ndarray, real: np.ndarray, cfg, what: str) -> dict:
+    """SSIM/PSNR/MS-SSIM (and LPIPS where its weights are local) of generated vs real image i, with 95% CIs;
+    SSIM of unrelated real pairs as the reference."""
+    import json
+
+    from synthmed.evaluation import paired
+    from synthmed.evaluation.metrics import derangement
+
+    small = min(real.shape[1:3]) < paired.ms_ssim_min_size(3, 7)
+    ref = real[derangement(len(real), cfg.seed)] if len(real) > 1 else real
+    out = {
+        "pairs": what,
+        "n": len(real),
+        "ssim": interval(paired.ssim(generated, real), cfg),
+        "psnr": interval(paired.psnr(generated, real), cfg),
+        "ms_ssim": interval(paired.ms_ssim(generated, real), cfg) if not small else None,
+        "ssim_unrelated_real_pairs": interval(paired.ssim(ref, real), cfg),
+        "psnr_unrelated_real_pairs": interval(paired.psnr(ref, real), cfg),
+        "protocol": json.loads(json.dumps(paired.PROTOCOL, default=str)),
+        "lpips": _lpips(generated, real, cfg),
+    }
+    if small:
+        out["ms_ssim_skipped"] = f"images {real.shape[1]} x {real.shape[2]} px are below MS-SSIM's {paired.ms_ssim_min_size(3, 7)} px minimum"
+    return out
+
+
+def _lpips(generated: np.ndarray, real: np.ndarray, cfg) -> dict:
+    """LPIPS (AlexNet, v0.1) when both weight files are on this machine; otherwise the reason."""
+    from synthmed.evaluation import lpips
+
+    try:
+        model = lpips.load_lpips(cfg.lpips_alexnet, cfg.lpips_lin)
+    except SynthmedError as exc:
+        return {"value": None, "skipped": str(exc)}
+    try:
+        d = lpips.lpips_distance(model, generated, real)
+    except ValueError as exc:
+        return {"value": None, "skipped": str(exc)}
+    return {**interval(d, cfg), "model": model.name}
+
+
+def cached_model(cache: str | None, kind: str, key: dict, build, train, device: str):
+    """train() once per `key` (data, settings, seed) when `cache` names a folder: later evaluations against the
+    same real data (the cells of an ablation study) load the saved weights (safetensors) instead of retraining."""
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    if cache is None:
+        return train()
+    from safetensors.torch import load_file, save_file
+
+    from synthmed.io import write_json
+
+    digest = hashlib.sha256(json.dumps({"kind": kind, **key}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache) / f"{kind}-{digest}.safetensors"
+    if path.is_file():
+        model = build()
+        model.load_state_dict(load_file(str(path)))
+        return model.to(device).eval()
+    model = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    write_json(path.with_suffix(".json"), {"kind": kind, **key})
+    return model
+
+
+def data_key(data, split) -> dict:
+    """What identifies the real training data a model is trained on: the card's fingerprint and the split's ids."""
+    import hashlib
+
+    from synthmed.data.prepared import read_card
+
+    return {"data": str(data.resolve()), "fingerprint": read_card(data).get("fingerprint"),
+            "train_ids": hashlib.sha256("\n".join(split.ids).encode()).hexdigest()[:16]}

@@ -37,8 +37,9 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
 
         torch.set_num_threads(cfg.cpu_threads)
     training = read_json(model / "training.json")
-    if "controlnet" not in training.get("outputs", {"controlnet": "controlnet"}):
-        raise SynthmedError(f"{model}: trained with conditioning_mode {training.get('conditioning_mode')!r}, it has no ControlNet to generate from masks")
+    if not has_controlnet(training) and cfg.filter.by in ("dice", "both"):
+        raise SynthmedError(f"{model}: trained with conditioning_mode {training.get('conditioning_mode')!r} (no ControlNet): its images follow prompts, "
+                            "not masks, so filter.by dice does not apply; use filter.by none or confidence")
     partial = out.with_name(out.name + ".partial")
     if state.is_main_process:
         check_new_output(out)
@@ -60,6 +61,11 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
                      before_rename=lambda root: _export(root, cfg.export))
     state.wait_for_everyone()
     return out
+
+
+def has_controlnet(training: dict) -> bool:
+    """Whether a trained model has a ControlNet (conditioning_mode text trains the UNet alone: text-only sampling)."""
+    return "controlnet" in training.get("outputs", {"controlnet": "controlnet"})
 
 
 def _cpu_only() -> bool:
@@ -148,7 +154,8 @@ def draw_shard(store, items: list[dict], sampler, judges, cfg: GenerateConfig, p
         cond = np.stack([store.conditioning(it) for it in chosen])
         prompts = prompts_of(chosen)
         seeds = [sample_seed(cfg.seed, it["index"], a) for it, a in batch]
-        images = sampler(cond, prompts, seeds)
+        # text-only models draw from the prompt alone; the layout stays on record (evaluate's control)
+        images = sampler(cond, prompts, seeds) if sampler.controlnet is not None else sampler(None, prompts, seeds, size=cond.shape[1:3])
         scores = judges.score(images, chosen, store) if judges else [{} for _ in batch]
         for (item, attempt), image, score, seed, prompt in zip(batch, images, scores, seeds, prompts):
             record = {"attempt": attempt, "seed": seed, "prompt": prompt, "scores": score}
@@ -177,12 +184,13 @@ def _sampler(data: Path, model: Path, training: dict, cfg: GenerateConfig, backb
 
     backbone_src = backbone or training["backbone"]
     bb = _trained_backbone(load_backbone(backbone_src), model, training).freeze()
-    controlnet = load_controlnet(model / "controlnet")
+    controlnet = load_controlnet(model / "controlnet") if has_controlnet(training) else None
     settings = SamplingSettings(cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale, cfg.guess_mode,
                                 cfg.control_start, cfg.control_end, cfg.negative_prompt)
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    model_hash = training.get("controlnet_hash") or folder_hash(model / "controlnet")
+    parts = training.get("output_hashes") or {}
+    model_hash = training.get("controlnet_hash") or (hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16] if parts else folder_hash(model / "controlnet"))
     provenance = {
         "model": str(model.resolve()),
         "model_hash": model_hash,

@@ -170,3 +170,21 @@ def test_bad_input_raises_naming_the_shapes(call, match):
     train, test, synthetic, _ = make_sets(0)
     with pytest.raises(ValueError, match=match):
         call(synthetic, train, test)
+
+
+def test_flags_are_split_by_whether_the_copied_image_is_the_layout_source():
+    """A mask-conditioned sample near its own layout source is counted apart from one near another training image."""
+    from types import SimpleNamespace
+
+    from synthmed.flow_evaluate import memorisation
+
+    rng = np.random.default_rng(11)
+    train, test, honest = blob_images(rng, N_TRAIN), blob_images(rng, N_TEST), blob_images(rng, 6)
+    syn = np.concatenate([train[[3, 7]], train[[10]], honest])  # copies of 3 and 7, of 10; then honest samples
+    sources = np.array([3, 7, 40] + list(range(20, 26)))  # samples 0, 1 drawn from the copied image's mask, sample 2 from another
+    cfg = SimpleNamespace(memorisation_quantile=0.01, memorisation_ratio=RATIO)
+    m = memorisation(syn, train, test, {}, cfg, sources=sources)
+    assert [r["index"] for r in m["records"] if r["flagged"]] == [0, 1, 2]
+    assert m["n_flagged_layout_source"] == 2 and m["n_flagged_other_image"] == 1
+    assert [r["shown_is_layout_source"] for r in m["records"][:3]] == [True, True, False]
+    assert m["records"][2]["nearest_is_layout_source"] == {"pixel": False}

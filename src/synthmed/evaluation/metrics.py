@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, MeanIoU, SSIMMetric
+from monai.metrics import DiceMetric, MeanIoU
 
 
 def one_hot(masks: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -44,15 +44,6 @@ def dice_iou(pred: np.ndarray, target: np.ndarray, class_names: list[str]) -> di
         "per_class": {n: {"dice": _num(d), "iou": _num(i)} for n, d, i in zip(class_names, per_class["dice"], per_class["iou"])},
         "n_images": int(pred.shape[0]),
     }
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image SSIM of uint8 (N, H, W, C) images on the [0, 1] range, 7 px Gaussian window."""
-    if a.shape != b.shape:
-        raise ValueError(f"ssim expects equal shapes, but got {a.shape} and {b.shape}")
-    ta = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0
-    tb = torch.from_numpy(b).permute(0, 3, 1, 2).float() / 255.0
-    return SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7)(ta, tb).flatten().numpy()
 
 
 def derangement(n: int, seed: int) -> np.ndarray:

@@ -84,12 +84,19 @@ def _feature_space_section(spaces: dict) -> list[str]:
     out = ["<h2>Fidelity in feature space</h2>",
            "<p>Generated vs real training images, and real test vs real training images as the reference. "
            "Values with 95% bootstrap intervals [low, high] and sample counts (generated or test / train). "
-           "FID grows when a set is resampled with replacement (duplicates), so its interval sits above the point estimate; KID is unbiased.</p>",
+           "FID is biased by sample size (resampled sets repeat images and score higher), so its interval is the bootstrap's spread "
+           "shifted by the bootstrap's own bias estimate; KID is unbiased and takes the plain percentile interval.</p>",
            "<table><tr><th>feature space</th><th>FID generated</th><th>FID real test</th><th>KID generated</th><th>KID real test</th><th>precision</th><th>recall</th></tr>"]
     for name, r in spaces.items():
         out.append(f"<tr><td>{html.escape(name)}</td><td>{_ci(r['fid'])}</td><td>{_ci(r['fid_real_test_vs_train'])}</td><td>{_ci(r['kid'])}</td>"
                    f"<td>{_ci(r['kid_real_test_vs_train'])}</td><td>{_fmt(r['precision'])}</td><td>{_fmt(r['recall'])}</td></tr>")
     out.append("</table>")
+    for name, r in spaces.items():
+        if r.get("per_class"):
+            pc = r["per_class"]
+            out += [f"<h3>Per class ({html.escape(name)} features)</h3><table><tr><th>class</th><th>FID</th><th>KID</th><th>n generated / n real train</th></tr>",
+                    *(f"<tr><td>{html.escape(c)}</td><td>{_fmt(pc['fid'][c]['value'])}</td><td>{_fmt(pc['kid'][c]['value'])}</td>"
+                      f"<td>{pc['kid'][c]['n_a']} / {pc['kid'][c]['n_b']}</td></tr>" for c in pc["kid"]), "</table>"]
     for name, r in spaces.items():
         out.append(f"<p class='note'><b>{html.escape(name)}</b>: {html.escape(r['extractor'])}; {r['dim']}-d features.</p>")
         out += [f"<p class='note'>warning: {html.escape(w)}</p>" for w in r.get("warnings", [])]
@@ -125,7 +132,10 @@ def _memorisation_section(m: dict) -> list[str]:
             f"{' and in the ' + html.escape(str(m.get('feature_space'))) + ' feature space' if m.get('feature_space') else ''}, against the same distance "
             f"for real test images (new images of the same domain). Near-copies (closer than the real test images' "
             f"{_fmt(m['rule']['quantile'])} quantile, and distinctly closer to one training image than to the next): "
-            f"<b>{m['n_flagged']}</b> of {m['n_synthetic']} (expected by chance: {_fmt(m.get('expected_by_chance'))}; {m['n_test']} real test images).</p>",
+            f"<b>{m['n_flagged']}</b> of {m['n_synthetic']} (expected by chance: {_fmt(m.get('expected_by_chance'))}; {m['n_test']} real test images)"
+            + (f": {m['n_flagged_layout_source']} beside the training image whose mask it was drawn from (its layout source: same anatomy, "
+               f"so closeness is expected, but a copy of its texture is still a copy), {m['n_flagged_other_image']} beside another training image"
+               if "n_flagged_layout_source" in m else "") + ".</p>",
             f"<img alt='memorisation histogram' src='data:image/png;base64,{_png_b64(figure)}'>",
             *_pairs(m.get("pairs") or [])]
 
@@ -138,7 +148,8 @@ def _pairs(pairs: list[dict]) -> list[str]:
     for p in pairs:
         tiles = [np.kron(_rgb(load_png(Path(p[k]))), np.ones((2, 2, 1), np.uint8)) for k in ("synthetic", "train")]
         pair = np.concatenate([tiles[0], np.full((tiles[0].shape[0], 2, 3), 255, np.uint8), tiles[1]], axis=1)
-        label = ("<b class='bad'>near-copy</b>" if p["flagged"] else "not flagged") + f", pixel distance {_fmt(p['pixel_distance'])}"
+        label = (("<b class='bad'>near-copy</b>" if p["flagged"] else "not flagged") + f", pixel distance {_fmt(p['pixel_distance'])}"
+                 + (", its layout source" if p.get("layout_source") else ""))
         cells.append(f"<figure style='display:inline-block;margin:4px'><img class='grid' src='data:image/png;base64,{_png_b64(pair)}'>"
                      f"<figcaption class='note'>{label}</figcaption></figure>")
     return ["<p>Generated image | its nearest training image (flagged near-copies first, then the closest pairs):</p>", "".join(cells)]
@@ -146,6 +157,36 @@ def _pairs(pairs: list[dict]) -> list[str]:
 
 def _rgb(x: np.ndarray) -> np.ndarray:
     return np.repeat(x[..., None], 3, -1) if x.ndim == 2 else x[..., :3]
+
+
+def _paired_section(f: dict, grid: list[dict] | None) -> list[str]:
+    """SSIM/PSNR/MS-SSIM/LPIPS of generated vs real images of the same mask, per pair set, with CIs."""
+    pairs = f.get("paired") or {}
+    if not pairs:
+        return ["<h2>Paired metrics</h2><p>No pairs: the synthetic set has no replayed training layouts and no model was given for "
+                "same-mask regeneration (`synthmed evaluate --model`).</p>"]
+    out = ["<h2>Paired metrics</h2>", "<p>Each generated image against the real image of the same mask, 95% bootstrap intervals; "
+           "unrelated real pairs (the same real images, shuffled) are the floor a generator must beat.</p>",
+           "<table><tr><th>pairs</th><th>SSIM</th><th>PSNR (dB)</th><th>MS-SSIM</th><th>LPIPS (lower: closer)</th></tr>"]
+    for name, r in pairs.items():
+        lp = r.get("lpips") or {}
+        out.append(f"<tr><td>{html.escape(name)}</td><td>{_ci(r['ssim'])}</td><td>{_ci(r['psnr'])}</td><td>{_ci(r.get('ms_ssim'))}</td>"
+                   f"<td>{_ci(lp) if lp.get('value') is not None else 'n/a'}</td></tr>")
+        out.append(f"<tr><td>{html.escape(name)}: unrelated real pairs</td><td>{_ci(r['ssim_unrelated_real_pairs'])}</td>"
+                   f"<td>{_ci(r['psnr_unrelated_real_pairs'])}</td><td></td><td></td></tr>")
+    out.append("</table>")
+    for name, r in pairs.items():
+        out.append(f"<p class='note'><b>{html.escape(name)}</b>: {html.escape(r['pairs'])}.</p>")
+        for why in (r.get("ms_ssim_skipped"), (r.get("lpips") or {}).get("skipped")):
+            if why:
+                out.append(f"<p class='note'>{html.escape(why)}</p>")
+    protocol = next(iter(pairs.values()))["protocol"]
+    out.append("<p class='note'>Protocol:</p><ul class='note'>" + "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in protocol.items()) + "</ul>"
+               if isinstance(protocol, dict) else f"<p class='note'>Protocol: {html.escape(str(protocol))}</p>")
+    if grid:
+        out += ["<p>Same-mask regeneration, each row: conditioning (real validation mask) | real validation image | regenerated image.</p>",
+                f"<img class='grid' alt='same-mask regeneration' src='data:image/png;base64,{_png_b64(sample_grid(grid))}'>"]
+    return out
 
 
 def _generation_section(g: dict) -> list[str]:
@@ -179,10 +220,11 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
         raise SynthmedError(f"results have no {exc} section") from None
     ratio = p["dice_generated"] / p["dice_real_test"] if p["dice_real_test"] else float("nan")
     gap = p["dice_generated"] - p["dice_shuffled"]
+    pc = p["per_class"]
     rows = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{_fmt(p['per_class']['generated'][n]['dice'])}</td>"
-        f"<td>{_fmt(p['per_class']['shuffled'][n]['dice'])}</td><td>{_fmt(p['per_class']['real_test'][n]['dice'])}</td></tr>"
-        for n in p["per_class"]["generated"]
+        f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{_fmt(pc[k][n]['dice'])}</td>" for k in ("generated", "shuffled", "real_test"))
+        + "".join(f"<td>{_fmt(pc[k][n].get('iou'))}</td>" for k in ("generated", "real_test")) + "</tr>"
+        for n in pc["generated"]
     )
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -199,15 +241,12 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
         f"<tr><td>Dice, nuclei vs background</td><td>{_fmt(p['dice_foreground_generated'])}</td><td>{_fmt(p['dice_foreground_shuffled'])}</td><td>{_fmt(p['dice_foreground_real_test'])}</td></tr>",
         "</table>",
         f"<p>Generated / real-test Dice ratio: <b>{_fmt(ratio)}</b>; generated minus shuffled: <b>{_fmt(gap)}</b>.</p>",
-        "<h3>Per class (Dice)</h3><table><tr><th>class</th><th>generated</th><th>shuffled</th><th>real test</th></tr>",
+        "<h3>Per class</h3><table><tr><th>class</th><th>Dice generated</th><th>Dice shuffled</th><th>Dice real test</th><th>IoU generated</th><th>IoU real test</th></tr>",
         rows,
         "</table>",
         f"<img alt='per-class Dice' src='data:image/png;base64,{_png_b64(per_class_figure(p['per_class']))}'>",
         f"<p class='note'>{html.escape(p.get('segmenter', ''))}. A class's Dice averages the images whose mask contains it.</p>",
-        "<h2>Fidelity</h2><table><tr><th>metric</th><th>value</th></tr>",
-        f"<tr><td>SSIM, generated vs real image of the same mask (n = {f.get('ssim_n', p['n_generated'])} replayed layouts)</td><td>{_fmt(f['ssim'])} ± {_fmt(f['ssim_std'])}</td></tr>",
-        f"<tr><td>SSIM, unrelated real pairs (reference)</td><td>{_fmt(f['ssim_unrelated_real_pairs'])}</td></tr></table>",
-        f"<p class='note'>{html.escape(f.get('ssim_protocol', ''))}</p>",
+        *_paired_section(f, results.get("paired_grid")),
     ]
     if f.get("feature_spaces"):
         parts.extend(_feature_space_section(f["feature_spaces"]))

@@ -1,0 +1,378 @@
+"""Downstream utility studies: `synthmed evaluate downstream` and the data_augmentation experiment.
+
+A study is a grid of cells (real-data fraction x arm x seed). Each cell trains one MONAI model
+(evaluation/downstream.py) and writes OUT/cells/<fraction>/<arm>/seed<k>/result.json when it
+finishes; a re-run skips finished cells, and a cell that crashes writes error.json beside it and
+the others go on (a re-run tries it again). results.json aggregates whatever has finished: mean and
+95% CI over seeds per (fraction, arm), and paired comparisons between arms (same seed, same subset).
+
+Hygiene: fractions are nested subsets of the labelled train split by patient; validation picks the
+early-stopping point, test is scored once per cell; a synthetic set may train an arm only if its
+every sample derives from that arm's real subset and its model trained on no more than that subset.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from synthmed.config import DownstreamConfig, RunConfig, save_config
+from synthmed.io import RUN_MARKER, SynthmedError, check_new_output, read_json, read_jsonl, write_json
+from synthmed.progress import task
+
+SYNTHETIC_ARMS = ("real+synthetic", "synthetic-only", "real+synthetic+classic")
+
+
+def fraction_key(f: float) -> str:
+    """'f0.10': a fraction's folder and results key."""
+    return f"f{f:.2f}"
+
+
+def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | None = None) -> dict:
+    """Run (or resume) the cells of a downstream study and write OUT/results.json.
+
+    `synthetic` maps a fraction (or None: every fraction) to a synthetic set (a `generate` output)."""
+    from synthmed.data.prepared import read_card
+    from synthmed.data.subsets import nested_fractions
+
+    data, out = Path(data), Path(out)
+    _open(out, "downstream")
+    save_config(cfg, out / "downstream_config.yaml")
+    card = read_card(data)
+    real = _RealData(data, cfg, card)
+    subsets = nested_fractions(real.train.rows, cfg.fractions, cfg.subset_seed)
+    synthetic = synthetic or {}
+    need = any(a in SYNTHETIC_ARMS for a in cfg.arms)
+    pools, sources = {}, {}
+    for f in cfg.fractions:
+        path = synthetic.get(f, synthetic.get(None))
+        if need and path is None:
+            raise SynthmedError(f"{data}: arms {[a for a in cfg.arms if a in SYNTHETIC_ARMS]} need a synthetic set for fraction {f} (none given)")
+        if path is not None and need:
+            pools[f] = real.synthetic_pool(Path(path), f, set(subsets[f]), cfg)
+            sources[f] = str(Path(path).resolve())
+    cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in cfg.seeds]
+    started = time.time()
+    for i, (f, arm, seed) in enumerate(cells):
+        run_cell(out / "cells" / fraction_key(f) / arm / f"seed{seed}", real, f, subsets[f], arm, seed, pools.get(f), cfg,
+                 label=f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}")
+    results = aggregate(out, real, cfg, subsets, sources)
+    results["seconds_this_invocation"] = round(time.time() - started, 1)
+    write_json(out / "results.json", results)
+    return results
+
+
+def _open(out: Path, kind: str) -> None:
+    """A resumable output folder of one kind."""
+    check_new_output(out, allow_resume=True)
+    marker = out / RUN_MARKER
+    if marker.is_file() and marker.read_text().strip() != kind:
+        raise SynthmedError(f"{out}: holds another kind of synthmed output ({marker.read_text().strip()}), not {kind}")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(kind + "\n")
+
+
+class _RealData:
+    """The real splits of a study, loaded once, with task-specific targets."""
+
+    def __init__(self, data: Path, cfg: DownstreamConfig, card: dict):
+        from synthmed.data.prepared import load_split
+
+        self.root = data
+        has_masks = all("mask" in r for r in read_jsonl(data / "train" / "metadata.jsonl"))
+        self.task = cfg.task if cfg.task != "auto" else ("segmentation" if has_masks else "classification")
+        seg = self.task == "segmentation"
+        self.train, self.val, self.test = (load_split(data, s, need_masks=seg) for s in ("train", "validation", "test"))
+        if seg:
+            self.classes = list(card.get("classes") or [])
+        else:
+            labels = [r.get("label") for r in self.train.rows]
+            if any(x is None for x in labels):
+                raise SynthmedError(f"{data}: classification needs a label on every training sample")
+            self.classes = sorted({str(x) for x in labels})
+        self.held_out = set(self.val.ids) | set(self.test.ids)
+        self.index = {sid: i for i, sid in enumerate(self.train.ids)}
+        self.rare = cfg.rare_class or self._rarest()
+        if self.rare not in self.classes:
+            raise SynthmedError(f"{data}: rare_class {self.rare!r} is not one of {self.classes}")
+
+    def targets(self, split, where: str):
+        """Masks (N, H, W) or label codes (N,) of a split."""
+        if self.task == "segmentation":
+            return split.masks
+        try:
+            return np.array([self.classes.index(str(r.get("label"))) for r in split.rows])
+        except ValueError:
+            raise SynthmedError(f"{where}: a label outside the training classes {self.classes}") from None
+
+    def _rarest(self) -> str:
+        if self.task == "segmentation":
+            counts = [(int((self.train.masks == k).sum()), c) for k, c in enumerate(self.classes, 1)]
+        else:
+            labels = [str(r.get("label")) for r in self.train.rows]
+            counts = [(labels.count(c), c) for c in self.classes]
+        return min(counts)[1]
+
+    def pool(self, ids: list[str]):
+        from synthmed.evaluation.downstream import Pool
+
+        idx = np.array([self.index[i] for i in ids])
+        return Pool(self.train.images[idx], self.targets(self.train, str(self.root))[idx])
+
+    def synthetic_pool(self, path: Path, f: float, allowed: set[str], cfg: DownstreamConfig):
+        """A synthetic set as a training pool for fraction f, refused if it leaks data the arm does not have."""
+        from synthmed.data.prepared import load_split
+        from synthmed.evaluation.downstream import Pool, leakage
+
+        meta = path / "train" / "metadata.jsonl"
+        rows = read_jsonl(meta)
+        model = (rows[0].get("provenance") or {}).get("model") if rows else None
+        record = Path(model) / "training.json" if model else None
+        train_ids = read_json(record).get("train_ids") if record is not None and record.is_file() else None
+        why = leakage(rows, train_ids, allowed, self.held_out)
+        if why:
+            raise SynthmedError(f"{meta}: refused for the {f:.0%} fraction: {why}")
+        syn = load_split(path, "train", need_masks=self.task == "segmentation")
+        keep = np.arange(len(syn))
+        if cfg.synthetic_count is not None and cfg.synthetic_count < len(syn):
+            keep = np.sort(np.random.default_rng(cfg.subset_seed).permutation(len(syn))[: cfg.synthetic_count])
+        return Pool(syn.images[keep], self.targets(syn, str(meta))[keep])
+
+
+def run_cell(folder: Path, real: _RealData, f: float, ids: list[str], arm: str, seed: int, syn_pool, cfg: DownstreamConfig, label: str) -> dict | None:
+    """Train and score one cell unless it has finished; a crash is written to error.json, not raised."""
+    from synthmed.evaluation import downstream as ds
+    from synthmed.evaluation.downstream_metrics import classification_scores, segmentation_scores
+
+    done = folder / "result.json"
+    if done.is_file():
+        return read_json(done)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        pools, classic = ds.arm_pools(arm, real.pool(ids), syn_pool)
+        val = ds.Pool(real.val.images, real.targets(real.val, str(real.root)))
+        settings = ds.TrainSettings(cfg.max_steps, cfg.eval_every, cfg.patience, cfg.batch_size, cfg.lr, cfg.mix, cfg.arch)
+        with task(label, cfg.max_steps) as update:
+            model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), settings, seed, update)
+        pred = ds.predict(real.task, model, real.test.images)
+        truth = real.targets(real.test, str(real.root))
+        scores = segmentation_scores(pred, truth, real.classes) if real.task == "segmentation" else classification_scores(pred, truth, real.classes)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001  (one cell's failure must not stop the study)
+        write_json(folder / "error.json", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        print(f"{label}: failed ({type(exc).__name__}: {exc}); the other cells go on", flush=True)
+        return None
+    result = {"fraction": f, "arm": arm, "seed": seed, "task": real.task, "n_real": 0 if arm == "synthetic-only" else len(ids),
+              "n_synthetic": len(syn_pool) if syn_pool is not None and "synthetic" in arm else 0, "classic_augmentation": classic,
+              "test": scores, "training": record, "seconds": round(time.time() - started, 1)}
+    write_json(done, result)
+    (folder / "error.json").unlink(missing_ok=True)
+    return result
+
+
+def headline_metrics(task: str, rare: str) -> dict[str, tuple]:
+    """name -> path into a cell's test scores, for the summary tables and comparisons."""
+    if task == "segmentation":
+        return {"dice": ("dice",), "iou": ("iou",), "hd95": ("hd95",), f"dice {rare}": ("per_class", rare, "dice"), f"iou {rare}": ("per_class", rare, "iou")}
+    return {"accuracy": ("accuracy",), "balanced_accuracy": ("balanced_accuracy",), "macro_f1": ("macro_f1",), "auc": ("auc",),
+            f"recall {rare}": ("per_class", rare, "recall")}
+
+
+def _get(d: dict, path: tuple):
+    for k in path:
+        d = (d or {}).get(k)
+    return d
+
+
+def aggregate(out: Path, real: _RealData, cfg: DownstreamConfig, subsets: dict, sources: dict) -> dict:
+    """Finished cells -> mean and 95% CI over seeds per (fraction, arm), and paired comparisons with `real`."""
+    from synthmed.evaluation.downstream_metrics import over_seeds, paired_comparison
+
+    metrics = headline_metrics(real.task, real.rare)
+    per_class_metric = "dice" if real.task == "segmentation" else "recall"
+    cells, errors = {}, []
+    for f in cfg.fractions:
+        for arm in cfg.arms:
+            for seed in cfg.seeds:
+                folder = out / "cells" / fraction_key(f) / arm / f"seed{seed}"
+                if (folder / "result.json").is_file():
+                    cells[(f, arm, seed)] = read_json(folder / "result.json")
+                elif (folder / "error.json").is_file():
+                    errors.append({"fraction": f, "arm": arm, "seed": seed, "error": read_json(folder / "error.json")["error"]})
+    summary, comparisons = {}, {}
+    for f in cfg.fractions:
+        fk = fraction_key(f)
+        summary[fk] = {}
+        for arm in cfg.arms:
+            runs = [cells.get((f, arm, s)) for s in cfg.seeds]
+            got = [r for r in runs if r]
+            summary[fk][arm] = {
+                "n_seeds": len(got),
+                **{m: over_seeds([_get(r["test"], p) for r in got]) for m, p in metrics.items()},
+                "per_class": {c: over_seeds([_get(r["test"], ("per_class", c, per_class_metric)) for r in got]) for c in real.classes},
+                "curves": [r["training"]["curve"] for r in got],
+            }
+        comparisons[fk] = {}
+        for arm in cfg.arms:
+            if arm == "real" or "real" not in cfg.arms:
+                continue
+            pairs = [(cells.get((f, "real", s)), cells.get((f, arm, s))) for s in cfg.seeds]
+            comparisons[fk][f"{arm} vs real"] = {m: paired_comparison([_get(a["test"], p) if a and b else None for a, b in pairs],
+                                                                        [_get(b["test"], p) if a and b else None for a, b in pairs])
+                                                 for m, p in metrics.items()}
+    return {
+        "task": real.task,
+        "classes": real.classes,
+        "rare_class": real.rare,
+        "metrics": list(metrics),
+        "per_class_metric": per_class_metric,
+        "fractions": {fraction_key(f): {"fraction": f, "n_real": len(subsets[f]), "n_patients": len({real.train.rows[real.index[i]].get("patient_id") for i in subsets[f]}),
+                                        "synthetic": sources.get(f)} for f in cfg.fractions},
+        "arms": cfg.arms,
+        "seeds": cfg.seeds,
+        "n_cells": len(cfg.fractions) * len(cfg.arms) * len(cfg.seeds),
+        "n_finished": len(cells),
+        "errors": errors,
+        "summary": summary,
+        "comparisons": comparisons,
+        "low_data_vs_full": _low_vs_full(summary, cfg, metrics),
+        "n_real_validation": len(real.val),
+        "n_real_test": len(real.test),
+        "protocol": {"subsets": f"nested by patient, seed {cfg.subset_seed}", "early_stopping": f"real validation split every {cfg.eval_every} steps, patience {cfg.patience}, best weights kept",
+                     "test": "real test split, scored once per cell", "ci": "mean over seeds with a t 95% interval", "paired": "same seed and subset: paired t-test (primary) and Wilcoxon"},
+    }
+
+
+def _low_vs_full(summary: dict, cfg: DownstreamConfig, metrics: dict) -> dict | None:
+    """The published pattern's question: the lowest fraction with synthetic data against all real data alone."""
+    lo, hi = fraction_key(min(cfg.fractions)), fraction_key(max(cfg.fractions))
+    if lo == hi or "real" not in cfg.arms:
+        return None
+    out = {}
+    for arm in cfg.arms:
+        if "synthetic" in arm:
+            out[f"{lo} {arm} / {hi} real"] = {m: _ratio(summary[lo][arm][m]["mean"], summary[hi]["real"][m]["mean"]) for m in metrics if not m.startswith("hd95")}
+    out[f"{lo} real / {hi} real"] = {m: _ratio(summary[lo]["real"][m]["mean"], summary[hi]["real"][m]["mean"]) for m in metrics if not m.startswith("hd95")}
+    return out
+
+
+def _ratio(a, b):
+    return None if a is None or not b else float(a) / float(b)
+
+
+def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
+    """The study: per fraction, a subset data set, a ControlNet trained on it alone, its synthetic set; then the grid."""
+    from synthmed.data.prepared import read_card
+    from synthmed.data.subsets import nested_fractions, write_subset
+    from synthmed.flow import train_controlnet
+    from synthmed.flow_generate import generate
+
+    d = cfg.downstream
+    synthetic = {}
+    if any(a in SYNTHETIC_ARMS for a in d.arms):
+        rows = read_jsonl(data / "train" / "metadata.jsonl")
+        subsets = nested_fractions(rows, d.fractions, d.subset_seed)
+        for f in d.fractions:
+            base = out / "fractions" / fraction_key(f)
+            sub, model, syn = base / "data", base / "controlnet", base / "synthetic"
+            if not (sub / "dataset.json").is_file():
+                write_subset(data, subsets[f], sub, f)
+            assert read_card(sub)["splits"]["train"]["n"] == len(subsets[f])
+            if not (model / "controlnet" / "config.json").is_file():
+                train_controlnet(sub, cfg.controlnet, model, resume=True)
+            if not (syn / "dataset.json").is_file():
+                generate(sub, model, cfg.generate, syn)
+            synthetic[f] = syn
+    return downstream(data, d, out / "downstream", synthetic)
+
+
+def report(results: Path, out: Path, title: str = "synthmed downstream study") -> Path:
+    """Render a study's results.json into OUT (report.html) with its figures in OUT's folder/figures."""
+    from synthmed.report.study import render_study
+
+    return _render(render_study, results, out, title, Path(results).parent / "downstream_config.yaml")
+
+
+def ablation_report(results: Path, out: Path, title: str = "synthmed study: ablations") -> Path:
+    """Render an ablation study's results.json into OUT with its figures beside it."""
+    from synthmed.report.study import render_ablations
+
+    return _render(render_ablations, results, out, title, Path(results).parent / "run_config.yaml")
+
+
+def _render(renderer, results: Path, out: Path, title: str, config: Path) -> Path:
+    """renderer(results, figures folder, title, config text, environment) -> OUT, figures in OUT's folder/figures (atomic)."""
+    import os
+
+    from synthmed.flow import environment
+    from synthmed.io import atomic_dir
+
+    results, out = Path(results), Path(out)
+    res = read_json(results)
+    folder = out.parent / "figures"
+    with atomic_dir(folder) as tmp:
+        text = renderer(res, tmp, title, config.read_text() if config.is_file() else None, environment())
+    text = text.replace(f"src='{tmp.name}/", "src='figures/")
+    if results.parent.resolve() != out.parent.resolve():
+        text = text.replace("href='results.json'", f"href='{os.path.relpath(results, out.parent)}'")
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, out)
+    return out
+
+
+def ablations(cfg: RunConfig, out: Path, data: Path) -> dict:
+    """One generation run (train > generate > evaluate) per ablation cell, on the same prepared data;
+    a crashed cell writes error.json and the others go on; finished stages and cells are skipped."""
+    from synthmed.config import deep_merge
+    from synthmed.flow import run
+
+    if not cfg.ablations:
+        raise SynthmedError("experiment ablations needs an `ablations:` mapping (cell name -> settings)")
+    base = cfg.model_dump(exclude={"ablations", "quick"})
+    base.update(experiment="generation", data=str(Path(data).resolve()))
+    base["evaluate"]["model_cache"] = base["evaluate"].get("model_cache") or str((out / "cache").resolve())  # one segmenter/classifier for every cell
+    cells = {}
+    for i, (name, over) in enumerate(cfg.ablations.items()):
+        folder = out / "cells" / name
+        try:
+            cell_cfg = RunConfig.model_validate(deep_merge(base, over))
+        except Exception as exc:  # noqa: BLE001
+            raise SynthmedError(f"ablations.{name}: {str(exc).splitlines()[0]}: {str(exc).splitlines()[-1].strip()}") from None
+        if not (folder / "evaluation" / "results.json").is_file():
+            print(f"ablation {i + 1}/{len(cfg.ablations)}: {name}", flush=True)
+            try:
+                run(cell_cfg, folder)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001  (one cell's failure must not stop the others)
+                folder.mkdir(parents=True, exist_ok=True)
+                write_json(folder / "error.json", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+                print(f"ablation {name}: failed ({type(exc).__name__}: {exc}); the other cells go on", flush=True)
+                continue
+        (folder / "error.json").unlink(missing_ok=True)
+        cells[name] = (over, read_json(folder / "evaluation" / "results.json"))
+    results = {"cells": {name: _ablation_row(name, over, res, out) for name, (over, res) in cells.items()},
+               "errors": {name: read_json(out / "cells" / name / "error.json")["error"] for name in cfg.ablations if (out / "cells" / name / "error.json").is_file()},
+               "n_cells": len(cfg.ablations), "base": {k: base[k] for k in ("controlnet", "generate")}}
+    write_json(out / "results.json", results)
+    return results
+
+
+def _ablation_row(name: str, over: dict, res: dict, out: Path) -> dict:
+    """One cell's settings and headline figures (plausibility, fidelity, intended class)."""
+    p, f = res["plausibility"], res["fidelity"]
+    spaces = f.get("feature_spaces") or {}
+    first = next(iter(spaces.values()), {})
+    regen = (f.get("paired") or {}).get("regenerated") or {}
+    return {"settings": over, "dice_generated": p["intervals"]["dice_generated"], "dice_shuffled": p["intervals"]["dice_shuffled"],
+            "dice_real_test": p["intervals"]["dice_real_test"], "per_class_dice": {c: v["dice"] for c, v in p["per_class"]["generated"].items()},
+            "fid": first.get("fid"), "kid": first.get("kid"), "feature_space": next(iter(spaces), None),
+            "ssim_regenerated": regen.get("ssim"), "psnr_regenerated": regen.get("psnr"),
+            "intended_class_accuracy": (res.get("intended_class") or {}).get("accuracy"),
+            "n_generated": p["n_generated"], "report": f"cells/{name}/report.html"}
