@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from synthmed.config import RunConfig, load_yaml_config, save_config
+from synthmed.config import RunConfig, load_yaml_config, overrides, save_config
 from synthmed.flow import demo_config
 from synthmed.io import SynthmedError
 
@@ -43,3 +43,16 @@ def test_shipped_training_config_loads_and_set_overrides_nested_fields():
         overrides(ControlNetConfig, {}, ["lora.rank"])
     with pytest.raises(SynthmedError, match="optimizer: String should match pattern"):
         overrides(ControlNetConfig, {}, ["optimizer=sgd"])
+
+
+@pytest.mark.parametrize("name", ["data_augmentation", "mask_conditioned_generation", "baseline_generation", "ablations"])
+def test_every_experiment_config_and_its_quick_version_validate(name):
+    from synthmed.config import RunConfig, load_yaml_config, quick_version
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml"
+    cfg = load_yaml_config(path, RunConfig)
+    quick = quick_version(cfg, str(path))
+    assert cfg.data is None and cfg.prepare.source == "phantom-histology"  # the embedded default as is ...
+    assert quick.controlnet.steps < cfg.controlnet.steps and quick.prepare.phantom.n_slides < cfg.prepare.phantom.n_slides
+    mine = overrides(RunConfig, cfg.model_dump(), ["data=/my/prepared"])  # ... or a prepared data set by changing one path
+    assert mine.data == "/my/prepared" and mine.experiment == cfg.experiment

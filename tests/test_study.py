@@ -132,3 +132,26 @@ def test_ablations_quick_produces_every_cell_and_they_differ(tmp_path):
                 assert res["cells"][a]["fid"]["value"] != res["cells"][b]["fid"]["value"], (a, b)
     assert len(list((out / "cache").glob("*.safetensors"))) == 2  # one evaluation segmenter and classifier for all cells
     assert "ablations_dice.png" in (out / "report.html").read_text() and (out / "figures" / "ablations_dice.png").is_file()
+
+
+def test_classification_study_reports_its_metrics(phantom_data, tmp_path):
+    """Tissue-type classification on the phantom: accuracy, balanced accuracy, macro-F1, AUC, the rare class's recall."""
+    train = _ids(phantom_data, "train")
+    syn = _fake_synthetic(phantom_data, tmp_path / "syn", train[:3], train)
+    cfg = DownstreamConfig(task="classification", arms=["real", "real+synthetic"], fractions=[1.0], seeds=[0, 1], max_steps=4, eval_every=2,
+                           patience=1, batch_size=4)
+    res = flow_study.downstream(phantom_data, cfg, tmp_path / "study", {1.0: syn})
+    assert res["task"] == "classification" and res["n_finished"] == 4
+    rare = res["rare_class"]
+    labels = [json.loads(x)["label"] for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert labels.count(rare) == min(labels.count(c) for c in set(labels))  # the rarest label, reported on its own
+    s = res["summary"]["f1.00"]["real+synthetic"]
+    for m in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert s[m]["n"] == 2 and 0 <= s[m]["mean"] <= 1, m
+    test_labels = {json.loads(x)["label"] for x in (phantom_data / "test" / "metadata.jsonl").read_text().splitlines()}
+    # a recall needs the class in the test split: otherwise undefined (None), counted as missing, never 0
+    assert s[f"recall {rare}"]["n"] == (2 if rare in test_labels else 0)
+    # AUC needs positives and negatives of a class in the test split: undefined (None, counted missing) with one tissue
+    assert s["auc"]["n"] == (2 if len(test_labels) > 1 else 0) and s["auc"]["n_missing"] == (0 if len(test_labels) > 1 else 2)
+    assert set(s["per_class"]) >= set(labels) | test_labels
+    assert res["comparisons"]["f1.00"]["real+synthetic vs real"]["balanced_accuracy"]["n"] == 2

@@ -89,11 +89,14 @@ class _RealData:
         if seg:
             self.classes = list(card.get("classes") or [])
         else:
-            labels = [r.get("label") for r in self.train.rows]
-            if any(x is None for x in labels):
-                raise SynthmedError(f"{data}: classification needs a label on every training sample")
-            self.classes = sorted({str(x) for x in labels})
+            rows = self.train.rows + self.val.rows + self.test.rows
+            missing = next((r["id"] for r in rows if r.get("label") is None), None)
+            if missing is not None:
+                raise SynthmedError(f"{data}: classification needs a label on every sample; {missing} has none")
+            # every split's labels: a class the training split lacks still counts (recall 0), it is not dropped
+            self.classes = sorted({str(r["label"]) for r in rows})
         self.held_out = set(self.val.ids) | set(self.test.ids)
+        self.absent_from_train = [c for c in self.classes if c not in {str(r.get("label")) for r in self.train.rows}] if not seg else []
         self.index = {sid: i for i, sid in enumerate(self.train.ids)}
         self.rare = cfg.rare_class or self._rarest()
         if self.rare not in self.classes:
@@ -113,7 +116,7 @@ class _RealData:
             counts = [(int((self.train.masks == k).sum()), c) for k, c in enumerate(self.classes, 1)]
         else:
             labels = [str(r.get("label")) for r in self.train.rows]
-            counts = [(labels.count(c), c) for c in self.classes]
+            counts = [(labels.count(c), c) for c in self.classes if c in labels]
         return min(counts)[1]
 
     def pool(self, ids: list[str]):
@@ -229,6 +232,7 @@ def aggregate(out: Path, real: _RealData, cfg: DownstreamConfig, subsets: dict, 
         "task": real.task,
         "classes": real.classes,
         "rare_class": real.rare,
+        "classes_absent_from_train": real.absent_from_train,
         "metrics": list(metrics),
         "per_class_metric": per_class_metric,
         "fractions": {fraction_key(f): {"fraction": f, "n_real": len(subsets[f]), "n_patients": len({real.train.rows[real.index[i]].get("patient_id") for i in subsets[f]}),

@@ -244,12 +244,12 @@ def render_ablations(res: dict, folder: Path, title: str, config_text: str | Non
         first = next(iter(res["cells"].values()))
         space = html.escape(str(first.get("feature_space")))
         parts += [f"<img alt='ablation Dice' src='{ablation_figure(res, folder)}'>",
-                  "<table><tr><th>cell</th><th>settings</th><th>Dice, generated vs own mask</th><th>vs shuffled mask</th>"
+                  "<table style='font-size:.8em'><tr><th>cell</th><th>settings</th><th>Dice, generated vs own mask</th><th>vs shuffled mask</th>"
                   f"<th>FID ({space})</th><th>KID ({space})</th><th>SSIM, same-mask regeneration</th><th>intended class</th><th>report</th></tr>"]
         for name, c in res["cells"].items():
-            parts.append(f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(json.dumps(c['settings']))}</code></td><td>{_bci(c['dice_generated'])}</td>"
+            parts.append(f"<tr><td>{html.escape(name)}</td><td style='text-align:left'><code>{html.escape(json.dumps(c['settings']))}</code></td><td>{_bci(c['dice_generated'])}</td>"
                          f"<td>{_bci(c['dice_shuffled'])}</td><td>{_bci(c['fid'])}</td><td>{_bci(c['kid'])}</td><td>{_bci(c['ssim_regenerated'])}</td>"
-                         f"<td>{_bci(c['intended_class_accuracy'])}</td><td><a href='{html.escape(c['report'])}'>cell report</a></td></tr>")
+                         f"<td>{_bci(c['intended_class_accuracy'])}</td><td><a href='{html.escape(c['report'])}'>report</a></td></tr>")
         parts.append("</table>")
         parts.append(f"<p class='note'>Feature space: {space} (see each cell's report for its description). Intervals: 95% bootstrap over images.</p>")
     if config_text:
