@@ -39,8 +39,8 @@ class PrepareConfig(_Strict):
     """`synthmed prepare FORMAT --root ROOT`: a source data set into the prepared layout."""
 
     source: str = Field("phantom-histology", description="FORMAT (see `synthmed prepare --help`)")
-    root: str | None = Field(None, description="the source download's root folder (not for phantom-histology)")
-    options: dict = Field(default_factory=dict, description="format-specific options (e.g. flag, level, modalities)")
+    root: str | None = Field(None, description="the source download's root folder (not for the generated phantom-histology / phantom-breast)")
+    options: dict = Field(default_factory=dict, description="format-specific options (e.g. flag, level, modalities; phantom-breast: n_patients, images_per_patient, modality)")
     phantom: PhantomConfig = PhantomConfig()
     size: int | None = Field(None, ge=8, description="output size SIZE x SIZE; default: the format's (None = source size)")
     resize: str | None = Field(None, pattern="^(resize|crop|pad)$", description="resize policy; default: the format's")

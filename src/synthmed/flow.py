@@ -39,6 +39,8 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict:
     if cfg.source == PHANTOM:
         p = cfg.phantom
         reader = cls(None, p.model_dump(exclude={"seed"}), seed=p.seed)  # generated: no root
+    elif cls.generated:
+        reader = _generated_reader(cls, cfg)
     else:
         if not cfg.root:
             raise SynthmedError(f"prepare {cfg.source}: --root (the source download's folder) is required")
@@ -67,6 +69,16 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict:
     with task(f"prepare {cfg.source}", 0) as update:
         card = prepare_dataset(reader, out, settings, progress=update, extras={"prepare_config.yaml": config_yaml(cfg)})
     return card
+
+
+def _generated_reader(cls, cfg: PrepareConfig):
+    """A reader that makes its data from a seed: no root; options from cfg.options, the seed from cfg.seed."""
+    if cfg.root:
+        raise SynthmedError(f"prepare {cfg.source}: generated from its seed, it takes no --root")
+    options = dict(cfg.options)
+    if cfg.size is not None and "size" in cls.Options.model_fields:
+        options.setdefault("size", cfg.size)  # render at the asked size (continuous geometry) rather than resize
+    return cls(None, options, seed=cfg.seed)
 
 
 def environment() -> dict:

@@ -130,3 +130,16 @@ def test_per_class_skips_classes_with_too_few_samples():
     out = per_class(frechet_distance, a, la, b, lb, classes=[0, 1, 2], min_count=5)
     assert out[0]["value"] == pytest.approx(frechet_distance(a[:30], b[:30])) and out[0]["n_a"] == 30
     assert out[2] == {"value": None, "n_a": 1, "n_b": 0}
+
+
+@pytest.mark.parametrize("n_a, n_b, d", [(300, 200, 16), (40, 400, 64)])  # full rank, and rank-deficient as in small evaluations
+def test_eigenvalue_form_equals_the_sqrtm_form(n_a, n_b, d):
+    import warnings
+
+    from synthmed.evaluation.fidelity import frechet_distance_eig
+
+    a, b = gauss(n_a, d, seed=8), gauss(n_b, d, 0.2, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = frechet_distance(a, b)
+    assert frechet_distance_eig(a, b) == pytest.approx(exact, rel=1e-7)

@@ -1,3 +1,4 @@
+import json
 """`train controlnet` end to end (flow function and CLI): every mode writes what plain diffusers loads."""
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_joint_lora_and_controlnet_load_in_plain_diffusers_and_generate(tiny_bac
     assert len(list((syn / "train" / "images").glob("*.png"))) == 2
 
 
-def test_text_mode_writes_a_pipeline_folder_and_generate_refuses_it(tiny_backbone_dir, phantom_data, tmp_path):
+def test_text_mode_writes_a_pipeline_folder_and_generates_from_prompts_alone(tiny_backbone_dir, phantom_data, tmp_path):
     run = flow.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, conditioning_mode="text", lora={"rank": 2}, lr=1e-2), tmp_path / "run")
     assert read_json(run / "training.json")["outputs"] == {"unet_lora": "unet_lora", "backbone": "backbone"}
     tuned = StableDiffusionPipeline.from_pretrained(run / "backbone", safety_checker=None)
@@ -55,8 +56,12 @@ def test_text_mode_writes_a_pipeline_folder_and_generate_refuses_it(tiny_backbon
     assert not torch.equal(tuned.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight,
                            original.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight)  # LoRA fused in
     assert torch.equal(tuned.unet.conv_in.weight, original.unet.conv_in.weight)
-    with pytest.raises(SynthmedError, match="has no ControlNet"):
-        flow.generate(phantom_data, run, GenerateConfig(n_samples=1, steps=1), tmp_path / "syn")
+    with pytest.raises(SynthmedError, match="filter.by dice does not apply"):  # its images follow prompts, not masks
+        flow.generate(phantom_data, run, GenerateConfig(n_samples=1, steps=1, filter={"by": "dice"}), tmp_path / "refused")
+    syn = flow.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=2, filter={"by": "none"}), tmp_path / "syn")
+    rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all((syn / "train" / r["file_name"]).is_file() for r in rows)
+    assert rows[0]["provenance"]["model_hash"] and rows[0]["provenance"]["source_mask_id"]  # the layout whose prompt it drew, on record
 
 
 def test_lora_before_then_controlnet_and_an_unlocked_decoder(tiny_backbone_dir, phantom_data, tmp_path):

@@ -432,7 +432,7 @@ def _card(reader: Reader, rows, skipped, settings: PrepareSettings, split_method
     chans = {1 if len(sh) == 2 else sh[2] for sh in shapes}
     return {
         "name": reader.name,
-        "root": None if reader.name == "phantom-histology" else str(reader.root),
+        "root": None if reader.generated else str(reader.root),
         **base,
         "image_size": list(sizes.pop()) if len(sizes) == 1 else None,  # None: sizes vary (prepare with --size)
         "channels": chans.pop() if len(chans) == 1 else None,  # None: grey and RGB mixed (-o channels=grey|rgb)

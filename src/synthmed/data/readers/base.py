@@ -47,6 +47,8 @@ class Reader:
     default_conditioning: ClassVar[tuple[str, ...]] = ("colour",)
     default_size: ClassVar[int | None] = None
     default_resize: ClassVar[str] = "pad"
+    # Made from a seed, not read from ROOT: flow.prepare passes no root, and the seed and size of the run.
+    generated: ClassVar[bool] = False
 
     def __init__(self, root: Path, options: dict | None = None, seed: int = 0):
         self.root = Path(root)
@@ -81,6 +83,7 @@ class Reader:
 READERS: dict[str, str] = {
     # format name -> "module:Class" (imported lazily: each reader pulls in its own libraries)
     "phantom-histology": "synthmed.data.readers.phantom:PhantomReader",
+    "phantom-breast": "synthmed.data.readers.phantom_breast:PhantomBreastReader",
     "medmnist": "synthmed.data.readers.medmnist:MedMNISTReader",
     "pannuke": "synthmed.data.readers.pannuke:PanNukeReader",
     "bci": "synthmed.data.readers.bci:BCIReader",

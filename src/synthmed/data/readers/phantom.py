@@ -19,6 +19,7 @@ class PhantomOptions(BaseModel):
 class PhantomReader(Reader):
     name = "phantom-histology"
     patient_unit = "slide"
+    generated = True
     layout = "nothing: the phantom is generated from its seed"
     Options = PhantomOptions
 
