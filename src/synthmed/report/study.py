@@ -14,6 +14,7 @@ import numpy as np
 
 from synthmed.io import load_png
 from synthmed.report.html import _CSS, _fmt
+from synthmed.report.html import _ci as _boot_ci
 
 ARM_COLOURS = {"real": "#37c", "real+synthetic": "#2a7", "synthetic-only": "#c73", "real+classic": "#888", "real+synthetic+classic": "#7a3"}
 
@@ -196,21 +197,7 @@ def render_study(res: dict, folder: Path, title: str, config_text: str | None = 
                 parts.append(f"<p>Synthetic samples for this fraction (conditioning above, image below), from a ControlNet trained on these {frac['n_real']} samples only:</p>"
                              f"<img class='grid' alt='samples {fk}' src='{grid}'>")
     parts.append("<h2>Protocol</h2><ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in res["protocol"].items()) + "</ul>")
-    if config_text:
-        parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
-    if environment:
-        parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in environment.items()) + "</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def _bci(x: dict | None) -> str:
-    """A bootstrap result as 'value [low, high] (n)'."""
-    if not x or x.get("value") is None:
-        return "n/a"
-    n = x.get("n")
-    n = " / ".join(map(str, n)) if isinstance(n, list) else n
-    return f"{_fmt(float(x['value']))} [{_fmt(float(x['low']))}, {_fmt(float(x['high']))}] (n = {n})"
+    return "\n".join(parts + _footer(config_text, environment))
 
 
 def ablation_figure(res: dict, folder: Path) -> str:
@@ -247,14 +234,17 @@ def render_ablations(res: dict, folder: Path, title: str, config_text: str | Non
                   "<table style='font-size:.8em'><tr><th>cell</th><th>settings</th><th>Dice, generated vs own mask</th><th>vs shuffled mask</th>"
                   f"<th>FID ({space})</th><th>KID ({space})</th><th>SSIM, same-mask regeneration</th><th>intended class</th><th>report</th></tr>"]
         for name, c in res["cells"].items():
-            parts.append(f"<tr><td>{html.escape(name)}</td><td style='text-align:left'><code>{html.escape(json.dumps(c['settings']))}</code></td><td>{_bci(c['dice_generated'])}</td>"
-                         f"<td>{_bci(c['dice_shuffled'])}</td><td>{_bci(c['fid'])}</td><td>{_bci(c['kid'])}</td><td>{_bci(c['ssim_regenerated'])}</td>"
-                         f"<td>{_bci(c['intended_class_accuracy'])}</td><td><a href='{html.escape(c['report'])}'>report</a></td></tr>")
+            parts.append(f"<tr><td>{html.escape(name)}</td><td style='text-align:left'><code>{html.escape(json.dumps(c['settings']))}</code></td><td>{_boot_ci(c['dice_generated'])}</td>"
+                         f"<td>{_boot_ci(c['dice_shuffled'])}</td><td>{_boot_ci(c['fid'])}</td><td>{_boot_ci(c['kid'])}</td><td>{_boot_ci(c['ssim_regenerated'])}</td>"
+                         f"<td>{_boot_ci(c['intended_class_accuracy'])}</td><td><a href='{html.escape(c['report'])}'>report</a></td></tr>")
         parts.append("</table>")
         parts.append(f"<p class='note'>Feature space: {space} (see each cell's report for its description). Intervals: 95% bootstrap over images.</p>")
-    if config_text:
-        parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
+    return "\n".join(parts + _footer(config_text, environment))
+
+
+def _footer(config_text: str | None, environment: dict | None) -> list[str]:
+    """The config and environment sections and the end of the page."""
+    out = [f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>"] if config_text else []
     if environment:
-        parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in environment.items()) + "</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        out.append("<h2>Environment</h2><table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in environment.items()) + "</table>")
+    return out + ["</body></html>"]
