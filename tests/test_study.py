@@ -155,3 +155,14 @@ def test_classification_study_reports_its_metrics(phantom_data, tmp_path):
     assert s["auc"]["n"] == (2 if len(test_labels) > 1 else 0) and s["auc"]["n_missing"] == (0 if len(test_labels) > 1 else 2)
     assert set(s["per_class"]) >= set(labels) | test_labels
     assert res["comparisons"]["f1.00"]["real+synthetic vs real"]["balanced_accuracy"]["n"] == 2
+
+
+def test_baseline_generation_quick_runs_text_only_end_to_end(tmp_path):
+    out = tmp_path / "baseline"
+    proc = run_cli("run", "experiments/baseline_generation.yaml", "--quick", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    training = json.loads((out / "controlnet" / "training.json").read_text())
+    assert training["conditioning_mode"] == "text" and "controlnet" not in training["outputs"]  # prompts alone
+    res = json.loads((out / "evaluation" / "results.json").read_text())
+    assert res["fidelity"]["feature_spaces"]["domain"]["fid"]["value"] is not None
+    assert res["fidelity"]["paired"]["regenerated"]["ssim"]["n"] > 0 and (out / "report.html").is_file()
