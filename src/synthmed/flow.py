@@ -160,6 +160,17 @@ def write_results(out: Path, results: dict) -> None:
     write_json(Path(out) / "results.json", results)
 
 
+def open_resumable(out: Path, kind: str, resume: bool = True) -> None:
+    """An output folder that a later run of the same kind may continue; refuses one holding anything else."""
+    from synthmed.io import RUN_MARKER
+
+    check_new_output(out, allow_resume=resume)
+    marker = out / RUN_MARKER
+    if marker.is_file() and marker.read_text().strip() != kind:
+        raise SynthmedError(f"{out}: holds another kind of synthmed output ({marker.read_text().strip()}), not {kind}")
+    _mark_run(out, kind)
+
+
 def _mark_run(out: Path, kind: str) -> None:
     """Create an output folder that a later --resume may continue."""
     from synthmed.io import RUN_MARKER
@@ -364,13 +375,10 @@ def run(cfg: RunConfig, out: Path, resume: bool = True) -> dict:
     Each stage writes its own subfolder atomically, so re-running on the same folder skips
     finished stages and continues an interrupted ControlNet training from its checkpoint.
     """
-    from synthmed.io import RUN_MARKER, read_json
+    from synthmed.io import read_json
 
     out = Path(out)
-    check_new_output(out, allow_resume=resume)
-    if out.is_dir() and any(out.iterdir()) and (out / RUN_MARKER).read_text().strip() != "run":
-        raise SynthmedError(f"{out}: holds another kind of synthmed output, not a run")
-    _mark_run(out, "run")
+    open_resumable(out, "run", resume)
     save_config(cfg, out / "run_config.yaml")
     started = time.time()
     data = Path(cfg.data) if cfg.data else out / "data"

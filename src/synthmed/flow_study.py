@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.config import DownstreamConfig, RunConfig, save_config
-from synthmed.io import RUN_MARKER, SynthmedError, check_new_output, read_json, read_jsonl, write_json
+from synthmed.io import SynthmedError, read_json, read_jsonl, write_json
 from synthmed.progress import task
 
 SYNTHETIC_ARMS = ("real+synthetic", "synthetic-only", "real+synthetic+classic")
@@ -38,8 +38,10 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
     from synthmed.data.prepared import read_card
     from synthmed.data.subsets import nested_fractions
 
+    from synthmed.flow import open_resumable
+
     data, out = Path(data), Path(out)
-    _open(out, "downstream")
+    open_resumable(out, "downstream")
     save_config(cfg, out / "downstream_config.yaml")
     card = read_card(data)
     real = _RealData(data, cfg, card)
@@ -63,16 +65,6 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
     results["seconds_this_invocation"] = round(time.time() - started, 1)
     write_json(out / "results.json", results)
     return results
-
-
-def _open(out: Path, kind: str) -> None:
-    """A resumable output folder of one kind."""
-    check_new_output(out, allow_resume=True)
-    marker = out / RUN_MARKER
-    if marker.is_file() and marker.read_text().strip() != kind:
-        raise SynthmedError(f"{out}: holds another kind of synthmed output ({marker.read_text().strip()}), not {kind}")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(kind + "\n")
 
 
 class _RealData:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -35,6 +36,12 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @cached_property
+    def balanced_p(self) -> np.ndarray:
+        """Draw probabilities 1 / (count of the sample's label), normalised: every label equally likely per draw."""
+        p = 1.0 / np.bincount(self.targets)[self.targets]
+        return p / p.sum()
 
 
 @dataclass
@@ -77,12 +84,7 @@ def draw(pools: list[Pool], batch_size: int, step: int, seed: int, mix: float | 
     for pool, n in zip(pools, sizes):
         if n == 0:
             continue
-        p = None
-        if balanced_labels:
-            counts = np.bincount(pool.targets)
-            p = 1.0 / counts[pool.targets]
-            p /= p.sum()
-        idx = rng.choice(len(pool), n, replace=True, p=p)
+        idx = rng.choice(len(pool), n, replace=True, p=pool.balanced_p if balanced_labels else None)
         images.append(pool.images[idx])
         targets.append(pool.targets[idx])
     return np.concatenate(images), np.concatenate(targets)

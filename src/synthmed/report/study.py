@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.io import load_png
-from synthmed.report.html import _CSS, _fmt
+from synthmed.report.html import _CSS, _fmt, _rgb
 from synthmed.report.html import _ci as _boot_ci
 
 ARM_COLOURS = {"real": "#37c", "real+synthetic": "#2a7", "synthetic-only": "#c73", "real+classic": "#888", "real+synthetic+classic": "#7a3"}
@@ -117,10 +117,6 @@ def sample_grid(synthetic: str, folder: Path, name: str, n: int = 8) -> str | No
     path = folder / f"samples_{name}.png"
     Image.fromarray(grid).save(path)
     return f"{folder.name}/{path.name}"
-
-
-def _rgb(x: np.ndarray) -> np.ndarray:
-    return np.repeat(x[..., None], 3, -1) if x.ndim == 2 else x[..., :3]
 
 
 def _ci(r: dict | None) -> str:
