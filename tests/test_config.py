@@ -56,3 +56,22 @@ def test_every_experiment_config_and_its_quick_version_validate(name):
     assert quick.controlnet.steps < cfg.controlnet.steps and quick.prepare.phantom.n_slides < cfg.prepare.phantom.n_slides
     mine = overrides(RunConfig, cfg.model_dump(), ["data=/my/prepared"])  # ... or a prepared data set by changing one path
     assert mine.data == "/my/prepared" and mine.experiment == cfg.experiment
+
+
+def test_breast_experiment_and_real_data_configs_validate_with_their_quick_versions():
+    from synthmed.config import RunConfig, load_yaml_config, quick_version
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_yaml_config(root / "experiments" / "breast_classification.yaml", RunConfig)
+    assert cfg.prepare.source == "phantom-breast" and cfg.controlnet.backbone == "tiny-breast"
+    assert cfg.downstream.task == "classification" and cfg.downstream.label_field == "cancer" and cfg.downstream.positive_class == "cancerous"
+    assert len(cfg.downstream.seeds) >= 3 and 1.0 in cfg.downstream.fractions and cfg.steering.n_maps > 0
+    assert quick_version(cfg).controlnet.steps < cfg.controlnet.steps
+    for name, source in (("breast_busi", "busi"), ("breast_cbis_ddsm", "cbis-ddsm"), ("breast_breastmnist", "medmnist")):
+        real = load_yaml_config(root / "configs" / f"{name}.yaml", RunConfig)
+        assert real.prepare.source == source and real.prepare.root is None and real.downstream.label_map
+        assert set(real.downstream.label_map.values()) == {"cancerous", "non-cancerous"}
+        quick = quick_version(real)
+        assert quick.controlnet.backbone == "tiny-breast" and quick.prepare.size == 64
+        mine = overrides(RunConfig, quick.model_dump(), ["prepare.root=/data/x"])
+        assert mine.prepare.root == "/data/x"

@@ -166,3 +166,51 @@ def test_baseline_generation_quick_runs_text_only_end_to_end(tmp_path):
     res = json.loads((out / "evaluation" / "results.json").read_text())
     assert res["fidelity"]["feature_spaces"]["domain"]["fid"]["value"] is not None
     assert res["fidelity"]["paired"]["regenerated"]["ssim"]["n"] > 0 and (out / "report.html").is_file()
+
+
+def test_binary_study_through_label_map_scores_the_positive_class(phantom_data, tmp_path):
+    """label_map merges labels into two targets (as benign/normal -> non-cancerous); AUC and sensitivity at 90% specificity are the positive class's."""
+    rows = [json.loads(x) for s in ("train", "validation", "test") for x in (phantom_data / s / "metadata.jsonl").read_text().splitlines()]
+    tissues = sorted({r["label"] for r in rows})
+    first = tissues[0]
+    cfg = DownstreamConfig(task="classification", arms=["real"], fractions=[1.0], seeds=[0], max_steps=4, eval_every=2, patience=1, batch_size=4,
+                           label_map={t: ("pos" if t == first else "neg") for t in tissues}, positive_class="pos")
+    res = flow_study.downstream(phantom_data, cfg, tmp_path / "study")
+    assert res["classes"] == ["neg", "pos"] and res["positive_class"] == "pos" and res["label_map"][first] == "pos"
+    assert "sensitivity_at_90_specificity" in res["metrics"] and res["metrics"][0] == "auc"
+    cell = json.loads((tmp_path / "study" / "cells" / "f1.00" / "real" / "seed0" / "result.json").read_text())
+    test = [r for r in rows if r["split"] == "test"]
+    assert cell["test"]["per_class"]["pos"]["n"] == sum(r["label"] == first for r in test)
+    with pytest.raises(SynthmedError, match="positive_class 'x'"):
+        flow_study.downstream(phantom_data, cfg.model_copy(update={"positive_class": "x"}), tmp_path / "other")
+
+
+def test_breast_classification_quick_study_end_to_end(tmp_path):
+    """experiments/breast_classification.yaml --quick: greyscale synthesis from edge maps, a cancer classifier per arm,
+    edge-map fidelity above the shuffled floor, and class steering, all in results.json and the report."""
+    from PIL import Image
+
+    out = tmp_path / "breast"
+    proc = run_cli("run", "experiments/breast_classification.yaml", "--quick", "--out", str(out), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "downstream" / "results.json").read_text())
+    assert res["task"] == "classification" and res["classes"] == ["cancerous", "non-cancerous"] and res["positive_class"] == "cancerous"
+    assert res["n_finished"] == res["n_cells"] and not res["errors"]
+    assert {"auc", "sensitivity_at_90_specificity", "balanced_accuracy", "recall cancerous"} <= set(res["metrics"])
+    for fk in res["fractions"]:
+        syn = out / "fractions" / fk / "synthetic"
+        rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
+        assert rows and all(Image.open(syn / "train" / r["file_name"]).mode == "L" for r in rows)  # 1 channel in, 1 out
+        assert all(r["cancer"] == ("cancerous" if r["label"] == "malignant" else "non-cancerous") for r in rows)
+        edges = res["edge_fidelity"][fk]
+        assert edges["n"] == len(rows) and edges["edge_map"] == "canny"
+        # each generated image's Canny map matches its own conditioning map better than a shuffled one
+        assert edges["f"]["value"] > edges["f_shuffled"]["value"] and edges["better_than_shuffled"] > 0.5
+        steer = res["steering"][fk]
+        assert steer["class_to_target"] == {"malignant": "cancerous", "benign": "non-cancerous"}
+        assert steer["n_trials"] == 2 * steer["n_maps"] and "agreement_conflicting" in steer and "edge_effect" in steer
+        assert all(Path(v["path"]).is_file() for g in steer["grid"] for v in g["renders"].values())
+    text = (out / "report.html").read_text()
+    assert "Edge-map fidelity" in text and "Class steering" in text and "documented failure case" in text
+    for src in [s.split("'")[0] for s in text.split("src='")[1:]]:
+        assert (out / src).is_file(), src

@@ -322,10 +322,10 @@ def run(
     from synthmed.config import RunConfig, load_yaml_config, overrides, quick_version
 
     cfg = load_yaml_config(config, RunConfig)
+    if quick:  # first: --set wins over the quick section too
+        cfg = quick_version(cfg, str(config))
     if set_:
         cfg = overrides(RunConfig, cfg.model_dump(), set_)
-    if quick:
-        cfg = quick_version(cfg, str(config))
     _summary(flow.run(cfg, out), out)
 
 

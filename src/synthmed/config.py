@@ -28,10 +28,10 @@ class PhantomConfig(_Strict):
 class ConditioningConfig(_Strict):
     """What the ControlNet is conditioned on: builders stacked in this order (channels add up)."""
 
-    builders: list[str] | None = Field(None, description="colour, binary, onehot, boundary, canny, source, given; default: the format's")
-    canny_sigma: float = Field(1.5, gt=0)
-    canny_low: float = Field(0.05, ge=0, description="hysteresis thresholds on the gradient of the [0, 1] greyscale image")
-    canny_high: float = Field(0.15, ge=0)
+    builders: list[str] | None = Field(None, description="colour, binary, onehot, boundary, canny, soft (soft edges), source, given; default: the format's")
+    canny_sigma: float | None = Field(None, gt=0, description="Gaussian smoothing of canny and soft edges; default: the format's (1.5 if it has none)")
+    canny_low: float | None = Field(None, ge=0, description="hysteresis thresholds on the gradient of the [0, 1] greyscale image; default: the format's (0.05 / 0.15)")
+    canny_high: float | None = Field(None, ge=0)
     canny_region: str = Field("image", pattern="^(image|lesion)$")
 
 
@@ -190,6 +190,10 @@ class GenerateConfig(_Strict):
                                                              "thread count, so bit-identical samples across runs need the same value")
     seed: int = 0
     filter: FilterConfig = FilterConfig()
+    grey_max_colour: float | None = Field(6.0, ge=0, description="greyscale data (card channels 1): the VAE decodes 3 channels, saved as their mean; a draw "
+                                                                 "whose channels differ from that mean by more than this many grey levels (mean absolute, 0-255) "
+                                                                 "is colour, not grey, and is redrawn like a filter reject, then dropped (None: keep all; "
+                                                                 "the residual is recorded either way)")
     export: list[str] = Field(default_factory=list, description="also write OUT/export/<format>: folder, medmnist, pannuke")
 
 
@@ -209,6 +213,7 @@ class EvaluateConfig(_Strict):
     memorisation_quantile: float = Field(0.01, gt=0, lt=1, description="near-copy: closer to training than this quantile of real test images")
     memorisation_ratio: float | None = Field(0.5, gt=0, lt=1, description="... and nearest/second-nearest distance ratio below this")
     model_cache: str | None = Field(None, description="folder where the evaluation segmenter and domain classifier are saved and reused for the same data, settings and seed")
+    edge_tolerance: float = Field(2.0, ge=0, description="edge-map fidelity: pixels within which a generated image's edge counts as matching its conditioning edge map")
     paired_regeneration: int = Field(64, ge=0, description="real validation masks drawn again with the model for paired SSIM/PSNR/MS-SSIM/LPIPS (0: off)")
     lpips_alexnet: str | None = Field(None, description="torchvision's alexnet-owt-7be5be79.pth for LPIPS (default: SYNTHMED_LPIPS_ALEXNET, then the torch hub cache)")
     lpips_lin: str | None = Field(None, description="LPIPS v0.1 alex.pth linear heads (default: SYNTHMED_LPIPS_LIN, then the installed lpips package's file)")
@@ -232,6 +237,11 @@ class DownstreamConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
     arch: Literal["resnet", "densenet"] = Field("resnet", description="classification network (MONAI)")
     rare_class: str | None = Field(None, description="the class reported on its own (default: the rarest in the train split)")
+    label_field: str = Field("label", description="classification: the metadata column that is the target (e.g. cancer: cancerous / non-cancerous)")
+    label_map: dict[str, str] | None = Field(None, description="classification: values of label_field merged into targets, e.g. {malignant: cancerous, "
+                                                               "benign: non-cancerous, normal: non-cancerous}; unmapped values are kept")
+    positive_class: str | None = Field(None, description="binary classification: the class whose probability gives AUC and sensitivity at 90% "
+                                                         "specificity (default: the rare class)")
 
     @field_validator("fractions")
     @classmethod
@@ -239,6 +249,19 @@ class DownstreamConfig(_Strict):
         if not v or any(not 0 < f <= 1 for f in v):
             raise ValueError(f"fractions must lie in (0, 1], got {v}")
         return sorted(set(v))
+
+
+class SteeringConfig(_Strict):
+    """Class steering: real validation maps rendered as each class, judged by a classifier trained on the real train split."""
+
+    n_maps: int = Field(0, ge=0, description="real validation conditioning maps, each rendered once per class (0: off)")
+    field: str = Field("label", description="the metadata column whose values are steered by the prompt (e.g. label: malignant / benign)")
+    classes: list[str] | None = Field(None, description="the values rendered (default: every value of `field` in the validation split)")
+    target_field: str | None = Field(None, description="the classifier's target (default: downstream.label_field), e.g. cancer")
+    positive: str | None = Field(None, description="the target class whose probability is the prompt/edge effect (default: downstream.positive_class, else the rarest)")
+    match_field: str | None = Field("modality", description="a render's prompt is the most frequent training prompt of its class with the map's value of this field")
+    classifier_steps: int = Field(600, ge=1)
+    seed: int = 0
 
 
 class RunConfig(_Strict):
@@ -252,6 +275,7 @@ class RunConfig(_Strict):
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     downstream: DownstreamConfig = DownstreamConfig()
+    steering: SteeringConfig = SteeringConfig()
     ablations: dict[str, dict] = Field(default_factory=dict, description="experiment ablations: cell name -> settings laid over this config (e.g. {shallow: {controlnet: {depth: 'shallow:1'}}})")
     quick: dict = Field(default_factory=dict, description="settings that `synthmed run --quick` lays over the others (a test-sized run)")
 

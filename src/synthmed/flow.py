@@ -31,7 +31,7 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict:
     import hashlib
     import os
 
-    from synthmed.data.conditioning import ConditioningSpec
+    from synthmed.data.conditioning import CANNY_DEFAULTS, ConditioningSpec
     from synthmed.data.pipeline import PrepareSettings, prepare_dataset
     from synthmed.data.readers.base import reader_class
 
@@ -48,8 +48,10 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict:
     cond = cfg.conditioning
     classes = reader.card().get("classes", [])
     try:
-        spec = ConditioningSpec(tuple(cond.builders or reader.default_conditioning), cond.canny_sigma, cond.canny_low,
-                                cond.canny_high, cond.canny_region, n_classes=max(1, len(classes)))
+        edges = {**CANNY_DEFAULTS, **getattr(reader, "default_canny", {}),
+                 **{k: v for k, v in (("sigma", cond.canny_sigma), ("low", cond.canny_low), ("high", cond.canny_high)) if v is not None}}
+        spec = ConditioningSpec(tuple(cond.builders or reader.default_conditioning), edges["sigma"], edges["low"], edges["high"],
+                                cond.canny_region, n_classes=max(1, len(classes)))
     except ValueError as exc:
         raise SynthmedError(f"conditioning: {exc}") from None
     identity = cfg.model_copy(update={"workers": 0, "skip_bad": False, "root": str(Path(cfg.root).resolve()) if cfg.root else None})
@@ -287,6 +289,7 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
             "paired": pairs,
             "feature_spaces": fe.fidelity(feats, train, [r.get("label") for r in syn.rows], cfg),
         },
+        "edge_fidelity": _edge_fidelity(data, synthetic, syn, regen, cfg),
         "memorisation": mem,
         "intended_class": fe.intended_class(spaces, syn.images, [r.get("label") for r in syn.rows], cfg),
         "inputs": {"data": str(Path(data).resolve()), "synthetic": str(Path(synthetic).resolve()), "classes": classes},
@@ -314,6 +317,23 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
         write_results(tmp, results)
         save_config(cfg, tmp / "evaluate_config.yaml")
     return results
+
+
+def _edge_fidelity(data: Path, synthetic: Path, syn, regen, cfg) -> dict | None:
+    """Edge-map fidelity of the synthetic set (and of the same-mask regenerations), None without an edge channel."""
+    from synthmed import flow_evaluate as fe
+    from synthmed.data.prepared import load_conditioning, read_card
+
+    card = read_card(data)
+    synthetic_set = fe.edge_fidelity(card, syn.images, load_conditioning(syn), syn.masks, cfg, "generated images vs their conditioning edge maps")
+    if synthetic_set is None:
+        return None
+    out = {"synthetic": synthetic_set}
+    if regen is not None:
+        val, images, pick = regen
+        out["regenerated"] = fe.edge_fidelity(card, images, load_conditioning(val)[pick], None if val.masks is None else val.masks[pick], cfg,
+                                              "same-mask regeneration: real validation edge maps drawn again, vs those maps")
+    return out
 
 
 def _grid_order(same: np.ndarray) -> list[int]:

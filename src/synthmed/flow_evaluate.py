@@ -195,6 +195,40 @@ def interval(values: np.ndarray, cfg) -> dict:
     return bootstrap_ci(values, np.mean, n_boot=cfg.n_boot, seed=cfg.seed) if len(values) else {"value": None, "low": None, "high": None, "n": 0}
 
 
+def edge_fidelity(card: dict, images: np.ndarray, cond: np.ndarray, masks: np.ndarray | None, cfg, what: str) -> dict | None:
+    """Edge maps of generated images (the data set's own Canny / soft-edge settings) vs the edge maps they were
+    conditioned on: boundary precision, recall and F within `cfg.edge_tolerance` px, and the same for a shuffled
+    pairing (the floor). None where the conditioning has no edge channel."""
+    from synthmed.data.conditioning import canny_edges, soft_edges, spec_from_card
+    from synthmed.evaluation.edges import edge_scores
+    from synthmed.evaluation.metrics import derangement
+
+    spec = spec_from_card(card)
+    names = (card.get("conditioning") or {}).get("channel_names") or []
+    kind = next((b for b in ("canny", "soft") if b in names), None)
+    if kind is None or len(images) < 2:
+        return None
+    ref = cond[..., names.index(kind)] >= (1 if kind == "canny" else 128)  # (N, H, W); soft maps binarised at half height
+    draw = canny_edges if kind == "canny" else soft_edges
+    pred = np.stack([draw(im, spec, None if masks is None else m) >= (1 if kind == "canny" else 128)
+                     for im, m in zip(images, masks if masks is not None else [None] * len(images))])
+    perm = derangement(len(images), cfg.seed)
+    own, shuffled = edge_scores(pred, ref, cfg.edge_tolerance), edge_scores(pred, ref[perm], cfg.edge_tolerance)
+    return {
+        "pairs": what,
+        "edge_map": kind + ("" if kind == "canny" else " (binarised at 128)"),
+        "settings": {"sigma": spec.canny_sigma, "low": spec.canny_low, "high": spec.canny_high, "region": spec.canny_region},
+        "tolerance_px": cfg.edge_tolerance,
+        "f": interval(own["f"], cfg), "precision": interval(own["precision"], cfg), "recall": interval(own["recall"], cfg),
+        "f_shuffled": interval(shuffled["f"], cfg),
+        "f_minus_shuffled": interval(own["f"] - shuffled["f"], cfg),  # per image: its own map vs another's
+        "better_than_shuffled": float(np.nanmean(own["f"] > shuffled["f"])) if np.isfinite(own["f"] - shuffled["f"]).any() else None,
+        "n": int(len(images)),
+        "protocol": "BSDS boundary F-score, distance-tolerance form (a pixel counts as matched if the other map has an edge pixel "
+                    "within the tolerance, Euclidean); shuffled: each image against another sample's map (a seeded derangement)",
+    }
+
+
 def regenerate(data, model, synthetic, n: int, seed: int, device: str):
     """Same-mask regeneration: up to n real validation samples' conditioning, drawn again with the trained
     model and the synthetic set's sampler settings. -> (validation split, images, row indices) or None.
@@ -208,7 +242,7 @@ def regenerate(data, model, synthetic, n: int, seed: int, device: str):
 
     from synthmed.config import GenerateConfig, load_yaml_config
     from synthmed.data.prepared import load_conditioning, load_split, read_card
-    from synthmed.flow_generate import _prompt_rule, _sampler
+    from synthmed.flow_generate import _prompt_rule, _sampler, as_rgb, decoded, grey_limit
     from synthmed.generation.plan import sample_seed
     from synthmed.io import read_json
 
@@ -231,7 +265,8 @@ def regenerate(data, model, synthetic, n: int, seed: int, device: str):
             seeds = [sample_seed(seed, int(i), 0) for i in pick[b]]
             images.append(sampler(cond[b], prompts[b], seeds) if sampler.controlnet is not None else sampler(None, prompts[b], seeds, size=cond.shape[1:3]))
             update(min(s + gen.batch_size, len(pick)))
-    return val, np.concatenate(images), pick
+    grey, _ = decoded(np.concatenate(images), grey_limit(data, gen))  # greyscale data: compared as stored
+    return val, as_rgb(grey), pick
 
 
 def paired_metrics(generated: np.ndarray, real: np.ndarray, cfg, what: str) -> dict:
@@ -312,3 +347,105 @@ def data_key(data, split) -> dict:
 
     return {"data": str(data.resolve()), "fingerprint": read_card(data).get("fingerprint"),
             "train_ids": hashlib.sha256("\n".join(split.ids).encode()).hexdigest()[:16]}
+
+
+def steering(data, model, gen, cfg, ecfg, target_field: str, positive: str | None, out, device: str, label_map: dict | None = None) -> dict:
+    """Class steering (SteeringConfig `cfg`): each of cfg.n_maps real validation maps rendered once per class, with the
+    same seed, judged by a classifier trained on the real train split's `target_field`. Grid images go to `out`;
+    `gen` (GenerateConfig) gives the sampler settings, `ecfg` (EvaluateConfig) the intervals, edge tolerance and model cache.
+
+    Validation maps, as for same-mask regeneration: the model never trained on them and nothing from test feeds it."""
+    from collections import Counter
+    from pathlib import Path
+
+    import torch
+
+    from synthmed.data.prepared import load_conditioning, load_split, read_card
+    from synthmed.evaluation.classifier import build_classifier, predict_proba, train_classifier
+    from synthmed.evaluation.steering import steering_scores
+    from synthmed.flow_generate import _prompt_rule, _sampler, as_rgb, decoded, grey_limit, has_controlnet
+    from synthmed.generation.plan import sample_seed
+    from synthmed.io import read_json, save_png
+
+    data, model, out = Path(data), Path(model), Path(out)
+    training = read_json(model / "training.json")
+    if training.get("conditioning_mode") == "mask":
+        return {"skipped": f"{model}: trained with conditioning_mode mask (empty prompts): a prompt cannot steer it"}
+    if not has_controlnet(training):
+        return {"skipped": f"{model}: a text-only model has no conditioning map to hold fixed"}
+    train, val = load_split(data, "train"), load_split(data, "validation")
+    field, match = cfg.field, cfg.match_field
+    classes = cfg.classes or sorted({str(r.get(field)) for r in val.rows if r.get(field) is not None})
+    def target_of(r):  # the classifier's class of a row: target_field through label_map (as the downstream study reads it)
+        return (label_map or {}).get(str(r.get(target_field)), str(r.get(target_field)))
+
+    # target of each steered value, from the training rows (e.g. label malignant -> cancer cancerous)
+    to_target = {c: Counter(target_of(r) for r in train.rows if str(r.get(field)) == c).most_common(1) for c in classes}
+    if any(not v for v in to_target.values()):
+        raise SynthmedError(f"{data}: steering classes {[c for c, v in to_target.items() if not v]} have no training rows with {field!r}")
+    to_target = {c: v[0][0] for c, v in to_target.items()}
+    targets = sorted({target_of(r) for r in train.rows})
+    if len(targets) < 2:
+        raise SynthmedError(f"{data}: steering needs 2+ classes of {target_field!r} in the train split")
+    rng = np.random.default_rng(cfg.seed)
+    per = max(1, cfg.n_maps // len(classes))
+    pick = [int(i) for c in classes for i in rng.permutation([j for j, r in enumerate(val.rows) if str(r.get(field)) == c])[:per]]
+    prompts = {}  # (class, match value) -> the most frequent training prompt
+    for r in train.rows:
+        prompts.setdefault((str(r.get(field)), r.get(match) if match else None), Counter())[r["text"]] += 1
+    def prompt_of(c, row):
+        counts = prompts.get((c, row.get(match) if match else None)) or sum((v for (k, _), v in prompts.items() if k == c), Counter())
+        return counts.most_common(1)[0][0]
+
+    trials = [(m, i, c) for m, i in enumerate(pick) for c in classes]
+    items = [{"row_fields": {**val.rows[i], field: c, "label": c if field == "label" else val.rows[i].get("label")},
+              "prompt": prompt_of(c, val.rows[i]), "label": c if field == "label" else val.rows[i].get("label")} for _, i, c in trials]
+    texts = _prompt_rule(data, training)(items)
+    cond = load_conditioning(val)
+    sampler, _ = _sampler(data, model, training, gen, None, torch.device(device))
+    images = []
+    with task("evaluate: class steering (real validation maps x classes)", len(trials)) as update:
+        for s in range(0, len(trials), gen.batch_size):
+            b = trials[s: s + gen.batch_size]
+            seeds = [sample_seed(cfg.seed, i, 0) for _, i, _ in b]  # one seed per map: the renders differ by the prompt only
+            images.append(sampler(cond[[i for _, i, _ in b]], texts[s: s + gen.batch_size], seeds))
+            update(min(s + gen.batch_size, len(trials)))
+    grey, _ = decoded(np.concatenate(images), grey_limit(data, gen))
+    rendered = as_rgb(grey)
+
+    y = np.array([targets.index(target_of(r)) for r in train.rows])
+    def fit():
+        with task("evaluate: train steering classifier (real train split)", cfg.classifier_steps) as update:
+            return train_classifier(train.images, y, len(targets), cfg.classifier_steps, 16, 2e-3, cfg.seed + 3, update, device=device)
+
+    key = {**data_key(data, train), "target": target_field, "label_map": label_map, "steps": cfg.classifier_steps, "seed": cfg.seed + 3}
+    clf = cached_model(ecfg.model_cache, "steering-classifier", key, lambda: build_classifier(len(targets), train.images.shape[-1]), fit, device)
+    predicted = [targets[k] for k in predict_proba(clf, rendered).argmax(1)]
+    real_pred = [targets[k] for k in predict_proba(clf, val.images[pick]).argmax(1)]
+    positive = positive or min(targets, key=lambda t: int((y == targets.index(t)).sum()))
+    scores = steering_scores([m for m, _, _ in trials], [to_target[str(val.rows[i].get(field))] for _, i, _ in trials],
+                             [to_target[c] for _, _, c in trials], predicted, positive, ecfg.n_boot, ecfg.seed)
+    real_hits = np.array([p == to_target[str(val.rows[i].get(field))] for p, i in zip(real_pred, pick)], dtype=float)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = []
+    for m, i in enumerate(pick[:8]):
+        row = {"id": val.ids[i], "source": str(val.rows[i].get(field)), "map": str(data.resolve() / "validation" / val.rows[i]["conditioning_image"]),
+               "real": str(data.resolve() / "validation" / val.rows[i]["file_name"]), "renders": {}}
+        for k, (mm, _, c) in enumerate(trials):
+            if mm == m:
+                path = out / f"{val.ids[i]}_as_{c}.png"
+                save_png(path, grey[k])
+                row["renders"][c] = {"path": str(path.resolve()), "prompt": texts[k], "classifier": predicted[k]}
+        grid.append(row)
+    return {
+        **scores,
+        "field": field, "classes": classes, "target_field": target_field, "class_to_target": to_target,
+        "classifier": f"MONAI ResNet trained on the real train split's {target_field} ({', '.join(targets)}), class-balanced, {cfg.classifier_steps} steps",
+        "classifier_on_real_maps": interval(real_hits, ecfg),
+        "edge_fidelity": edge_fidelity(read_card(data), rendered, cond[[i for _, i, _ in trials]],
+                                       None if val.masks is None else val.masks[[i for _, i, _ in trials]],
+                                       ecfg, "steered renders vs their maps"),
+        "protocol": "real validation maps (never trained on), balanced over the steered classes; each rendered once per class with the same seed; "
+                    "prompt: the most frequent training prompt of that class" + (f" with the map's {match}" if match else ""),
+        "grid": grid,
+    }

@@ -53,7 +53,7 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     sampler, provenance = _sampler(data, model, training, cfg, backbone, state.device)
     todo = [it for it in items if it["index"] % state.num_processes == state.process_index]
     with task(f"generate (process {state.process_index + 1}/{state.num_processes})" if state.num_processes > 1 else "generate", len(todo)) as update:
-        draw_shard(store, todo, sampler, judges, cfg, _prompt_rule(data, training), update)
+        draw_shard(store, todo, sampler, judges, cfg, _prompt_rule(data, training), update, grey_limit=grey_limit(data, cfg))
     state.wait_for_everyone()
     if state.is_main_process:
         card = _card(data, model, summary, cfg, judges)
@@ -104,7 +104,7 @@ def _plan(store, data: Path, cfg: GenerateConfig, identity: str) -> None:
 
 def _training_layouts(data: Path):
     """The training split's rows, masks, instances and conditioning (never validation/test)."""
-    from synthmed.data.conditioning import ConditioningSpec
+    from synthmed.data.conditioning import spec_from_card
     from synthmed.data.prepared import load_conditioning, load_split, read_card
     from synthmed.generation.plan import TrainingLayouts
     from synthmed.io import load_png
@@ -112,13 +112,9 @@ def _training_layouts(data: Path):
     card = read_card(data)
     split = load_split(data, "train")  # hygiene: only the training split feeds generation
     cond = load_conditioning(split)
-    cond_card = card.get("conditioning") or {}
-    builders = tuple(cond_card.get("builders") or ["colour"])
     classes = card.get("classes") or []
     instances = [load_png(data / "train" / r["instance_mask"]).astype(np.int32) if "instance_mask" in r else None for r in split.rows]
-    canny = cond_card.get("canny") or {}
-    spec = ConditioningSpec(builders, canny.get("sigma", 1.5), canny.get("low", 0.05), canny.get("high", 0.15), canny.get("region", "image"),
-                            n_classes=max(1, len(classes)))
+    spec = spec_from_card(card)
     labels = [r.get("label") for r in split.rows]
     if split.masks is None:
         classes = sorted({str(x) for x in labels if x is not None}) or classes
@@ -139,8 +135,30 @@ def _prompt_rule(data: Path, training: dict):
     return prompts
 
 
-def draw_shard(store, items: list[dict], sampler, judges, cfg: GenerateConfig, prompts_of, progress=None) -> None:
-    """Draw this process's planned samples, skipping finished ones; filter and redraw up to cfg.filter.attempts."""
+def grey_limit(data: Path, cfg: GenerateConfig) -> float | None:
+    """None for colour data; for greyscale data (card channels 1) the largest colour residual a kept draw may have."""
+    from synthmed.data.prepared import read_card
+
+    if read_card(data).get("channels") != 1:
+        return None
+    return float("inf") if cfg.grey_max_colour is None else cfg.grey_max_colour
+
+
+def decoded(images: np.ndarray, limit: float | None) -> tuple[np.ndarray, list[dict]]:
+    """Images as stored (grey (B, H, W) for greyscale data) and each one's colour score ({} for colour data)."""
+    from synthmed.generation.sample import to_greyscale
+
+    if limit is None:
+        return images, [{} for _ in images]
+    grey, residual = to_greyscale(images)
+    return grey, [{"colour_residual": round(float(r), 3)} for r in residual]
+
+
+def draw_shard(store, items: list[dict], sampler, judges, cfg: GenerateConfig, prompts_of, progress=None, grey_limit: float | None = None) -> None:
+    """Draw this process's planned samples, skipping finished ones; filter and redraw up to cfg.filter.attempts.
+
+    With `grey_limit` (greyscale data) images are kept as their channel mean, and a draw whose colour
+    residual exceeds the limit counts as rejected (a colour image is not silently made grey)."""
     from synthmed.generation.plan import sample_seed
 
     done, rejected = store.finished(), store.rejected_attempts()
@@ -156,10 +174,13 @@ def draw_shard(store, items: list[dict], sampler, judges, cfg: GenerateConfig, p
         seeds = [sample_seed(cfg.seed, it["index"], a) for it, a in batch]
         # text-only models draw from the prompt alone; the layout stays on record (evaluate's control)
         images = sampler(cond, prompts, seeds) if sampler.controlnet is not None else sampler(None, prompts, seeds, size=cond.shape[1:3])
-        scores = judges.score(images, chosen, store) if judges else [{} for _ in batch]
-        for (item, attempt), image, score, seed, prompt in zip(batch, images, scores, seeds, prompts):
+        images, colour = decoded(images, grey_limit)
+        scores = judges.score(as_rgb(images), chosen, store) if judges else [{} for _ in batch]
+        for (item, attempt), image, score, extra, seed, prompt in zip(batch, images, scores, colour, seeds, prompts):
+            score = {**score, **extra}
             record = {"attempt": attempt, "seed": seed, "prompt": prompt, "scores": score}
-            if not judges or judges.accept(score):
+            grey_ok = not extra or extra["colour_residual"] <= grey_limit
+            if grey_ok and (not judges or judges.accept(score)):
                 store.keep(item, image, record)
                 finished += 1
             else:
@@ -171,6 +192,11 @@ def draw_shard(store, items: list[dict], sampler, judges, cfg: GenerateConfig, p
                     todo.append((item, attempt + 1))
         if progress:
             progress(finished)
+
+
+def as_rgb(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3): grey images repeated to the 3 channels the judges (like every real split) are loaded with."""
+    return np.repeat(images[..., None], 3, axis=-1) if images.ndim == 3 else images
 
 
 def _sampler(data: Path, model: Path, training: dict, cfg: GenerateConfig, backbone: str | None, device):

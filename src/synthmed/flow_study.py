@@ -77,37 +77,48 @@ class _RealData:
         has_masks = all("mask" in r for r in read_jsonl(data / "train" / "metadata.jsonl"))
         self.task = cfg.task if cfg.task != "auto" else ("segmentation" if has_masks else "classification")
         seg = self.task == "segmentation"
+        self.field, self.label_map = cfg.label_field, cfg.label_map or {}
         self.train, self.val, self.test = (load_split(data, s, need_masks=seg) for s in ("train", "validation", "test"))
         if seg:
             self.classes = list(card.get("classes") or [])
         else:
             rows = self.train.rows + self.val.rows + self.test.rows
-            missing = next((r["id"] for r in rows if r.get("label") is None), None)
+            missing = next((r["id"] for r in rows if self.target_of(r) is None), None)
             if missing is not None:
-                raise SynthmedError(f"{data}: classification needs a label on every sample; {missing} has none")
+                raise SynthmedError(f"{data}: classification needs a {self.field!r} on every sample; {missing} has none")
             # every split's labels: a class the training split lacks still counts (recall 0), it is not dropped
-            self.classes = sorted({str(r["label"]) for r in rows})
+            self.classes = sorted({self.target_of(r) for r in rows})
         self.held_out = set(self.val.ids) | set(self.test.ids)
-        self.absent_from_train = [c for c in self.classes if c not in {str(r.get("label")) for r in self.train.rows}] if not seg else []
+        self.absent_from_train = [c for c in self.classes if c not in {self.target_of(r) for r in self.train.rows}] if not seg else []
         self.index = {sid: i for i, sid in enumerate(self.train.ids)}
         self.rare = cfg.rare_class or self._rarest()
         if self.rare not in self.classes:
             raise SynthmedError(f"{data}: rare_class {self.rare!r} is not one of {self.classes}")
+        self.positive = None
+        if not seg and len(self.classes) == 2:  # the class a binary task's AUC and sensitivity are about
+            self.positive = cfg.positive_class or self.rare
+            if self.positive not in self.classes:
+                raise SynthmedError(f"{data}: positive_class {self.positive!r} is not one of {self.classes}")
+
+    def target_of(self, row: dict) -> str | None:
+        """A row's classification target: its label_field value, through label_map."""
+        value = row.get(self.field)
+        return None if value is None else self.label_map.get(str(value), str(value))
 
     def targets(self, split, where: str):
         """Masks (N, H, W) or label codes (N,) of a split."""
         if self.task == "segmentation":
             return split.masks
         try:
-            return np.array([self.classes.index(str(r.get("label"))) for r in split.rows])
+            return np.array([self.classes.index(self.target_of(r)) for r in split.rows])
         except ValueError:
-            raise SynthmedError(f"{where}: a label outside the training classes {self.classes}") from None
+            raise SynthmedError(f"{where}: a {self.field!r} outside the classes {self.classes}") from None
 
     def _rarest(self) -> str:
         if self.task == "segmentation":
             counts = [(int((self.train.masks == k).sum()), c) for k, c in enumerate(self.classes, 1)]
         else:
-            labels = [str(r.get("label")) for r in self.train.rows]
+            labels = [self.target_of(r) for r in self.train.rows]
             counts = [(labels.count(c), c) for c in self.classes if c in labels]
         return min(counts)[1]
 
@@ -155,7 +166,7 @@ def run_cell(folder: Path, real: _RealData, f: float, ids: list[str], arm: str, 
             model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), settings, seed, update)
         pred = ds.predict(real.task, model, real.test.images)
         truth = real.targets(real.test, str(real.root))
-        scores = segmentation_scores(pred, truth, real.classes) if real.task == "segmentation" else classification_scores(pred, truth, real.classes)
+        scores = segmentation_scores(pred, truth, real.classes) if real.task == "segmentation" else classification_scores(pred, truth, real.classes, positive=real.positive)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001  (one cell's failure must not stop the study)
@@ -170,11 +181,12 @@ def run_cell(folder: Path, real: _RealData, f: float, ids: list[str], arm: str, 
     return result
 
 
-def headline_metrics(task: str, rare: str) -> dict[str, tuple]:
+def headline_metrics(task: str, rare: str, binary: bool = False) -> dict[str, tuple]:
     """name -> path into a cell's test scores, for the summary tables and comparisons."""
     if task == "segmentation":
         return {"dice": ("dice",), "iou": ("iou",), "hd95": ("hd95",), f"dice {rare}": ("per_class", rare, "dice"), f"iou {rare}": ("per_class", rare, "iou")}
-    return {"accuracy": ("accuracy",), "balanced_accuracy": ("balanced_accuracy",), "macro_f1": ("macro_f1",), "auc": ("auc",),
+    sens = {"sensitivity_at_90_specificity": ("sensitivity_at_90_specificity",)} if binary else {}
+    return {"auc": ("auc",), **sens, "balanced_accuracy": ("balanced_accuracy",), "accuracy": ("accuracy",), "macro_f1": ("macro_f1",),
             f"recall {rare}": ("per_class", rare, "recall")}
 
 
@@ -188,7 +200,7 @@ def aggregate(out: Path, real: _RealData, cfg: DownstreamConfig, subsets: dict, 
     """Finished cells -> mean and 95% CI over seeds per (fraction, arm), and paired comparisons with `real`."""
     from synthmed.evaluation.downstream_metrics import over_seeds, paired_comparison
 
-    metrics = headline_metrics(real.task, real.rare)
+    metrics = headline_metrics(real.task, real.rare, real.positive is not None)
     per_class_metric = "dice" if real.task == "segmentation" else "recall"
     cells, errors = {}, []
     for f in cfg.fractions:
@@ -224,6 +236,9 @@ def aggregate(out: Path, real: _RealData, cfg: DownstreamConfig, subsets: dict, 
         "task": real.task,
         "classes": real.classes,
         "rare_class": real.rare,
+        "label_field": real.field if real.task == "classification" else None,
+        "label_map": real.label_map or None,
+        "positive_class": real.positive,
         "classes_absent_from_train": real.absent_from_train,
         "metrics": list(metrics),
         "per_class_metric": per_class_metric,
@@ -284,7 +299,38 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
             if not (syn / "dataset.json").is_file():
                 generate(sub, model, cfg.generate, syn)
             synthetic[f] = syn
-    return downstream(data, d, out / "downstream", synthetic)
+    results = downstream(data, d, out / "downstream", synthetic)
+    extra = {"edge_fidelity": {fraction_key(f): _set_edges(data, p, cfg) for f, p in synthetic.items()}}
+    if cfg.steering.n_maps and synthetic:
+        extra["steering"] = {fraction_key(f): _steering(data, out / "fractions" / fraction_key(f), cfg) for f in synthetic}
+    results.update({k: v for k, v in extra.items() if any(x is not None for x in v.values())})
+    write_json(out / "downstream" / "results.json", results)
+    return results
+
+
+def _set_edges(data: Path, synthetic: Path, cfg: RunConfig) -> dict | None:
+    """Edge-map fidelity of one fraction's synthetic set (None without an edge channel)."""
+    from synthmed.data.prepared import load_conditioning, load_split, read_card
+    from synthmed.flow_evaluate import edge_fidelity
+
+    syn = load_split(synthetic, "train")
+    return edge_fidelity(read_card(data), syn.images, load_conditioning(syn), syn.masks, cfg.evaluate, "generated images vs their conditioning edge maps")
+
+
+def _steering(data: Path, base: Path, cfg: RunConfig) -> dict:
+    """Class steering of one fraction's model, once (saved in base/steering/results.json)."""
+    from synthmed.flow import _device
+    from synthmed.flow_evaluate import steering
+
+    done = base / "steering" / "results.json"
+    if done.is_file():
+        return read_json(done)
+    s = cfg.steering
+    ecfg = cfg.evaluate if cfg.evaluate.model_cache else cfg.evaluate.model_copy(update={"model_cache": str(base.parent / "models")})  # one classifier for all fractions
+    res = steering(data, base / "controlnet", cfg.generate, s, ecfg, s.target_field or cfg.downstream.label_field,
+                   s.positive or cfg.downstream.positive_class, base / "steering", _device(), label_map=cfg.downstream.label_map)
+    write_json(done, res)
+    return res
 
 
 def report(results: Path, out: Path, title: str = "synthmed downstream study") -> Path:

@@ -302,6 +302,9 @@ def _training_record(cfg, data, split, backbone, data_t, saved, losses, started,
         "train_ids": split.ids,
         "training_size": list(data_t.size),
         "conditioning_channels": None if data_t.conditioning is None else int(data_t.conditioning.shape[1]),
+        "image_channels": _image_channels(data),
+        "vae_channels": "grey images enter the 3-channel VAE as R = G = B; generated images are saved as the channel mean, "
+                        "with the colour residual recorded per sample" if _image_channels(data) == 1 else "RGB",
         "depth": cfg.depth if "controlnet" in saved else None,
         "latents": "cached once per dihedral view" if data_t.cached else "encoded every step (augmentation on the fly)",
         "views": list(data_t.views),
@@ -315,6 +318,13 @@ def _training_record(cfg, data, split, backbone, data_t, saved, losses, started,
         "seconds": round(time.time() - started, 1),
         "processes": accelerator.num_processes,
     }
+
+
+def _image_channels(data: Path) -> int | None:
+    """The data set's channel count from its card (1: greyscale), None where it mixes grey and RGB."""
+    from synthmed.data.prepared import read_card
+
+    return read_card(data).get("channels")
 
 
 def _validator(data: Path, backbone, cfg: ControlNetConfig, accelerator):

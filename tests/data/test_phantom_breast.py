@@ -173,3 +173,25 @@ def test_prepare_through_the_cli_renders_at_the_asked_size(tmp_path):
     assert card["generator"]["size"] == 128 and card["image_size"] == [128, 128] and card["modality"] == "breast ultrasound"
     rows = [r for s in card["splits"] for r in _rows(out, s)]
     assert len(rows) == 3 and {r["modality"] for r in rows} == {"breast ultrasound"}
+
+
+def test_breast_edge_settings_default_per_source_and_config_overrides_them(tmp_path):
+    """phantom-breast's own Canny settings (speckle-proof) unless the config names others; soft edges stack beside Canny."""
+    from synthmed.config import ConditioningConfig
+    from synthmed.data.conditioning import ConditioningSpec, canny_edges, soft_edges
+
+    base = dict(source="phantom-breast", options={"n_patients": 3, "images_per_patient": 1, "modality": "ultrasound"}, workers=1)
+    card = flow.prepare(PrepareConfig(**base), tmp_path / "a")
+    assert card["conditioning"]["canny"] == {"sigma": 2.0, "low": 0.08, "high": 0.2, "region": "image"}
+    card = flow.prepare(PrepareConfig(**base, conditioning=ConditioningConfig(builders=["canny", "soft"], canny_sigma=1.5)), tmp_path / "b")
+    assert card["conditioning"]["canny"]["sigma"] == 1.5 and card["conditioning"]["channel_names"] == ["canny", "soft"]
+    row = _rows(tmp_path / "b", "train")[0]
+    cond = np.load(tmp_path / "b" / "train" / row["conditioning_image"]) if row["conditioning_image"].endswith(".npy") else np.array(Image.open(tmp_path / "b" / "train" / row["conditioning_image"]))
+    image = np.array(Image.open(tmp_path / "b" / "train" / row["file_name"]))
+    spec = ConditioningSpec(("canny", "soft"), 1.5, 0.08, 0.2)
+    assert np.array_equal(cond[..., 0], canny_edges(image, spec)) and np.array_equal(cond[..., 1], soft_edges(image, spec))
+    soft = cond[..., 1].astype(float)
+    assert len(np.unique(soft)) > 20 and soft.max() == 255  # graded, not binary
+    # speckle: the general settings mark far more ultrasound pixels as edges than the source's own
+    general = (canny_edges(image, ConditioningSpec(("canny",), 1.5, 0.05, 0.15)) > 0).mean()
+    assert (cond[..., 0] > 0).mean() < general

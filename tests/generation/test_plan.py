@@ -57,3 +57,17 @@ def test_nothing_to_add_is_an_error():
 def test_sample_seeds_are_distinct_per_index_and_attempt():
     seeds = {sample_seed(0, i, a) for i in range(200) for a in range(3)}
     assert len(seeds) == 600 and sample_seed(0, 5, 1) == sample_seed(0, 5, 1) != sample_seed(1, 5, 1)
+
+
+def test_image_plan_on_a_data_set_with_masks_counts_labels_not_mask_classes():
+    """phantom-breast: masks name lesions (benign, malignant), labels also have normal; unit images balances the labels."""
+    rng = np.random.default_rng(0)
+    labels = ["benign"] * 6 + ["normal"] * 4 + ["malignant"] * 2
+    rows = [{"id": f"r{i}", "text": lab, "label": lab, "cancer": "cancerous" if lab == "malignant" else "non-cancerous"} for i, lab in enumerate(labels)]
+    masks = np.zeros((12, 16, 16), np.uint8)
+    masks[:6, 4:8, 4:8], masks[10:, 4:9, 4:9] = 1, 2
+    train = TrainingLayouts(rows, ["benign", "malignant"], masks, [None] * 12, (rng.random((12, 16, 16, 1)) > 0.8).astype(np.uint8) * 255, labels)
+    summary, entries = make_plan(train, PlanConfig(mode="balance", unit="images"), 0, LayoutConfig(), seed=0)
+    assert summary["real"] == {"benign": 6, "malignant": 2, "normal": 4} and summary["planned"] == {"benign": 0, "malignant": 4, "normal": 2}
+    for item, _ in entries:  # every synthetic image starts from a training sample of its own class
+        assert item["row_fields"]["cancer"] == ("cancerous" if item["label"] == "malignant" else "non-cancerous")

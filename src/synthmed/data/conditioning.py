@@ -41,7 +41,9 @@ def decode_colour_mask(rgb: np.ndarray, palette: np.ndarray = DEFAULT_PALETTE) -
 
 # ---- builders: what the ControlNet sees, chosen in config and stackable ------------------
 
-BUILDERS = ("colour", "binary", "onehot", "boundary", "canny", "source", "given")
+BUILDERS = ("colour", "binary", "onehot", "boundary", "canny", "soft", "source", "given")
+CANNY_DEFAULTS = {"sigma": 1.5, "low": 0.05, "high": 0.15}  # what ConditioningSpec uses where neither config nor the source says
+EDGE_BUILDERS = ("canny", "soft")  # drawn from the image itself: evaluate checks generated images against them
 _NEEDS = {"colour": "mask", "binary": "mask", "onehot": "mask", "boundary": "mask", "source": "paired", "given": "conditioning"}
 
 
@@ -52,7 +54,9 @@ class ConditioningSpec:
     Canny runs on the greyscale image scaled to [0, 1] (skimage.feature.canny): `canny_sigma`
     is the Gaussian smoothing, `canny_low`/`canny_high` the hysteresis thresholds on the
     gradient magnitude of that [0, 1] image. `canny_region="lesion"` keeps only edges inside
-    the (dilated) mask foreground.
+    the (dilated) mask foreground. `soft` is a soft edge map (the ControlNet "softedge" kind,
+    without a learned HED network): the Gaussian gradient magnitude at `canny_sigma`, scaled so
+    that the image's 99th percentile is white; same region rule.
     """
 
     builders: tuple[str, ...] = ("colour",)
@@ -110,6 +114,31 @@ def canny_edges(image: np.ndarray, spec: ConditioningSpec, mask: np.ndarray | No
     return edges.astype(np.uint8) * 255
 
 
+def soft_edges(image: np.ndarray, spec: ConditioningSpec, mask: np.ndarray | None = None) -> np.ndarray:
+    """Soft edge map (H, W) uint8: Gaussian gradient magnitude of the grey [0, 1] image, 99th percentile -> 255."""
+    from scipy import ndimage
+
+    g = image.astype(np.float64) / 255.0
+    if g.ndim == 3:
+        g = g[..., :3] @ np.array([0.299, 0.587, 0.114])
+    mag = ndimage.gaussian_gradient_magnitude(g, sigma=spec.canny_sigma)
+    top = float(np.percentile(mag, 99))
+    out = np.clip(mag / top, 0, 1) if top > 1e-6 else np.zeros_like(mag)
+    if spec.canny_region == "lesion":
+        if mask is None:
+            raise ValueError("soft_edges with canny_region='lesion' expects a mask, but got None")
+        out *= ndimage.binary_dilation(mask > 0, iterations=3)
+    return np.round(out * 255).astype(np.uint8)
+
+
+def spec_from_card(card: dict) -> ConditioningSpec:
+    """The ConditioningSpec a prepared data set was made with (its card's `conditioning` record)."""
+    cond = card.get("conditioning") or {}
+    edges = cond.get("canny") or {}
+    return ConditioningSpec(tuple(cond.get("builders") or ("colour",)), edges.get("sigma", 1.5), edges.get("low", 0.05),
+                            edges.get("high", 0.15), edges.get("region", "image"), n_classes=max(1, len(card.get("classes", []))))
+
+
 def boundary_map(labels: np.ndarray) -> np.ndarray:
     """Object boundaries (H, W) uint8 in {0, 255}: inner boundaries of each instance/class region."""
     from skimage.segmentation import find_boundaries
@@ -133,6 +162,8 @@ def build_conditioning(spec: ConditioningSpec, image: np.ndarray, mask=None, ins
             parts.append(boundary_map(instances if instances is not None else mask)[..., None])
         elif b == "canny":
             parts.append(canny_edges(image, spec, mask)[..., None])
+        elif b == "soft":
+            parts.append(soft_edges(image, spec, mask)[..., None])
         elif b == "source":
             parts.append(paired if paired.ndim == 3 else paired[..., None])
         elif b == "given":

@@ -54,8 +54,9 @@ def unit_of(train: TrainingLayouts, unit: str) -> str:
 def real_counts(train: TrainingLayouts, unit: str) -> dict[str, int]:
     """Per-class counts of the real training split in the plan's unit."""
     if unit == "images":
-        c = Counter(train.labels)
-        return {name: c.get(name, 0) for name in train.classes}
+        c = Counter(str(x) for x in train.labels if x is not None)
+        names = train.classes if train.masks is None else sorted(c)  # with masks, `classes` names mask codes, not labels
+        return {name: c.get(name, 0) for name in names}
     total: Counter = Counter()
     for i in range(len(train.rows)):
         counts = count_objects(train.masks[i], train.instances[i]) if unit == "objects" else count_pixels(train.masks[i])

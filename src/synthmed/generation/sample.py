@@ -160,6 +160,23 @@ class Sampler:
         return latents
 
 
+def to_greyscale(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Grey images (B, H, W) uint8 and colour residuals (B,) from decoded RGB images (B, H, W, 3) uint8.
+
+    SD's VAE has 3 input and output channels. A greyscale data set is fed to it as R = G = B, so the
+    grey axis is (1, 1, 1): the channel mean is the projection onto it (luma weights would favour
+    green). What the projection discards is measured, not hidden: the residual is the mean absolute
+    deviation of the channels from their mean, in grey levels (0-255); about 0 for a model that
+    learned grey images, tens of levels for colour (e.g. an RGB-pretrained prior, or colour noise).
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"to_greyscale expects RGB images (B, H, W, 3), but got {images.shape}")
+    x = images.astype(np.float32)
+    mean = x.mean(axis=-1)  # (B, H, W)
+    residual = np.abs(x - mean[..., None]).mean(axis=(1, 2, 3))  # (B,)
+    return np.clip(np.round(mean), 0, 255).astype(np.uint8), residual
+
+
 def _place(model, device, dtype):
     """Eval mode on the device; cast only when the dtype changes (diffusers warns on every cast)."""
     model.eval().to(device)

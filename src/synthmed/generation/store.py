@@ -121,7 +121,10 @@ class GenerationStore:
                 dropped.append(item)
                 self._move_dropped_layout(item)
         if not rows:
-            raise SynthmedError(f"{self.root}: the quality filter dropped every sample (scores in {self.root / 'rejected'}); lower its threshold "
+            grey = [r for r in self._rejected_records() if (r.get("scores") or {}).get("colour_residual") is not None]
+            why = (f"; greyscale data, median colour residual {np.median([r['scores']['colour_residual'] for r in grey]):.1f} grey levels: "
+                   "the model draws colour (a colour-pretrained backbone?)" if grey else "")
+            raise SynthmedError(f"{self.root}: the quality filter dropped every sample (scores in {self.root / 'rejected'}{why}); lower its threshold "
                                 f"or train longer, and remove {self.root} to run again with other settings")
         write_jsonl(self.train / "metadata.jsonl", rows)
         self._write_rejected_manifest(items)

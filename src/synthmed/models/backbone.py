@@ -23,7 +23,9 @@ from synthmed.models.registry import PREDICTION_TYPES, PRESETS, BackbonePreset, 
 from synthmed.models.tokenizer import build_tokenizer, write_legacy_tokenizer_files
 
 RECIPE = "synthmed_backbone.json"
-SHIPPED = {"tiny": "tiny-histology-64"}
+# Pretrained weights inside the package: preset name or a named variant of one (same architecture) -> folder in assets/backbones.
+# tiny: pretrained on phantom-histology (RGB); tiny-breast: on phantom-breast (greyscale mammograms + ultrasound, other patients).
+SHIPPED = {"tiny": "tiny-histology-64", "tiny-breast": "tiny-breast-64"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # (token embedding, position embedding) of the text encoder: SD 1.x (transformers CLIP), SD 2.x (OpenCLIP)
 _TEXT_KEYS = (
@@ -183,7 +185,7 @@ def _load(src: str, config: str | Path | None) -> Backbone:
         return _from_single_file(path, config)
     if config is not None:
         raise SynthmedError(f"{src}: config= is for a single .safetensors file only")
-    if src in PRESETS:
+    if src in PRESETS or src in SHIPPED:
         return _from_preset_name(src)
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -193,7 +195,7 @@ def _load(src: str, config: str | Path | None) -> Backbone:
         return _from_folder(_hub_snapshot(src), f"hub:{src}")
     if src.startswith((".", "/", "~")) or "/" in src:
         raise SynthmedError(f"{path}: not found")
-    raise SynthmedError(f"{src}: unknown backbone (not a preset {sorted(PRESETS)}, a folder, a .safetensors file or a hub id)")
+    raise SynthmedError(f"{src}: unknown backbone (not a preset {sorted(PRESETS)}, a shipped backbone {sorted(SHIPPED)}, a folder, a .safetensors file or a hub id)")
 
 
 def _from_preset_name(name: str) -> Backbone:

@@ -103,6 +103,21 @@ def _feature_space_section(spaces: dict) -> list[str]:
     return out
 
 
+def _edge_section(e: dict) -> list[str]:
+    """Edge-map fidelity: each pair set's boundary F against its own edge map and a shuffled one."""
+    first = next(v for v in e.values() if v)
+    rows = "".join(f"<tr><td>{html.escape(v['pairs'])}</td><td>{_ci(v['f'])}</td><td>{_ci(v['f_shuffled'])}</td><td>{_ci(v['f_minus_shuffled'])}</td>"
+                   f"<td>{_fmt(v['better_than_shuffled'])}</td><td>{_ci(v['precision'])}</td><td>{_ci(v['recall'])}</td></tr>" for v in e.values() if v)
+    s = first["settings"]
+    return ["<h2>Edge-map fidelity</h2>",
+            f"<p>The {html.escape(first['edge_map'])} edges of each generated image (sigma {s['sigma']}, thresholds {s['low']} / {s['high']}, "
+            f"region {html.escape(s['region'])}: the data set's own settings) against the edge map it was conditioned on, within "
+            f"{first['tolerance_px']} px; a shuffled pairing is the floor. 95% bootstrap intervals.</p>",
+            "<table><tr><th>pairs</th><th>F own map</th><th>F shuffled</th><th>F own − shuffled</th><th>share better than shuffled</th>"
+            "<th>precision</th><th>recall</th></tr>", rows, "</table>",
+            f"<p class='note'>{html.escape(first['protocol'])}.</p>"]
+
+
 def _memorisation_section(m: dict) -> list[str]:
     """Nearest-training-image distances of generated vs real test images; near-copies flagged."""
     import matplotlib
@@ -250,6 +265,8 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
     ]
     if f.get("feature_spaces"):
         parts.extend(_feature_space_section(f["feature_spaces"]))
+    if results.get("edge_fidelity"):
+        parts.extend(_edge_section(results["edge_fidelity"]))
     if results.get("memorisation"):
         parts.extend(_memorisation_section(results["memorisation"]))
     if results.get("intended_class"):

@@ -192,8 +192,77 @@ def render_study(res: dict, folder: Path, title: str, config_text: str | None = 
             if grid:
                 parts.append(f"<p>Synthetic samples for this fraction (conditioning above, image below), from a ControlNet trained on these {frac['n_real']} samples only:</p>"
                              f"<img class='grid' alt='samples {fk}' src='{grid}'>")
+    parts += _edges(res.get("edge_fidelity") or {}, res["fractions"])
+    parts += _steering(res.get("steering") or {}, res["fractions"], folder)
     parts.append("<h2>Protocol</h2><ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in res["protocol"].items()) + "</ul>")
     return "\n".join(parts + _footer(config_text, environment))
+
+
+def _edges(edges: dict, fractions: dict) -> list[str]:
+    """Edge-map fidelity of each fraction's synthetic set: F against its own map vs a shuffled one."""
+    rows = [(fk, e) for fk, e in edges.items() if e]
+    if not rows:
+        return []
+    s = rows[0][1]["settings"]
+    out = ["<h2>Edge-map fidelity of the synthetic sets</h2>",
+           f"<p>{html.escape(rows[0][1]['edge_map'])} edges of each generated image (sigma {s['sigma']}, thresholds {s['low']} / {s['high']}) against "
+           f"its conditioning edge map, boundary F within {rows[0][1]['tolerance_px']} px; shuffled pairing as the floor; 95% bootstrap intervals over images.</p>",
+           "<table><tr><th>fraction</th><th>F own map</th><th>F shuffled</th><th>own − shuffled</th><th>share better than shuffled</th></tr>"]
+    for fk, e in rows:
+        out.append(f"<tr><td>{fractions[fk]['fraction']:.0%}</td><td>{_boot_ci(e['f'])}</td><td>{_boot_ci(e['f_shuffled'])}</td>"
+                   f"<td>{_boot_ci(e['f_minus_shuffled'])}</td><td>{_fmt(e['better_than_shuffled'])}</td></tr>")
+    return out + ["</table>"]
+
+
+def _steering(steer: dict, fractions: dict, folder: Path) -> list[str]:
+    """Class steering per fraction's model: agreement with the intended class, prompt and edge effects, a grid."""
+    rows = [(fk, st) for fk, st in steer.items() if st and not st.get("skipped")]
+    if not rows:
+        return [f"<h2>Class steering</h2><p>{html.escape(next(iter(steer.values()))['skipped'])}</p>"] if steer else []
+    first = rows[0][1]
+    pos = html.escape(first["positive"])
+    out = ["<h2>Class steering: one edge map, rendered as each class</h2>",
+           f"<p>{html.escape(first['protocol'])}. Judge: {html.escape(first['classifier'])}; on the real images of the same maps it is right "
+           f"{_boot_ci(first['classifier_on_real_maps'])} of the time (its ceiling here). <b>Prompt effect</b>: for the same map and seed, "
+           f"P(judge says {pos}) under the {pos} prompt minus under the other; <b>edge effect</b>: under the non-{pos} prompt, P(says {pos}) for "
+           f"{pos} maps minus for the others (large: the edges, not the prompt, carry the class).</p>",
+           "<table><tr><th>model (fraction)</th><th>agreement with intended</th><th>prompt agrees with map</th><th>prompt contradicts map</th>"
+           "<th>prompt effect</th><th>edge effect</th><th>edge F of the renders</th></tr>"]
+    for fk, st in rows:
+        ef = (st.get("edge_fidelity") or {}).get("f")
+        out.append(f"<tr><td>{fractions[fk]['fraction']:.0%}</td><td>{_boot_ci(st['agreement'])}</td><td>{_boot_ci(st['agreement_consistent'])}</td>"
+                   f"<td>{_boot_ci(st['agreement_conflicting'])}</td><td>{_boot_ci(st['prompt_effect'])}</td><td>{_boot_ci(st['edge_effect'])}</td>"
+                   f"<td>{_boot_ci(ef)}</td></tr>")
+    out.append("</table>")
+    fk, st = rows[-1]
+    out.append(f"<h3>Per map class and intended class ({fractions[fk]['fraction']:.0%} model)</h3><table><tr><th>trial</th><th>agreement</th><th>judge says {pos}</th></tr>")
+    out += [f"<tr><td>{html.escape(name)}</td><td>{_boot_ci(c['agreement'])}</td><td>{_boot_ci(c['says_positive'])}</td></tr>" for name, c in st["cells"].items()]
+    out.append("</table>")
+    grid = _steering_grid(st, folder, fk)
+    if grid:
+        out.append(f"<p>Each row: edge map | its real image ({html.escape(st['field'])} in brackets) | rendered as " + ", ".join(html.escape(c) for c in st["classes"])
+                   + " (same seed). Conflicting rows, where the prompt contradicts the map, are the documented failure case: read the table above for how often the judge follows the prompt there.</p>"
+                   f"<img class='grid' alt='steering {fk}' src='{grid}'><ol class='note'>"
+                   + "".join("<li>" + html.escape(f"{r['id']} ({r['source']}): " + "; ".join(f"as {c}: judge says {v['classifier']}" for c, v in r["renders"].items())) + "</li>" for r in st["grid"])
+                   + "</ol>")
+    return out
+
+
+def _steering_grid(st: dict, folder: Path, fk: str) -> str | None:
+    """map | real | one render per class, a row per map, upscaled 2x."""
+    from PIL import Image
+
+    rows = []
+    for r in st["grid"]:
+        paths = [r["map"], r["real"]] + [r["renders"][c]["path"] for c in st["classes"] if c in r["renders"]]
+        if not all(Path(p).is_file() for p in paths):
+            return None
+        rows.append(np.concatenate([np.kron(_rgb(load_png(Path(p))), np.ones((2, 2, 1), np.uint8)) for p in paths], axis=1))
+    if not rows:
+        return None
+    path = folder / f"steering_{fk}.png"
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return f"{folder.name}/{path.name}"
 
 
 def ablation_figure(res: dict, folder: Path) -> str:

@@ -45,6 +45,7 @@ class Reader:
     layout: ClassVar[str] = ""  # one line: what the reader expects under ROOT (used in errors)
     Options: ClassVar[type[BaseModel]] = NoOptions
     default_conditioning: ClassVar[tuple[str, ...]] = ("colour",)
+    default_canny: ClassVar[dict] = {}  # this source's Canny/soft-edge settings (sigma, low, high) where the general ones do not suit it
     default_size: ClassVar[int | None] = None
     default_resize: ClassVar[str] = "pad"
     # Made from a seed, not read from ROOT: flow.prepare passes no root, and the seed and size of the run.

@@ -78,6 +78,7 @@ class BUSIReader(Reader):
     layout = f"{FOLDER}/{{benign,malignant,normal}}/'<class> (N).png' with '<class> (N)_mask.png'"
     Options = BUSIOptions
     default_conditioning = ("binary",)
+    default_canny = {"sigma": 2.0, "low": 0.08, "high": 0.2}  # speckle: as phantom-breast ultrasound (not tuned on BUSI itself)
     default_size = 256
     default_resize = "pad"
 

@@ -112,6 +112,7 @@ class CBISDDSMReader(Reader):
               "(e.g. CBIS-DDSM/Mass-Training_P_00001_LEFT_CC/)")
     Options = CBISOptions
     default_conditioning = ("binary",)
+    default_canny = {"sigma": 2.0, "low": 0.05, "high": 0.15}  # at 512 px, parenchyma texture below 2 px is not structure
     default_size = 512
     default_resize = "pad"
 
