@@ -191,7 +191,7 @@ def test_breast_classification_quick_study_end_to_end(tmp_path):
     from PIL import Image
 
     out = tmp_path / "breast"
-    proc = run_cli("run", "experiments/breast_classification.yaml", "--quick", "--out", str(out), timeout=900)
+    proc = run_cli("run", "experiments/breast_classification.yaml", "--quick", "--out", str(out), timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "downstream" / "results.json").read_text())
     assert res["task"] == "classification" and res["classes"] == ["cancerous", "non-cancerous"] and res["positive_class"] == "cancerous"
@@ -214,3 +214,21 @@ def test_breast_classification_quick_study_end_to_end(tmp_path):
     assert "Edge-map fidelity" in text and "Class steering" in text and "documented failure case" in text
     for src in [s.split("'")[0] for s in text.split("src='")[1:]]:
         assert (out / src).is_file(), src
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,writer,sub", [("breast_busi", "busi", "Dataset_BUSI_with_GT"), ("breast_cbis_ddsm", "cbis_ddsm", ""),
+                                             ("breast_breastmnist", "medmnist", "")])
+def test_real_breast_configs_run_once_pointed_at_a_local_copy(tmp_path, name, writer, sub):
+    """Each real-data config's --quick version on a fixture in the source's own layout (the fixtures are balanced, so the
+    plan multiplies malignant instead of balancing)."""
+    import importlib
+
+    kwargs = {"flag": "breastmnist", "size": 64} if writer == "medmnist" else {}
+    importlib.import_module(f"synthmed.testing.{writer}").write(tmp_path / "src", **kwargs)
+    out = tmp_path / "study"
+    proc = run_cli("run", f"configs/{name}.yaml", "--quick", "--out", str(out), "--set", f"prepare.root={tmp_path / 'src' / sub}",
+                   "--set", "generate.plan.mode=multiply", "--set", "generate.plan.classes=[malignant]", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "downstream" / "results.json").read_text())
+    assert res["classes"] == ["cancerous", "non-cancerous"] and res["n_finished"] == res["n_cells"] and res["steering"] and res["edge_fidelity"]

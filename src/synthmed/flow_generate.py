@@ -399,6 +399,11 @@ def _card(data: Path, model: Path, summary: dict, cfg: GenerateConfig, judges) -
     syn = {k: card[k] for k in ("classes", "labels", "label_map", "image_size", "channels", "conditioning", "task") if k in card}
     syn.update(name=f"synthetic:{card.get('name', 'data')}", source="synthmed generate", real_data=str(data.resolve()), model=str(model.resolve()),
                filter=judges.describe() if judges else None)
+    limit = grey_limit(data, cfg)
+    if limit is not None:
+        syn["greyscale"] = {"vae": "grey in as R = G = B; the 3 decoded channels saved as their mean (1-channel PNG)",
+                            "colour_residual": "mean absolute deviation of the decoded channels from their mean, grey levels 0-255, per draw in provenance.filter_scores",
+                            "max_colour_residual": None if limit == float("inf") else limit}
     return syn
 
 

@@ -220,8 +220,8 @@ def aggregate(out: Path, real: _RealData, cfg: DownstreamConfig, subsets: dict, 
             got = [r for r in runs if r]
             summary[fk][arm] = {
                 "n_seeds": len(got),
-                **{m: over_seeds([_get(r["test"], p) for r in got]) for m, p in metrics.items()},
-                "per_class": {c: over_seeds([_get(r["test"], ("per_class", c, per_class_metric)) for r in got]) for c in real.classes},
+                **{m: over_seeds([_get(r["test"], p) for r in got], bounds=None if m.startswith("hd95") else (0.0, 1.0)) for m, p in metrics.items()},
+                "per_class": {c: over_seeds([_get(r["test"], ("per_class", c, per_class_metric)) for r in got], bounds=(0.0, 1.0)) for c in real.classes},
                 "curves": [r["training"]["curve"] for r in got],
             }
         comparisons[fk] = {}

@@ -137,6 +137,10 @@ def test_over_seeds_hand_t_interval():
     assert r["low"] == pytest.approx(2 - T975_DF2 / math.sqrt(3)) and r["high"] == pytest.approx(2 + T975_DF2 / math.sqrt(3))
     assert over_seeds([0.7]) == {"mean": 0.7, "std": None, "low": None, "high": None, "n": 1, "n_missing": 0}
     assert over_seeds([None])["mean"] is None
+    wide = over_seeds([0.2, 0.9, 0.95], bounds=(0.0, 1.0))  # a bounded metric over 3 seeds: the raw t interval leaves [0, 1]
+    raw = over_seeds([0.2, 0.9, 0.95])
+    assert raw["low"] < 0 and raw["high"] > 1 and (wide["low"], wide["high"], wide["clipped"]) == (0.0, 1.0, True)
+    assert "clipped" not in over_seeds([0.5, 0.52, 0.51], bounds=(0.0, 1.0))
 
 
 def test_paired_comparison_hand_values():

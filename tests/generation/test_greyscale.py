@@ -44,7 +44,8 @@ def test_grey_data_on_the_greyscale_backbone_gives_single_channel_images_that_we
     assert training["image_channels"] == 1 and "R = G = B" in training["vae_channels"]
     syn = flow.generate(breast, model, GenerateConfig(**FAST), tmp_path / "syn")
     rows = read_jsonl(syn / "train" / "metadata.jsonl")
-    assert len(rows) == 4 and read_json(syn / "dataset.json")["channels"] == 1
+    card = read_json(syn / "dataset.json")
+    assert len(rows) == 4 and card["channels"] == 1 and card["greyscale"]["max_colour_residual"] == 6.0
     for r in rows:
         with Image.open(syn / "train" / r["file_name"]) as im:
             assert im.mode == "L"

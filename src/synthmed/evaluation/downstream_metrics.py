@@ -183,11 +183,14 @@ def sensitivity_at_specificity(scores: np.ndarray, is_pos: np.ndarray, specifici
     return float(sens[spec >= specificity - 1e-12].max())  # the tolerance keeps 9/10 >= 0.9 exact
 
 
-def over_seeds(values, ci: float = 0.95) -> dict:
+def over_seeds(values, ci: float = 0.95, bounds: tuple[float, float] | None = None) -> dict:
     """{"mean", "std", "low", "high", "n", "n_missing"} of one metric over seeds.
 
     std has ddof 1; [low, high] is the t-distribution interval mean +- t(ci, n - 1) std / sqrt(n),
-    None for n < 2 (std too). None and NaN values are dropped and counted in "n_missing".
+    None for n < 2 (std too). None and NaN values are dropped and counted in "n_missing". With
+    `bounds` (a metric's range, e.g. (0, 1) for Dice or AUC) the interval is cut to it and
+    "clipped" says so: with 2-3 seeds t(0.975) is 4.3-12.7, and the raw interval of a bounded
+    metric can reach past its range.
     """
     x, n_missing = _present(_as_1d(values, "over_seeds"), "over_seeds")
     _check_ci(ci, "over_seeds")
@@ -196,6 +199,8 @@ def over_seeds(values, ci: float = 0.95) -> dict:
     if n >= 2:
         out["std"] = float(x.std(ddof=1))
         out["low"], out["high"] = _t_interval(x, ci)
+        if bounds is not None and (out["low"] < bounds[0] or out["high"] > bounds[1]):
+            out["low"], out["high"], out["clipped"] = max(out["low"], bounds[0]), min(out["high"], bounds[1]), True
     return out
 
 
