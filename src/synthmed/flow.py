@@ -221,7 +221,8 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     out = Path(out)
     check_new_output(out)
     fe.check_extractors(cfg.extractors, cfg)
-    classes = read_card(data)["classes"]
+    card = read_card(data)
+    classes = card["classes"]
     train = load_split(data, "train", need_masks=True)
     test = load_split(data, "test", need_masks=True)
     syn = load_split(synthetic, "train", need_masks=True)
@@ -289,7 +290,7 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
             "paired": pairs,
             "feature_spaces": fe.fidelity(feats, train, [r.get("label") for r in syn.rows], cfg),
         },
-        "edge_fidelity": _edge_fidelity(data, synthetic, syn, regen, cfg),
+        "edge_fidelity": _edge_fidelity(card, syn, regen, cfg),
         "memorisation": mem,
         "intended_class": fe.intended_class(spaces, syn.images, [r.get("label") for r in syn.rows], cfg),
         "inputs": {"data": str(Path(data).resolve()), "synthetic": str(Path(synthetic).resolve()), "classes": classes},
@@ -319,12 +320,11 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     return results
 
 
-def _edge_fidelity(data: Path, synthetic: Path, syn, regen, cfg) -> dict | None:
+def _edge_fidelity(card: dict, syn, regen, cfg) -> dict | None:
     """Edge-map fidelity of the synthetic set (and of the same-mask regenerations), None without an edge channel."""
     from synthmed import flow_evaluate as fe
-    from synthmed.data.prepared import load_conditioning, read_card
+    from synthmed.data.prepared import load_conditioning
 
-    card = read_card(data)
     synthetic_set = fe.edge_fidelity(card, syn.images, load_conditioning(syn), syn.masks, cfg, "generated images vs their conditioning edge maps")
     if synthetic_set is None:
         return None

@@ -199,19 +199,18 @@ def edge_fidelity(card: dict, images: np.ndarray, cond: np.ndarray, masks: np.nd
     """Edge maps of generated images (the data set's own Canny / soft-edge settings) vs the edge maps they were
     conditioned on: boundary precision, recall and F within `cfg.edge_tolerance` px, and the same for a shuffled
     pairing (the floor). None where the conditioning has no edge channel."""
-    from synthmed.data.conditioning import canny_edges, soft_edges, spec_from_card
+    from synthmed.data.conditioning import EDGE_BUILDERS, canny_edges, soft_edges, spec_from_card
     from synthmed.evaluation.edges import edge_scores
     from synthmed.evaluation.metrics import derangement
 
     spec = spec_from_card(card)
     names = (card.get("conditioning") or {}).get("channel_names") or []
-    kind = next((b for b in ("canny", "soft") if b in names), None)
+    kind = next((b for b in EDGE_BUILDERS if b in names), None)
     if kind is None or len(images) < 2:
         return None
-    ref = cond[..., names.index(kind)] >= (1 if kind == "canny" else 128)  # (N, H, W); soft maps binarised at half height
-    draw = canny_edges if kind == "canny" else soft_edges
-    pred = np.stack([draw(im, spec, None if masks is None else m) >= (1 if kind == "canny" else 128)
-                     for im, m in zip(images, masks if masks is not None else [None] * len(images))])
+    draw, cut = (canny_edges, 1) if kind == "canny" else (soft_edges, 128)  # soft maps binarised at half height
+    ref = cond[..., names.index(kind)] >= cut  # (N, H, W)
+    pred = np.stack([draw(im, spec, m) >= cut for im, m in zip(images, masks if masks is not None else [None] * len(images))])
     perm = derangement(len(images), cfg.seed)
     own, shuffled = edge_scores(pred, ref, cfg.edge_tolerance), edge_scores(pred, ref[perm], cfg.edge_tolerance)
     return {
@@ -360,7 +359,7 @@ def steering(data, model, gen, cfg, ecfg, target_field: str, positive: str | Non
 
     import torch
 
-    from synthmed.data.prepared import load_conditioning, load_split, read_card
+    from synthmed.data.prepared import label_target, load_conditioning, load_split, read_card
     from synthmed.evaluation.classifier import build_classifier, predict_proba, train_classifier
     from synthmed.evaluation.steering import steering_scores
     from synthmed.flow_generate import _prompt_rule, _sampler, as_rgb, decoded, grey_limit, has_controlnet
@@ -376,9 +375,12 @@ def steering(data, model, gen, cfg, ecfg, target_field: str, positive: str | Non
     train, val = load_split(data, "train"), load_split(data, "validation")
     field, match = cfg.field, cfg.match_field
     classes = cfg.classes or sorted({str(r.get(field)) for r in val.rows if r.get(field) is not None})
-    def target_of(r):  # the classifier's class of a row: target_field through label_map (as the downstream study reads it)
-        return (label_map or {}).get(str(r.get(target_field)), str(r.get(target_field)))
+    def target_of(r):  # the classifier's class of a row, read as the downstream study reads it
+        return label_target(r, target_field, label_map)
 
+    missing = next((r["id"] for r in train.rows if target_of(r) is None), None)
+    if missing is not None:
+        raise SynthmedError(f"{data}: steering's classifier needs a {target_field!r} on every training sample; {missing} has none")
     # target of each steered value, from the training rows (e.g. label malignant -> cancer cancerous)
     to_target = {c: Counter(target_of(r) for r in train.rows if str(r.get(field)) == c).most_common(1) for c in classes}
     if any(not v for v in to_target.values()):
@@ -398,6 +400,7 @@ def steering(data, model, gen, cfg, ecfg, target_field: str, positive: str | Non
         return counts.most_common(1)[0][0]
 
     trials = [(m, i, c) for m, i in enumerate(pick) for c in classes]
+    rows = [i for _, i, _ in trials]  # the validation row of each trial
     items = [{"row_fields": {**val.rows[i], field: c, "label": c if field == "label" else val.rows[i].get("label")},
               "prompt": prompt_of(c, val.rows[i]), "label": c if field == "label" else val.rows[i].get("label")} for _, i, c in trials]
     texts = _prompt_rule(data, training)(items)
@@ -408,7 +411,7 @@ def steering(data, model, gen, cfg, ecfg, target_field: str, positive: str | Non
         for s in range(0, len(trials), gen.batch_size):
             b = trials[s: s + gen.batch_size]
             seeds = [sample_seed(cfg.seed, i, 0) for _, i, _ in b]  # one seed per map: the renders differ by the prompt only
-            images.append(sampler(cond[[i for _, i, _ in b]], texts[s: s + gen.batch_size], seeds))
+            images.append(sampler(cond[rows[s: s + gen.batch_size]], texts[s: s + gen.batch_size], seeds))
             update(min(s + gen.batch_size, len(trials)))
     grey, _ = decoded(np.concatenate(images), grey_limit(data, gen))
     rendered = as_rgb(grey)
@@ -423,7 +426,7 @@ def steering(data, model, gen, cfg, ecfg, target_field: str, positive: str | Non
     predicted = [targets[k] for k in predict_proba(clf, rendered).argmax(1)]
     real_pred = [targets[k] for k in predict_proba(clf, val.images[pick]).argmax(1)]
     positive = positive or min(targets, key=lambda t: int((y == targets.index(t)).sum()))
-    scores = steering_scores([m for m, _, _ in trials], [to_target[str(val.rows[i].get(field))] for _, i, _ in trials],
+    scores = steering_scores([m for m, _, _ in trials], [to_target[str(val.rows[i].get(field))] for i in rows],
                              [to_target[c] for _, _, c in trials], predicted, positive, ecfg.n_boot, ecfg.seed)
     real_hits = np.array([p == to_target[str(val.rows[i].get(field))] for p, i in zip(real_pred, pick)], dtype=float)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,8 +445,7 @@ def steering(data, model, gen, cfg, ecfg, target_field: str, positive: str | Non
         "field": field, "classes": classes, "target_field": target_field, "class_to_target": to_target,
         "classifier": f"MONAI ResNet trained on the real train split's {target_field} ({', '.join(targets)}), class-balanced, {cfg.classifier_steps} steps",
         "classifier_on_real_maps": interval(real_hits, ecfg),
-        "edge_fidelity": edge_fidelity(read_card(data), rendered, cond[[i for _, i, _ in trials]],
-                                       None if val.masks is None else val.masks[[i for _, i, _ in trials]],
+        "edge_fidelity": edge_fidelity(read_card(data), rendered, cond[rows], None if val.masks is None else val.masks[rows],
                                        ecfg, "steered renders vs their maps"),
         "protocol": "real validation maps (never trained on), balanced over the steered classes; each rendered once per class with the same seed; "
                     "prompt: the most frequent training prompt of that class" + (f" with the map's {match}" if match else ""),

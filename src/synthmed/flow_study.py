@@ -102,8 +102,9 @@ class _RealData:
 
     def target_of(self, row: dict) -> str | None:
         """A row's classification target: its label_field value, through label_map."""
-        value = row.get(self.field)
-        return None if value is None else self.label_map.get(str(value), str(value))
+        from synthmed.data.prepared import label_target
+
+        return label_target(row, self.field, self.label_map)
 
     def targets(self, split, where: str):
         """Masks (N, H, W) or label codes (N,) of a split."""

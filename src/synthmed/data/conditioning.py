@@ -60,9 +60,9 @@ class ConditioningSpec:
     """
 
     builders: tuple[str, ...] = ("colour",)
-    canny_sigma: float = 1.5
-    canny_low: float = 0.05
-    canny_high: float = 0.15
+    canny_sigma: float = CANNY_DEFAULTS["sigma"]
+    canny_low: float = CANNY_DEFAULTS["low"]
+    canny_high: float = CANNY_DEFAULTS["high"]
     canny_region: str = "image"  # "image" or "lesion"
     n_classes: int = 5  # K, the one-hot channel count
 
@@ -98,45 +98,48 @@ class ConditioningSpec:
         return {b: _NEEDS[b] for b in self.builders if b in _NEEDS}
 
 
+def _grey01(image: np.ndarray) -> np.ndarray:
+    """(H, W) float in [0, 1]: a grey image as is, an RGB one by ITU-R 601 luma."""
+    g = image.astype(np.float64) / 255.0
+    return g[..., :3] @ np.array([0.299, 0.587, 0.114]) if g.ndim == 3 else g
+
+
+def _lesion_region(edges: np.ndarray, spec: ConditioningSpec, mask: np.ndarray | None, who: str) -> np.ndarray:
+    """Edges kept near the (3 px dilated) mask foreground when canny_region is "lesion", else unchanged."""
+    from scipy import ndimage
+
+    if spec.canny_region != "lesion":
+        return edges
+    if mask is None:
+        raise ValueError(f"{who} with canny_region='lesion' expects a mask, but got None")
+    return edges * ndimage.binary_dilation(mask > 0, iterations=3)
+
+
 def canny_edges(image: np.ndarray, spec: ConditioningSpec, mask: np.ndarray | None = None) -> np.ndarray:
     """Binary Canny edge map (H, W) uint8 in {0, 255} of an (H, W) or (H, W, 3) uint8 image."""
-    from scipy import ndimage
     from skimage.feature import canny
 
-    g = image.astype(np.float64) / 255.0
-    if g.ndim == 3:
-        g = g[..., :3] @ np.array([0.299, 0.587, 0.114])
-    edges = canny(g, sigma=spec.canny_sigma, low_threshold=spec.canny_low, high_threshold=spec.canny_high)
-    if spec.canny_region == "lesion":
-        if mask is None:
-            raise ValueError("canny_edges with canny_region='lesion' expects a mask, but got None")
-        edges &= ndimage.binary_dilation(mask > 0, iterations=3)
-    return edges.astype(np.uint8) * 255
+    edges = canny(_grey01(image), sigma=spec.canny_sigma, low_threshold=spec.canny_low, high_threshold=spec.canny_high)
+    return _lesion_region(edges, spec, mask, "canny_edges").astype(np.uint8) * 255
 
 
 def soft_edges(image: np.ndarray, spec: ConditioningSpec, mask: np.ndarray | None = None) -> np.ndarray:
     """Soft edge map (H, W) uint8: Gaussian gradient magnitude of the grey [0, 1] image, 99th percentile -> 255."""
     from scipy import ndimage
 
-    g = image.astype(np.float64) / 255.0
-    if g.ndim == 3:
-        g = g[..., :3] @ np.array([0.299, 0.587, 0.114])
-    mag = ndimage.gaussian_gradient_magnitude(g, sigma=spec.canny_sigma)
+    mag = ndimage.gaussian_gradient_magnitude(_grey01(image), sigma=spec.canny_sigma)
     top = float(np.percentile(mag, 99))
     out = np.clip(mag / top, 0, 1) if top > 1e-6 else np.zeros_like(mag)
-    if spec.canny_region == "lesion":
-        if mask is None:
-            raise ValueError("soft_edges with canny_region='lesion' expects a mask, but got None")
-        out *= ndimage.binary_dilation(mask > 0, iterations=3)
-    return np.round(out * 255).astype(np.uint8)
+    return np.round(_lesion_region(out, spec, mask, "soft_edges") * 255).astype(np.uint8)
 
 
 def spec_from_card(card: dict) -> ConditioningSpec:
     """The ConditioningSpec a prepared data set was made with (its card's `conditioning` record)."""
     cond = card.get("conditioning") or {}
     edges = cond.get("canny") or {}
-    return ConditioningSpec(tuple(cond.get("builders") or ("colour",)), edges.get("sigma", 1.5), edges.get("low", 0.05),
-                            edges.get("high", 0.15), edges.get("region", "image"), n_classes=max(1, len(card.get("classes", []))))
+    edges = {**CANNY_DEFAULTS, **edges}
+    return ConditioningSpec(tuple(cond.get("builders") or ("colour",)), edges["sigma"], edges["low"], edges["high"],
+                            edges.get("region", "image"), n_classes=max(1, len(card.get("classes", []))))
 
 
 def boundary_map(labels: np.ndarray) -> np.ndarray:

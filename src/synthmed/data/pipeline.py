@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synthmed.data.conditioning import ConditioningSpec, build_conditioning
+from synthmed.data.conditioning import EDGE_BUILDERS, ConditioningSpec, build_conditioning
 from synthmed.data.prepared import CARD, SPLITS, Sample, _instance_classes
 from synthmed.data.readers.base import Item, Reader
 from synthmed.io import SynthmedError, read_json, save_array, write_json, write_jsonl
@@ -441,7 +441,7 @@ def _card(reader: Reader, rows, skipped, settings: PrepareSettings, split_method
                    "image_interpolation": "bicubic (PIL, antialiased)", "mask_interpolation": "nearest"},
         "conditioning": {"builders": list(spec.builders), "channel_names": _channel_names(spec, first),
                          "file_format": Path(cond_file).suffix.lstrip(".") if cond_file else None,
-                         "canny": {"sigma": spec.canny_sigma, "low": spec.canny_low, "high": spec.canny_high, "region": spec.canny_region} if set(spec.builders) & {"canny", "soft"} else None},
+                         "canny": {"sigma": spec.canny_sigma, "low": spec.canny_low, "high": spec.canny_high, "region": spec.canny_region} if set(spec.builders) & set(EDGE_BUILDERS) else None},
         "prompt_template": settings.prompt_template,
         "split_by": reader.patient_unit,
         "split_method": split_method,

@@ -150,6 +150,12 @@ class PreparedSplit:
         return len(self.rows)
 
 
+def label_target(row: dict, field: str, label_map: dict | None = None) -> str | None:
+    """A row's classification target: its `field` value (as text) through `label_map`; None where the row has none."""
+    value = row.get(field)
+    return None if value is None else (label_map or {}).get(str(value), str(value))
+
+
 def read_card(root: Path) -> dict:
     """Read dataset.json, with a one-line error if the folder is not a prepared data set."""
     root = Path(root)
