@@ -39,9 +39,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from synthmed.data.phantom import phantom_samples
+    from synthmed.data.phantoms.histology import phantom_samples
     from synthmed.evaluation import paired
-    from synthmed.evaluation.classifier import build_classifier, features
+    from synthmed.models.tasknets import build_classifier, features
     from synthmed.evaluation.fidelity import frechet_distance, kernel_inception_distance, precision_recall
     from synthmed.evaluation.inception import build_fid_inception, inception_features
     from synthmed.evaluation.memorisation import audit

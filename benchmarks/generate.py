@@ -32,7 +32,7 @@ def _setup(a):
     import torch
 
     from synthmed.data.conditioning import colour_mask
-    from synthmed.data.phantom import phantom_samples
+    from synthmed.data.phantoms.histology import phantom_samples
     from synthmed.models.backbone import build_backbone, load_backbone
     from synthmed.models.controlnet import build_controlnet, load_controlnet
 
@@ -56,7 +56,8 @@ def _runner(variant: str, bb, cn, settings, device: str, precision: str):
     """A function (cond, prompts, seeds) -> images for one variant."""
     import torch
 
-    from synthmed.generation.sample import Sampler, controlnet_pipeline, sample_images
+    from synthmed.generation.sample import Sampler
+    from synthmed.models.sampling import controlnet_pipeline, sample_images
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dtype = dtypes["bf16" if variant.endswith("_bf16") else "fp16" if variant.endswith("_fp16") else precision]
@@ -89,7 +90,7 @@ def speed(a) -> list[dict]:
     import numpy as np
     import torch
 
-    from synthmed.generation.sample import SamplingSettings
+    from synthmed.models.sampling import SamplingSettings
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -126,11 +127,13 @@ def quality(a) -> list[dict]:
 
     from synthmed.data.prepared import load_conditioning, load_split, read_card
     from synthmed.evaluation.metrics import dice_per_image
-    from synthmed.evaluation.segmenter import predict, train_segmenter
-    from synthmed.flow import _trained_backbone
-    from synthmed.flow_train import trained_prompts
-    from synthmed.generation.sample import Sampler, SamplingSettings
-    from synthmed.io import read_json
+    from synthmed.models.tasknets import predict
+    from synthmed.training.tasks import train_segmenter
+    from synthmed.data.prompts import trained_prompts
+    from synthmed.models.trained import trained_backbone
+    from synthmed.generation.sample import Sampler
+    from synthmed.models.sampling import SamplingSettings
+    from synthmed.core.io import read_json
     from synthmed.models.backbone import load_backbone
     from synthmed.models.controlnet import load_controlnet
 
@@ -143,7 +146,7 @@ def quality(a) -> list[dict]:
     prompts = trained_prompts(split, training.get("conditioning_mode", "both"), training.get("prompt_source", "text"), training.get("label_prompt", "{label}"))[:n]
     print(f"  training the judge segmenter ({a.segmenter_steps} steps) ...", flush=True)
     seg = train_segmenter(split.images, split.masks, len(classes), a.segmenter_steps, 16, 2e-3, 0)
-    bb = _trained_backbone(load_backbone(training["backbone"]), model, training).freeze()
+    bb = trained_backbone(load_backbone(training["backbone"]), model, training).freeze()
     cn = load_controlnet(model / "controlnet")
     rows = []
     for steps in a.quality_steps:

@@ -43,11 +43,11 @@ FIXTURES = {
 _PREPARE = """
 import json, resource, sys, time
 from pathlib import Path
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 cfg = PrepareConfig.model_validate(json.loads(sys.argv[1]))
 t = time.perf_counter()
-card = flow.prepare(cfg, Path(sys.argv[2]))
+card = pipelines.prepare(cfg, Path(sys.argv[2]))
 secs = time.perf_counter() - t
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"seconds": secs, "n": sum(s["n"] for s in card["splits"].values()), "rss_main_mb": hwm / 1024,

@@ -26,8 +26,8 @@ from accelerate import Accelerator
 a = json.loads(sys.argv[1]); variant = sys.argv[2]
 from synthmed.config import ControlNetConfig
 from synthmed.data.conditioning import colour_mask
-from synthmed.data.phantom import phantom_samples
-from synthmed.flow_train import _build_model, _cast_frozen
+from synthmed.data.phantoms.histology import phantom_samples
+from synthmed.training.setup import build_model, cast_frozen
 from synthmed.models.backbone import build_backbone, load_backbone
 from synthmed.models.controlnet import build_controlnet
 from synthmed.training.batches import build_training_data
@@ -47,11 +47,11 @@ cfg = ControlNetConfig(steps=a["warmup"] + a["steps"], batch_size=a["batch_size"
                        gradient_checkpointing=a["gradient_checkpointing"], mixed_precision=a["mixed_precision"], log_with=None,
                        compile=variant == "compile", channels_last=variant == "channels_last")
 controlnet = build_controlnet(bb.unet, bb.vae_scale_factor)
-_cast_frozen(bb, a["mixed_precision"], acc.device)
+cast_frozen(bb, a["mixed_precision"], acc.device)
 t0 = time.perf_counter()
 data = build_training_data(bb, images, cond, prompts, masks=masks, cache=variant != "uncached")
 cache_s = time.perf_counter() - t0
-model = _build_model(bb, controlnet, cfg)
+model = build_model(bb, controlnet, cfg)
 marks = []
 def progress(done, total, loss):
     if acc.device.type == "cuda": torch.cuda.synchronize()

@@ -40,11 +40,11 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_data(tmp_path_factory) -> Path:
     """A small prepared phantom-histology data set (9 slides x 4 tiles + 1 unlabelled slide)."""
-    from synthmed import flow
+    from synthmed import pipelines
     from synthmed.config import PhantomConfig, PrepareConfig
 
     out = tmp_path_factory.mktemp("data") / "phantom"
-    flow.prepare(PrepareConfig(phantom=PhantomConfig(n_slides=9, tiles_per_slide=4, n_unlabelled_slides=1)), out)
+    pipelines.prepare(PrepareConfig(phantom=PhantomConfig(n_slides=9, tiles_per_slide=4, n_unlabelled_slides=1)), out)
     return out
 
 

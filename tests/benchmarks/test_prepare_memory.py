@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "prepare.py"
+pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.slow

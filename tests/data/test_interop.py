@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.testing import cbis_ddsm
 
@@ -13,7 +13,7 @@ from synthmed.testing import cbis_ddsm
 def cbis(tmp_path_factory):
     root = tmp_path_factory.mktemp("cbis")
     cbis_ddsm.write(root / "src")
-    flow.prepare(PrepareConfig(source="cbis-ddsm", root=str(root / "src"), workers=1, size=64), root / "out")
+    pipelines.prepare(PrepareConfig(source="cbis-ddsm", root=str(root / "src"), workers=1, size=64), root / "out")
     return root / "out"
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.readers.base import reader_class
 
@@ -39,7 +39,7 @@ def test_no_patient_in_two_splits(tmp_path, fmt, official):
     expected = fixture.write(tmp_path / "src")
     reader = reader_class(fmt)(tmp_path / "src", options)
     assert reader.patient_unit != "image", f"{fmt} must split by patient/slide/case"
-    card = flow.prepare(PrepareConfig(source=fmt, root=str(tmp_path / "src"), options=options, workers=1, official_splits=official), tmp_path / "out")
+    card = pipelines.prepare(PrepareConfig(source=fmt, root=str(tmp_path / "src"), options=options, workers=1, official_splits=official), tmp_path / "out")
     seen = _patients_by_split(tmp_path / "out")
     assert card["patients_in_several_splits"] == []
     assert all(len(s) == 1 for s in seen.values()), {p: s for p, s in seen.items() if len(s) > 1}

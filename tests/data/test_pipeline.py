@@ -3,14 +3,14 @@ import json
 import numpy as np
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import ConditioningConfig, PhantomConfig, PrepareConfig
 from synthmed.data.conditioning import ConditioningSpec, build_conditioning, decode_colour_mask
 from synthmed.data.pipeline import PrepareSettings, assign_splits, fit, prepare_dataset, split_patients
 from synthmed.data.prepared import load_conditioning, load_split
 from synthmed.data.readers.base import Item
 from synthmed.data.readers.phantom import PhantomReader
-from synthmed.io import SynthmedError, load_png
+from synthmed.core.io import SynthmedError, load_png
 from synthmed.testing import medmnist as mnist_fixture
 
 SMALL = {"n_slides": 6, "tiles_per_slide": 3, "n_unlabelled_slides": 1}
@@ -76,7 +76,7 @@ def test_two_workers_write_the_same_output_as_one(tmp_path):
 def test_stream_reader_with_workers_and_limit(tmp_path):
     expected = mnist_fixture.write(tmp_path / "src", flag="bloodmnist", counts=(9, 3, 3))
     cfg = PrepareConfig(source="medmnist", root=str(tmp_path / "src"), options={"flag": "bloodmnist"}, workers=2, limit=4)
-    card = flow.prepare(cfg, tmp_path / "out")
+    card = pipelines.prepare(cfg, tmp_path / "out")
     assert {s: v["n"] for s, v in card["splits"].items()} == {"train": 4, "validation": 3, "test": 3}
     first_train = [e["id"] for e in expected if e["split"] == "train"][:4]
     assert load_split(tmp_path / "out", "train").ids == first_train
@@ -85,12 +85,12 @@ def test_stream_reader_with_workers_and_limit(tmp_path):
 def test_flow_prepare_resumes_through_the_cli_config(tmp_path):
     cfg = PrepareConfig(phantom=PhantomConfig(**SMALL), workers=1)
     out = tmp_path / "p"
-    card = flow.prepare(cfg, out)
-    assert flow.prepare(cfg, out) == card  # the same command again: nothing to do
+    card = pipelines.prepare(cfg, out)
+    assert pipelines.prepare(cfg, out) == card  # the same command again: nothing to do
     with pytest.raises(SynthmedError, match="other settings"):
-        flow.prepare(cfg.model_copy(update={"limit": 2}), out)
+        pipelines.prepare(cfg.model_copy(update={"limit": 2}), out)
     # Worker count does not change what is written, so it may differ on a re-run.
-    assert flow.prepare(cfg.model_copy(update={"workers": 2}), out) == card
+    assert pipelines.prepare(cfg.model_copy(update={"workers": 2}), out) == card
 
 
 def test_split_patients_is_seeded_stratified_and_patient_level():
@@ -155,7 +155,7 @@ def test_conditioning_builders_stack_in_order():
 def test_onehot_conditioning_is_written_as_npy_and_loaded(tmp_path):
     cfg = PrepareConfig(phantom=PhantomConfig(**{**SMALL, "n_unlabelled_slides": 0}), workers=1,
                         conditioning=ConditioningConfig(builders=["onehot", "boundary"]))
-    card = flow.prepare(cfg, tmp_path / "out")
+    card = pipelines.prepare(cfg, tmp_path / "out")
     assert card["conditioning"]["file_format"] == "npy" and len(card["conditioning"]["channel_names"]) == 6
     split = load_split(tmp_path / "out", "train", need_masks=True)
     cond = load_conditioning(split)
@@ -166,22 +166,22 @@ def test_onehot_conditioning_is_written_as_npy_and_loaded(tmp_path):
 def test_canny_needs_no_mask_but_colour_does(tmp_path):
     mnist_fixture.write(tmp_path / "src", flag="pneumoniamnist")
     base = dict(source="medmnist", root=str(tmp_path / "src"), options={"flag": "pneumoniamnist"}, workers=1)
-    card = flow.prepare(PrepareConfig(**base, conditioning=ConditioningConfig(canny_low=0.02, canny_high=0.06)), tmp_path / "a")
+    card = pipelines.prepare(PrepareConfig(**base, conditioning=ConditioningConfig(canny_low=0.02, canny_high=0.06)), tmp_path / "a")
     assert card["conditioning"]["canny"] == {"sigma": 1.5, "low": 0.02, "high": 0.06, "region": "image"}
     row = json.loads((tmp_path / "a" / "train" / "metadata.jsonl").read_text().splitlines()[0])
     assert set(np.unique(load_png(tmp_path / "a" / "train" / row["conditioning_image"]))) <= {0, 255}
     with pytest.raises(SynthmedError, match="conditioning 'colour' needs a mask"):
-        flow.prepare(PrepareConfig(**base, conditioning=ConditioningConfig(builders=["colour"])), tmp_path / "b")
+        pipelines.prepare(PrepareConfig(**base, conditioning=ConditioningConfig(builders=["colour"])), tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
 
 def test_prompt_template_fills_fields_and_names_unknown_ones(tmp_path):
     cfg = PrepareConfig(phantom=PhantomConfig(**SMALL), workers=1, prompt_template="{tissue} tile with {classes}")
-    flow.prepare(cfg, tmp_path / "a")
+    pipelines.prepare(cfg, tmp_path / "a")
     row = json.loads((tmp_path / "a" / "train" / "metadata.jsonl").read_text().splitlines()[0])
     assert row["text"] == f"{row['tissue']} tile with {', '.join(row['classes'])}"
     with pytest.raises(SynthmedError, match=r"names \{stain\}"):
-        flow.prepare(cfg.model_copy(update={"prompt_template": "{stain}"}), tmp_path / "b")
+        pipelines.prepare(cfg.model_copy(update={"prompt_template": "{stain}"}), tmp_path / "b")
 
 
 def test_skip_bad_reports_and_continues(tmp_path):

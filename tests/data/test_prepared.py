@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from synthmed.data.conditioning import colour_mask, decode_colour_mask
-from synthmed.data.phantom import phantom_samples
+from synthmed.data.phantoms.histology import phantom_samples
 from synthmed.data.prepared import Sample, load_conditioning, load_split, read_card, write_prepared
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 
 def test_round_trip_is_pixel_exact(phantom_data):

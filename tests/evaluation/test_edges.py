@@ -51,7 +51,7 @@ def test_flow_edge_fidelity_separates_own_maps_from_shuffled_ones():
     """Images whose edges are their maps score F = 1; against a shuffled pairing they do not."""
     from synthmed.config import EvaluateConfig
     from synthmed.data.conditioning import ConditioningSpec, canny_edges
-    from synthmed.flow_evaluate import edge_fidelity
+    from synthmed.evaluation.sections import edge_fidelity
 
     rng = np.random.default_rng(0)
     images = []

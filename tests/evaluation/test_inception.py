@@ -30,7 +30,7 @@ from synthmed.evaluation.inception import (
     resize_bilinear_tf1,
     resolve_fid_weights,
 )
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 FIDELITY = importlib.util.find_spec("torch_fidelity")
 needs_fidelity = pytest.mark.skipif(FIDELITY is None, reason="torch-fidelity not installed (make test installs it: pip install --no-deps torch-fidelity)")
@@ -235,14 +235,14 @@ def test_official_weights_equal_torch_fidelity(fidelity):
 
 
 def test_evaluate_with_inception_and_no_weights_fails_in_one_line_before_training(phantom_data, tmp_path, monkeypatch):
-    from synthmed import flow
+    from synthmed import pipelines
     from synthmed.config import EvaluateConfig
-    from synthmed.io import SynthmedError
+    from synthmed.core.io import SynthmedError
 
     monkeypatch.delenv("SYNTHMED_FID_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     with pytest.raises(SynthmedError) as err:
-        flow.evaluate(phantom_data, phantom_data, EvaluateConfig(extractors=["inception"]), tmp_path / "eval")
+        pipelines.evaluate(phantom_data, phantom_data, EvaluateConfig(extractors=["inception"]), tmp_path / "eval")
     message = str(err.value)
     assert "\n" not in message and "pt_inception-2015-12-05-6726825d.pth" in message and "SYNTHMED_FID_WEIGHTS" in message
     assert not (tmp_path / "eval").exists()

@@ -38,7 +38,7 @@ from synthmed.evaluation.lpips import (
     lpips_distance,
     resolve_lpips_weights,
 )
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 LPIPS_SPEC = importlib.util.find_spec("lpips")
 needs_lpips = pytest.mark.skipif(LPIPS_SPEC is None, reason="lpips not installed (make test installs it: pip install --no-deps lpips==0.1.4)")

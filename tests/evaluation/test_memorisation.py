@@ -176,7 +176,7 @@ def test_flags_are_split_by_whether_the_copied_image_is_the_layout_source():
     """A mask-conditioned sample near its own layout source is counted apart from one near another training image."""
     from types import SimpleNamespace
 
-    from synthmed.flow_evaluate import memorisation
+    from synthmed.evaluation.sections import memorisation
 
     rng = np.random.default_rng(11)
     train, test, honest = blob_images(rng, N_TRAIN), blob_images(rng, N_TEST), blob_images(rng, 6)

@@ -5,20 +5,20 @@ import shutil
 import numpy as np
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.prepared import Sample, read_card, write_prepared
 from synthmed.data.readers.files import safe_ids
 from synthmed.data.readers.pannuke import CLASSES, TISSUES
 from synthmed.generation.export import FORMATS, export_dataset
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import medmnist as medmnist_fixture
 from synthmed.testing import prepared_file as _png
 from synthmed.testing import prepared_rows as _rows
 
 
 def _prepare(source, root, out, **options):
-    return flow.prepare(PrepareConfig(source=source, root=str(root), workers=1, options=options), out)
+    return pipelines.prepare(PrepareConfig(source=source, root=str(root), workers=1, options=options), out)
 
 
 def _medmnist(tmp_path_factory, flag):

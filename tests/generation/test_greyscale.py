@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import ControlNetConfig, GenerateConfig, PrepareConfig
 from synthmed.generation.sample import to_greyscale
-from synthmed.io import SynthmedError, read_json, read_jsonl
+from synthmed.core.io import SynthmedError, read_json, read_jsonl
 from synthmed.testing.generation import model_folder
 
 FAST = dict(n_samples=4, steps=3, guidance_scale=2.0, scheduler="dpm", batch_size=4)
@@ -34,15 +34,15 @@ def test_to_greyscale_is_exact_on_grey_and_measures_colour():
 @pytest.fixture(scope="module")
 def breast(tmp_path_factory):
     out = tmp_path_factory.mktemp("breast") / "data"
-    flow.prepare(PrepareConfig(source="phantom-breast", options={"n_patients": 10, "images_per_patient": 2}, workers=1), out)
+    pipelines.prepare(PrepareConfig(source="phantom-breast", options={"n_patients": 10, "images_per_patient": 2}, workers=1), out)
     return out
 
 
 def test_grey_data_on_the_greyscale_backbone_gives_single_channel_images_that_were_grey_before_the_mean(breast, tmp_path):
-    model = flow.train_controlnet(breast, ControlNetConfig(backbone="tiny-breast", steps=4, batch_size=4, checkpoint_every=4), tmp_path / "run")
+    model = pipelines.train_controlnet(breast, ControlNetConfig(backbone="tiny-breast", steps=4, batch_size=4, checkpoint_every=4), tmp_path / "run")
     training = read_json(model / "training.json")
     assert training["image_channels"] == 1 and "R = G = B" in training["vae_channels"]
-    syn = flow.generate(breast, model, GenerateConfig(**FAST), tmp_path / "syn")
+    syn = pipelines.generate(breast, model, GenerateConfig(**FAST), tmp_path / "syn")
     rows = read_jsonl(syn / "train" / "metadata.jsonl")
     card = read_json(syn / "dataset.json")
     assert len(rows) == 4 and card["channels"] == 1 and card["greyscale"]["max_colour_residual"] == 6.0
@@ -52,9 +52,9 @@ def test_grey_data_on_the_greyscale_backbone_gives_single_channel_images_that_we
         assert r["provenance"]["filter_scores"]["colour_residual"] <= 6.0
     # Draw sample 0 again and look at the decoder's 3 channels before the mean: they already agree.
     from synthmed.data.prepared import load_conditioning_file
-    from synthmed.flow_generate import _sampler
+    from synthmed.generation.draw import sampler_for
 
-    sampler, _ = _sampler(breast, model, training, GenerateConfig(**FAST), None, __import__("torch").device("cpu"))
+    sampler, _ = sampler_for(model, breast, GenerateConfig(**FAST), None, __import__("torch").device("cpu"))
     r = rows[0]
     cond = load_conditioning_file(syn / "train" / r["conditioning_image"])
     rgb = sampler(cond[None, ..., None] if cond.ndim == 2 else cond[None], [r["provenance"]["prompt"]], [r["provenance"]["seed"]])[0]
@@ -68,11 +68,11 @@ def test_colour_noise_on_grey_data_is_refused_not_averaged(breast, tiny_backbone
     """A random-weight backbone decodes colour noise: every draw exceeds the colour limit and generation says so."""
     model = model_folder(tiny_backbone_dir, tmp_path / "random", channels=1)
     with pytest.raises(SynthmedError, match="colour residual"):
-        flow.generate(breast, model, GenerateConfig(**FAST), tmp_path / "syn")
+        pipelines.generate(breast, model, GenerateConfig(**FAST), tmp_path / "syn")
     rejected = [read_json(p) for p in (tmp_path / "syn.partial" / "rejected" / "records").glob("*.json")]
     assert rejected and all(r["scores"]["colour_residual"] > 6.0 for r in rejected)
     # Turning the limit off keeps the draws (still grey on disk) with their residual on record.
-    syn = flow.generate(breast, model, GenerateConfig(**FAST, grey_max_colour=None), tmp_path / "kept")
+    syn = pipelines.generate(breast, model, GenerateConfig(**FAST, grey_max_colour=None), tmp_path / "kept")
     rows = read_jsonl(syn / "train" / "metadata.jsonl")
     assert all(r["provenance"]["filter_scores"]["colour_residual"] > 6.0 for r in rows)
     assert all(Image.open(syn / "train" / r["file_name"]).mode == "L" for r in rows)

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 
 from synthmed.data.conditioning import ConditioningSpec, build_conditioning, colour_mask
-from synthmed.data.phantom import CLASSES, make_prompt
+from synthmed.data.phantoms.histology import CLASSES, make_prompt
 from synthmed.data.prepared import load_split
 from synthmed.generation.layouts import (
     Layout,
@@ -17,7 +17,7 @@ from synthmed.generation.layouts import (
     prompt_for,
     update_row,
 )
-from synthmed.io import load_png
+from synthmed.core.io import load_png
 
 
 def _disc(shape, cy, cx, r) -> np.ndarray:

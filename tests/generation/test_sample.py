@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from synthmed.data.prepared import load_conditioning, load_split
-from synthmed.generation.sample import SCHEDULERS, Sampler, SamplingSettings, controlnet_pipeline, sample_images
+from synthmed.models.sampling import controlnet_pipeline, sample_images, SamplingSettings, SCHEDULERS
+from synthmed.generation.sample import Sampler
 from synthmed.models.backbone import load_backbone
 from synthmed.models.controlnet import build_controlnet
 

@@ -8,7 +8,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.models.backbone import build_backbone, detect_preset, load_backbone
 from synthmed.models.controlnet import build_controlnet, embedding_channels, load_controlnet
 from synthmed.models.registry import get_preset

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from synthmed.io import SynthmedError, save_png
+from synthmed.core.io import SynthmedError, save_png
 from synthmed.report.html import render_report
 
 

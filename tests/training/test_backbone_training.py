@@ -1,6 +1,6 @@
 import numpy as np
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import BackboneConfig
 from synthmed.data.prepared import load_split
 from synthmed.models.backbone import build_backbone, load_backbone, read_recipe
@@ -9,7 +9,7 @@ from synthmed.training.backbone import train_vae
 
 def test_train_backbone_writes_a_loadable_folder_with_its_recipe(phantom_data, tmp_path):
     cfg = BackboneConfig(vae_steps=2, unet_steps=2, vae_batch_size=4, unet_batch_size=4)
-    out = flow.train_backbone(phantom_data, cfg, tmp_path / "bb")
+    out = pipelines.train_backbone(phantom_data, cfg, tmp_path / "bb")
     recipe = read_recipe(out)
     assert recipe["config"]["vae_steps"] == 2 and recipe["data"]["split"] == "unlabelled"
     loaded = load_backbone(out)
@@ -28,11 +28,11 @@ def test_interrupted_backbone_training_resumes_exactly(phantom_data, tmp_path, m
     import pytest
     import torch
 
-    from synthmed.io import SynthmedError
+    from synthmed.core.io import SynthmedError
     from synthmed.training import backbone as tb
 
     cfg = BackboneConfig(vae_steps=3, unet_steps=4, vae_batch_size=4, unet_batch_size=4, checkpoint_every=2)
-    straight = load_backbone(flow.train_backbone(phantom_data, cfg, tmp_path / "a"))
+    straight = load_backbone(pipelines.train_backbone(phantom_data, cfg, tmp_path / "a"))
 
     real = tb.train_text_to_image
 
@@ -47,10 +47,10 @@ def test_interrupted_backbone_training_resumes_exactly(phantom_data, tmp_path, m
 
     monkeypatch.setattr(tb, "train_text_to_image", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        flow.train_backbone(phantom_data, cfg, tmp_path / "b")
+        pipelines.train_backbone(phantom_data, cfg, tmp_path / "b")
     assert not (tmp_path / "b").exists() and (tmp_path / "b.partial" / "unet.pt").is_file()
     with pytest.raises(SynthmedError, match="--resume"):
-        flow.train_backbone(phantom_data, cfg, tmp_path / "b")
+        pipelines.train_backbone(phantom_data, cfg, tmp_path / "b")
     steps_run = []
 
     def recording(real_fn):
@@ -62,7 +62,7 @@ def test_interrupted_backbone_training_resumes_exactly(phantom_data, tmp_path, m
 
     monkeypatch.setattr(tb, "train_vae", recording(tb.train_vae))
     monkeypatch.setattr(tb, "train_text_to_image", recording(real))
-    resumed = load_backbone(flow.train_backbone(phantom_data, cfg, tmp_path / "b", resume=True))
+    resumed = load_backbone(pipelines.train_backbone(phantom_data, cfg, tmp_path / "b", resume=True))
     # The VAE phase was complete and the UNet had a checkpoint at step 2: only steps 3-4 run again.
     assert steps_run == [("train_text_to_image", 3), ("train_text_to_image", 4)]
     assert not (tmp_path / "b.partial").exists()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from synthmed.io import read_json
+from synthmed.core.io import read_json
 from synthmed.testing.cli import run_cli
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

@@ -23,7 +23,7 @@ from PIL import Image
 from synthmed.data.conditioning import EDGE_BUILDERS, ConditioningSpec, build_conditioning
 from synthmed.data.prepared import CARD, SPLITS, Sample, _instance_classes
 from synthmed.data.readers.base import Item, Reader
-from synthmed.io import SynthmedError, read_json, save_array, write_json, write_jsonl
+from synthmed.core.io import SynthmedError, read_json, save_array, write_json, write_jsonl
 
 RESIZE_POLICIES = {
     "resize": "resized to SIZE x SIZE directly (aspect ratio not kept)",

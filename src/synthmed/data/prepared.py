@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.data.conditioning import colour_mask
-from synthmed.io import SynthmedError, atomic_dir, load_png, read_json, read_jsonl, save_png, write_json, write_jsonl
+from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_json, read_jsonl, save_png, write_json, write_jsonl
 
 SPLITS = ("train", "validation", "test", "unlabelled")
 CARD = "dataset.json"

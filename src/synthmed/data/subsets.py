@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthmed.io import SynthmedError, atomic_dir, load_png, read_json, read_jsonl, write_json, write_jsonl
+from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_json, read_jsonl, write_json, write_jsonl
 
 
 def nested_fractions(rows: list[dict], fractions: list[float], seed: int) -> dict[float, list[str]]:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synthmed.training.common import optimiser_step, to_unit_range, warmup_cosine
+from synthmed.training.common import optimiser_step, warmup_cosine
+from synthmed.models.tasknets import to_unit_range
 
 ARMS = ("real", "real+synthetic", "synthetic-only", "real+classic", "real+synthetic+classic")
 TASKS = ("segmentation", "classification")
@@ -125,10 +126,10 @@ def _augment(transform, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.
 def build_model(task: str, n_classes: int, in_channels: int, arch: str):
     """The downstream model: a MONAI U-Net (segmentation, K + 1 outputs) or ResNet/DenseNet (classification)."""
     if task == "segmentation":
-        from synthmed.evaluation.segmenter import build_segmenter
+        from synthmed.models.tasknets import build_segmenter
 
         return build_segmenter(n_classes, in_channels)
-    from synthmed.evaluation.classifier import build_classifier
+    from synthmed.models.tasknets import build_classifier
 
     return build_classifier(n_classes, in_channels, arch)
 
@@ -185,10 +186,10 @@ def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes
 def predict(task: str, model, images: np.ndarray) -> np.ndarray:
     """Segmentation: class-code maps (N, H, W); classification: probabilities (N, K)."""
     if task == "segmentation":
-        from synthmed.evaluation.segmenter import predict as seg_predict
+        from synthmed.models.tasknets import predict as seg_predict
 
         return seg_predict(model, images)
-    from synthmed.evaluation.classifier import predict_proba
+    from synthmed.models.tasknets import predict_proba
 
     return predict_proba(model, images)
 

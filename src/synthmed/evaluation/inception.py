@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 NAME = "InceptionV3 (pt_inception-2015-12-05, pool3 2048-d)"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from synthmed.io import SynthmedError, file_sha256
+from synthmed.core.io import SynthmedError, file_sha256
 
 NAME = "LPIPS v0.1 (AlexNet trunk alexnet-owt-7be5be79, lpips 0.1.4 linear heads weights/v0.1/alex.pth)"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"

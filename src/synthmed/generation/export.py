@@ -24,7 +24,8 @@ from PIL import Image
 from synthmed.data.readers.pannuke import CLASSES as PANNUKE_CLASSES
 from synthmed.data.readers.pannuke import DEFAULT_FOLD_SPLITS, TISSUES, tissue_phrase
 from synthmed.data.prepared import read_card
-from synthmed.io import SynthmedError, atomic_dir, check_new_output, load_png, read_jsonl, save_png
+from synthmed.core.outputs import check_output
+from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_jsonl, save_png
 
 FORMATS = ("folder", "medmnist", "pannuke")
 FOLD_OF_SPLIT = {split: fold for fold, split in DEFAULT_FOLD_SPLITS.items()}
@@ -99,7 +100,7 @@ def export_dataset(src: Path, fmt: str, out: Path, split: str = "train", real: P
 
 def export_folder(data: SplitRows, out: Path) -> Path:
     """Image + mask folders (rows with masks) or class folders (rows with labels only)."""
-    check_new_output(out)
+    check_output(out)
     seg = any("mask" in r for r in data.rows)
     with atomic_dir(out) as tmp:
         for row in data.rows:

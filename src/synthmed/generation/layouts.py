@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from synthmed.data.conditioning import ConditioningSpec, build_conditioning
-from synthmed.data.phantom import make_prompt
+from synthmed.data.phantoms.histology import make_prompt
 from synthmed.data.prepared import _instance_classes
 
 MASK_BUILDERS = ("colour", "binary", "onehot", "boundary")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.generation.layouts import Layout
-from synthmed.io import SynthmedError, load_png, read_json, read_jsonl, save_array, write_json, write_jsonl
+from synthmed.core.io import SynthmedError, load_png, read_json, read_jsonl, save_array, write_json, write_jsonl
 
 LAYOUT_DIRS = ("masks", "instances", "conditioning")
 

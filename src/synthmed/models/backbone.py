@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from synthmed.io import SynthmedError, read_json, write_json
+from synthmed.core.io import SynthmedError, read_json, write_json
 from synthmed.models.registry import PREDICTION_TYPES, PRESETS, BackbonePreset, get_preset
 from synthmed.models.tokenizer import build_tokenizer, write_legacy_tokenizer_files
 

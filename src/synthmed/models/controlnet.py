@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 # SD's conditioning-embedding widths; a VAE with fewer downsamplings uses fewer stages.
 _SD_EMBEDDING = (16, 32, 96, 256)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synthmed.io import SynthmedError, load_png
+from synthmed.core.io import SynthmedError, load_png
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{color:#666;font-size:.9em}
@@ -64,19 +64,19 @@ def per_class_figure(per_class: dict) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
-def _fmt(x) -> str:
+def fmt(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
 
 
-def _ci(x: dict | None) -> str:
+def ci(x: dict | None) -> str:
     """'value [low, high] (n = ...)' for a bootstrap result."""
     if not x or x.get("value") is None:
         return "n/a"
     n = x.get("n")
     n = " / ".join(map(str, n)) if isinstance(n, list) else n
-    return f"{_fmt(float(x['value']))} [{_fmt(float(x['low']))}, {_fmt(float(x['high']))}] (n = {n})"
+    return f"{fmt(float(x['value']))} [{fmt(float(x['low']))}, {fmt(float(x['high']))}] (n = {n})"
 
 
 def _feature_space_section(spaces: dict) -> list[str]:
@@ -88,14 +88,14 @@ def _feature_space_section(spaces: dict) -> list[str]:
            "shifted by the bootstrap's own bias estimate; KID is unbiased and takes the plain percentile interval.</p>",
            "<table><tr><th>feature space</th><th>FID generated</th><th>FID real test</th><th>KID generated</th><th>KID real test</th><th>precision</th><th>recall</th></tr>"]
     for name, r in spaces.items():
-        out.append(f"<tr><td>{html.escape(name)}</td><td>{_ci(r['fid'])}</td><td>{_ci(r['fid_real_test_vs_train'])}</td><td>{_ci(r['kid'])}</td>"
-                   f"<td>{_ci(r['kid_real_test_vs_train'])}</td><td>{_fmt(r['precision'])}</td><td>{_fmt(r['recall'])}</td></tr>")
+        out.append(f"<tr><td>{html.escape(name)}</td><td>{ci(r['fid'])}</td><td>{ci(r['fid_real_test_vs_train'])}</td><td>{ci(r['kid'])}</td>"
+                   f"<td>{ci(r['kid_real_test_vs_train'])}</td><td>{fmt(r['precision'])}</td><td>{fmt(r['recall'])}</td></tr>")
     out.append("</table>")
     for name, r in spaces.items():
         if r.get("per_class"):
             pc = r["per_class"]
             out += [f"<h3>Per class ({html.escape(name)} features)</h3><table><tr><th>class</th><th>FID</th><th>KID</th><th>n generated / n real train</th></tr>",
-                    *(f"<tr><td>{html.escape(c)}</td><td>{_fmt(pc['fid'][c]['value'])}</td><td>{_fmt(pc['kid'][c]['value'])}</td>"
+                    *(f"<tr><td>{html.escape(c)}</td><td>{fmt(pc['fid'][c]['value'])}</td><td>{fmt(pc['kid'][c]['value'])}</td>"
                       f"<td>{pc['kid'][c]['n_a']} / {pc['kid'][c]['n_b']}</td></tr>" for c in pc["kid"]), "</table>"]
     for name, r in spaces.items():
         out.append(f"<p class='note'><b>{html.escape(name)}</b>: {html.escape(r['extractor'])}; {r['dim']}-d features.</p>")
@@ -106,8 +106,8 @@ def _feature_space_section(spaces: dict) -> list[str]:
 def _edge_section(e: dict) -> list[str]:
     """Edge-map fidelity: each pair set's boundary F against its own edge map and a shuffled one."""
     first = next(v for v in e.values() if v)
-    rows = "".join(f"<tr><td>{html.escape(v['pairs'])}</td><td>{_ci(v['f'])}</td><td>{_ci(v['f_shuffled'])}</td><td>{_ci(v['f_minus_shuffled'])}</td>"
-                   f"<td>{_fmt(v['better_than_shuffled'])}</td><td>{_ci(v['precision'])}</td><td>{_ci(v['recall'])}</td></tr>" for v in e.values() if v)
+    rows = "".join(f"<tr><td>{html.escape(v['pairs'])}</td><td>{ci(v['f'])}</td><td>{ci(v['f_shuffled'])}</td><td>{ci(v['f_minus_shuffled'])}</td>"
+                   f"<td>{fmt(v['better_than_shuffled'])}</td><td>{ci(v['precision'])}</td><td>{ci(v['recall'])}</td></tr>" for v in e.values() if v)
     s = first["settings"]
     return ["<h2>Edge-map fidelity</h2>",
             f"<p>The {html.escape(first['edge_map'])} edges of each generated image (sigma {s['sigma']}, thresholds {s['low']} / {s['high']}, "
@@ -146,8 +146,8 @@ def _memorisation_section(m: dict) -> list[str]:
             f"<p>For every generated image, its nearest training image in pixel space"
             f"{' and in the ' + html.escape(str(m.get('feature_space'))) + ' feature space' if m.get('feature_space') else ''}, against the same distance "
             f"for real test images (new images of the same domain). Near-copies (closer than the real test images' "
-            f"{_fmt(m['rule']['quantile'])} quantile, and distinctly closer to one training image than to the next): "
-            f"<b>{m['n_flagged']}</b> of {m['n_synthetic']} (expected by chance: {_fmt(m.get('expected_by_chance'))}; {m['n_test']} real test images)"
+            f"{fmt(m['rule']['quantile'])} quantile, and distinctly closer to one training image than to the next): "
+            f"<b>{m['n_flagged']}</b> of {m['n_synthetic']} (expected by chance: {fmt(m.get('expected_by_chance'))}; {m['n_test']} real test images)"
             + (f": {m['n_flagged_layout_source']} beside the training image whose mask it was drawn from (its layout source: same anatomy, "
                f"so closeness is expected, but a copy of its texture is still a copy), {m['n_flagged_other_image']} beside another training image"
                if "n_flagged_layout_source" in m else "") + ".</p>",
@@ -161,16 +161,16 @@ def _pairs(pairs: list[dict]) -> list[str]:
         return []
     cells = []
     for p in pairs:
-        tiles = [np.kron(_rgb(load_png(Path(p[k]))), np.ones((2, 2, 1), np.uint8)) for k in ("synthetic", "train")]
+        tiles = [np.kron(rgb(load_png(Path(p[k]))), np.ones((2, 2, 1), np.uint8)) for k in ("synthetic", "train")]
         pair = np.concatenate([tiles[0], np.full((tiles[0].shape[0], 2, 3), 255, np.uint8), tiles[1]], axis=1)
-        label = (("<b class='bad'>near-copy</b>" if p["flagged"] else "not flagged") + f", pixel distance {_fmt(p['pixel_distance'])}"
+        label = (("<b class='bad'>near-copy</b>" if p["flagged"] else "not flagged") + f", pixel distance {fmt(p['pixel_distance'])}"
                  + (", its layout source" if p.get("layout_source") else ""))
         cells.append(f"<figure style='display:inline-block;margin:4px'><img class='grid' src='data:image/png;base64,{_png_b64(pair)}'>"
                      f"<figcaption class='note'>{label}</figcaption></figure>")
     return ["<p>Generated image | its nearest training image (flagged near-copies first, then the closest pairs):</p>", "".join(cells)]
 
 
-def _rgb(x: np.ndarray) -> np.ndarray:
+def rgb(x: np.ndarray) -> np.ndarray:
     return np.repeat(x[..., None], 3, -1) if x.ndim == 2 else x[..., :3]
 
 
@@ -185,10 +185,10 @@ def _paired_section(f: dict, grid: list[dict] | None) -> list[str]:
            "<table><tr><th>pairs</th><th>SSIM</th><th>PSNR (dB)</th><th>MS-SSIM</th><th>LPIPS (lower: closer)</th></tr>"]
     for name, r in pairs.items():
         lp = r.get("lpips") or {}
-        out.append(f"<tr><td>{html.escape(name)}</td><td>{_ci(r['ssim'])}</td><td>{_ci(r['psnr'])}</td><td>{_ci(r.get('ms_ssim'))}</td>"
-                   f"<td>{_ci(lp) if lp.get('value') is not None else 'n/a'}</td></tr>")
-        out.append(f"<tr><td>{html.escape(name)}: unrelated real pairs</td><td>{_ci(r['ssim_unrelated_real_pairs'])}</td>"
-                   f"<td>{_ci(r['psnr_unrelated_real_pairs'])}</td><td></td><td></td></tr>")
+        out.append(f"<tr><td>{html.escape(name)}</td><td>{ci(r['ssim'])}</td><td>{ci(r['psnr'])}</td><td>{ci(r.get('ms_ssim'))}</td>"
+                   f"<td>{ci(lp) if lp.get('value') is not None else 'n/a'}</td></tr>")
+        out.append(f"<tr><td>{html.escape(name)}: unrelated real pairs</td><td>{ci(r['ssim_unrelated_real_pairs'])}</td>"
+                   f"<td>{ci(r['psnr_unrelated_real_pairs'])}</td><td></td><td></td></tr>")
     out.append("</table>")
     for name, r in pairs.items():
         out.append(f"<p class='note'><b>{html.escape(name)}</b>: {html.escape(r['pairs'])}.</p>")
@@ -218,11 +218,11 @@ def _generation_section(g: dict) -> list[str]:
     if flt:
         judge = fs.get("mean_scores_kept", {}), fs.get("mean_scores_rejected_draws", {})
         out += ["<h3>Quality filter</h3>",
-                f"<p>By {html.escape(str(flt.get('by')))} (Dice &ge; {_fmt(flt.get('min_dice'))}, confidence &ge; {_fmt(flt.get('min_confidence'))}, "
+                f"<p>By {html.escape(str(flt.get('by')))} (Dice &ge; {fmt(flt.get('min_dice'))}, confidence &ge; {fmt(flt.get('min_confidence'))}, "
                 f"up to {flt.get('attempts')} draws per sample): {fs.get('kept')} kept, {fs.get('dropped')} dropped, {fs.get('rejected_draws')} draws rejected.</p>",
                 "<table><tr><th></th><th>kept</th><th>rejected draws</th></tr>",
-                f"<tr><td>judge's Dice (the filter's segmenter)</td><td>{_fmt(judge[0].get('dice'))}</td><td>{_fmt(judge[1].get('dice'))}</td></tr>",
-                f"<tr><td>Dice of this report's segmenter (another seed)</td><td>{_fmt(g.get('dice_kept'))}</td><td>{_fmt(g.get('dice_rejected_draws'))}</td></tr></table>",
+                f"<tr><td>judge's Dice (the filter's segmenter)</td><td>{fmt(judge[0].get('dice'))}</td><td>{fmt(judge[1].get('dice'))}</td></tr>",
+                f"<tr><td>Dice of this report's segmenter (another seed)</td><td>{fmt(g.get('dice_kept'))}</td><td>{fmt(g.get('dice_rejected_draws'))}</td></tr></table>",
                 "<p class='note'>Dropped per class: " + html.escape(json.dumps(fs.get("dropped_per_class", {}))) + "</p>"]
     return out
 
@@ -237,25 +237,25 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
     gap = p["dice_generated"] - p["dice_shuffled"]
     pc = p["per_class"]
     rows = "".join(
-        f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{_fmt(pc[k][n]['dice'])}</td>" for k in ("generated", "shuffled", "real_test"))
-        + "".join(f"<td>{_fmt(pc[k][n].get('iou'))}</td>" for k in ("generated", "real_test")) + "</tr>"
+        f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{fmt(pc[k][n]['dice'])}</td>" for k in ("generated", "shuffled", "real_test"))
+        + "".join(f"<td>{fmt(pc[k][n].get('iou'))}</td>" for k in ("generated", "real_test")) + "</tr>"
         for n in pc["generated"]
     )
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Anatomical plausibility</h2>",
         f"<p>A segmenter trained on real training images only segments each generated image; its output is compared "
         f"with the mask the image was generated from, with a shuffled (wrong) mask as a control, and with its own Dice "
         f"on real test images as the reference. {p['n_generated']} generated images, {p['n_real_test']} real test images.</p>",
         "<table><tr><th>metric</th><th>generated vs own mask</th><th>generated vs shuffled mask</th><th>real test</th></tr>",
-        f"<tr><td>Dice (mean over classes)</td><td>{_fmt(p['dice_generated'])}</td><td>{_fmt(p['dice_shuffled'])}</td><td>{_fmt(p['dice_real_test'])}</td></tr>",
-        *([f"<tr><td>per-image Dice, mean [95% CI] (n)</td>" + "".join(f"<td>{_ci(p['intervals'][k])}</td>" for k in ("dice_generated", "dice_shuffled", "dice_real_test")) + "</tr>"]
+        f"<tr><td>Dice (mean over classes)</td><td>{fmt(p['dice_generated'])}</td><td>{fmt(p['dice_shuffled'])}</td><td>{fmt(p['dice_real_test'])}</td></tr>",
+        *([f"<tr><td>per-image Dice, mean [95% CI] (n)</td>" + "".join(f"<td>{ci(p['intervals'][k])}</td>" for k in ("dice_generated", "dice_shuffled", "dice_real_test")) + "</tr>"]
           if p.get("intervals") else []),
-        f"<tr><td>IoU (mean over classes)</td><td>{_fmt(p['iou_generated'])}</td><td>{_fmt(p['iou_shuffled'])}</td><td>{_fmt(p['iou_real_test'])}</td></tr>",
-        f"<tr><td>Dice, nuclei vs background</td><td>{_fmt(p['dice_foreground_generated'])}</td><td>{_fmt(p['dice_foreground_shuffled'])}</td><td>{_fmt(p['dice_foreground_real_test'])}</td></tr>",
+        f"<tr><td>IoU (mean over classes)</td><td>{fmt(p['iou_generated'])}</td><td>{fmt(p['iou_shuffled'])}</td><td>{fmt(p['iou_real_test'])}</td></tr>",
+        f"<tr><td>Dice, nuclei vs background</td><td>{fmt(p['dice_foreground_generated'])}</td><td>{fmt(p['dice_foreground_shuffled'])}</td><td>{fmt(p['dice_foreground_real_test'])}</td></tr>",
         "</table>",
-        f"<p>Generated / real-test Dice ratio: <b>{_fmt(ratio)}</b>; generated minus shuffled: <b>{_fmt(gap)}</b>.</p>",
+        f"<p>Generated / real-test Dice ratio: <b>{fmt(ratio)}</b>; generated minus shuffled: <b>{fmt(gap)}</b>.</p>",
         "<h3>Per class</h3><table><tr><th>class</th><th>Dice generated</th><th>Dice shuffled</th><th>Dice real test</th><th>IoU generated</th><th>IoU real test</th></tr>",
         rows,
         "</table>",
@@ -272,7 +272,7 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
     if results.get("intended_class"):
         ic = results["intended_class"]
         parts += ["<h3>Intended class</h3>", f"<p>Accuracy of {html.escape(ic['classifier'])} on generated images for the class each was generated as: "
-                  f"{_ci(ic['accuracy'])}. Per class: " + ", ".join(f"{html.escape(c)} {_fmt(v['accuracy'])} (n = {v['n']})" for c, v in ic["per_class"].items()) + "</p>"]
+                  f"{ci(ic['accuracy'])}. Per class: " + ", ".join(f"{html.escape(c)} {fmt(v['accuracy'])} (n = {v['n']})" for c, v in ic["per_class"].items()) + "</p>"]
     if results.get("generation"):
         parts.extend(_generation_section(results["generation"]))
     if results.get("grid"):

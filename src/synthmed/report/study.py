@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synthmed.io import load_png
-from synthmed.report.html import _CSS, _fmt, _rgb
-from synthmed.report.html import _ci as _boot_ci
+from synthmed.core.io import load_png
+from synthmed.report.html import CSS, ci, fmt, rgb
 
 ARM_COLOURS = {"real": "#37c", "real+synthetic": "#2a7", "synthetic-only": "#c73", "real+classic": "#888", "real+synthetic+classic": "#7a3"}
 
@@ -105,9 +104,9 @@ def sample_grid(synthetic: str, folder: Path, name: str, n: int = 8) -> str | No
     rows = [json.loads(line) for line in meta.read_text().splitlines()[:n]]
     tiles = []
     for r in rows:
-        image = _rgb(load_png(meta.parent / r["file_name"]))
+        image = rgb(load_png(meta.parent / r["file_name"]))
         if r.get("conditioning_image", "").endswith(".png"):
-            image = np.concatenate([_rgb(load_png(meta.parent / r["conditioning_image"])), image], axis=0)
+            image = np.concatenate([rgb(load_png(meta.parent / r["conditioning_image"])), image], axis=0)
         tiles.append(np.pad(image, ((0, 2), (0, 2), (0, 0)), constant_values=255))
     if not tiles:
         return None
@@ -122,8 +121,8 @@ def sample_grid(synthetic: str, folder: Path, name: str, n: int = 8) -> str | No
 def _ci(r: dict | None) -> str:
     if not r or r.get("mean") is None:
         return "n/a"
-    band = f" [{_fmt(r['low'])}, {_fmt(r['high'])}]" if r.get("low") is not None else ""
-    return f"{_fmt(r['mean'])}{band} (n = {r['n']})"
+    band = f" [{fmt(r['low'])}, {fmt(r['high'])}]" if r.get("low") is not None else ""
+    return f"{fmt(r['mean'])}{band} (n = {r['n']})"
 
 
 def _diff(c: dict, metric: str = "") -> str:
@@ -154,7 +153,7 @@ def answer(res: dict) -> list[str]:
     if res.get("low_data_vs_full"):
         out.append("<p>Against all real data alone (the published pattern: Nudiff, MICCAI 2023, 10% real + synthetic comparable to 100% real), as a ratio of means:</p><ul>")
         for name, ratios in res["low_data_vs_full"].items():
-            out.append(f"<li>{html.escape(name)}: " + ", ".join(f"{html.escape(m)} {_fmt(v)}" for m, v in ratios.items()) + "</li>")
+            out.append(f"<li>{html.escape(name)}: " + ", ".join(f"{html.escape(m)} {fmt(v)}" for m, v in ratios.items()) + "</li>")
         out.append("</ul>")
     return out
 
@@ -162,7 +161,7 @@ def answer(res: dict) -> list[str]:
 def render_study(res: dict, folder: Path, title: str, config_text: str | None = None, environment: dict | None = None) -> str:
     """The HTML of a study report; writes its figures into `folder` (named figures/ beside the page)."""
     figs = {"fraction": metric_vs_fraction(res, folder)}
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}img{{max-width:100%}}</style></head><body>",
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}img{{max-width:100%}}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p>Downstream {html.escape(res['task'])}: MONAI models trained on each arm's data for every real fraction and seed "
              f"({res['n_finished']} of {res['n_cells']} cells finished), early-stopped on the real validation split ({res['n_real_validation']} samples) "
@@ -209,8 +208,8 @@ def _edges(edges: dict, fractions: dict) -> list[str]:
            f"its conditioning edge map, boundary F within {rows[0][1]['tolerance_px']} px; shuffled pairing as the floor; 95% bootstrap intervals over images.</p>",
            "<table><tr><th>fraction</th><th>F own map</th><th>F shuffled</th><th>own − shuffled</th><th>share better than shuffled</th></tr>"]
     for fk, e in rows:
-        out.append(f"<tr><td>{fractions[fk]['fraction']:.0%}</td><td>{_boot_ci(e['f'])}</td><td>{_boot_ci(e['f_shuffled'])}</td>"
-                   f"<td>{_boot_ci(e['f_minus_shuffled'])}</td><td>{_fmt(e['better_than_shuffled'])}</td></tr>")
+        out.append(f"<tr><td>{fractions[fk]['fraction']:.0%}</td><td>{ci(e['f'])}</td><td>{ci(e['f_shuffled'])}</td>"
+                   f"<td>{ci(e['f_minus_shuffled'])}</td><td>{fmt(e['better_than_shuffled'])}</td></tr>")
     return out + ["</table>"]
 
 
@@ -223,20 +222,20 @@ def _steering(steer: dict, fractions: dict, folder: Path) -> list[str]:
     pos = html.escape(first["positive"])
     out = ["<h2>Class steering: one edge map, rendered as each class</h2>",
            f"<p>{html.escape(first['protocol'])}. Judge: {html.escape(first['classifier'])}; on the real images of the same maps it is right "
-           f"{_boot_ci(first['classifier_on_real_maps'])} of the time (its ceiling here). <b>Prompt effect</b>: for the same map and seed, "
+           f"{ci(first['classifier_on_real_maps'])} of the time (its ceiling here). <b>Prompt effect</b>: for the same map and seed, "
            f"P(judge says {pos}) under the {pos} prompt minus under the other; <b>edge effect</b>: under the non-{pos} prompt, P(says {pos}) for "
            f"{pos} maps minus for the others (large: the edges, not the prompt, carry the class).</p>",
            "<table><tr><th>model (fraction)</th><th>agreement with intended</th><th>prompt agrees with map</th><th>prompt contradicts map</th>"
            "<th>prompt effect</th><th>edge effect</th><th>edge F of the renders</th></tr>"]
     for fk, st in rows:
         ef = (st.get("edge_fidelity") or {}).get("f")
-        out.append(f"<tr><td>{fractions[fk]['fraction']:.0%}</td><td>{_boot_ci(st['agreement'])}</td><td>{_boot_ci(st['agreement_consistent'])}</td>"
-                   f"<td>{_boot_ci(st['agreement_conflicting'])}</td><td>{_boot_ci(st['prompt_effect'])}</td><td>{_boot_ci(st['edge_effect'])}</td>"
-                   f"<td>{_boot_ci(ef)}</td></tr>")
+        out.append(f"<tr><td>{fractions[fk]['fraction']:.0%}</td><td>{ci(st['agreement'])}</td><td>{ci(st['agreement_consistent'])}</td>"
+                   f"<td>{ci(st['agreement_conflicting'])}</td><td>{ci(st['prompt_effect'])}</td><td>{ci(st['edge_effect'])}</td>"
+                   f"<td>{ci(ef)}</td></tr>")
     out.append("</table>")
     fk, st = rows[-1]
     out.append(f"<h3>Per map class and intended class ({fractions[fk]['fraction']:.0%} model)</h3><table><tr><th>trial</th><th>agreement</th><th>judge says {pos}</th></tr>")
-    out += [f"<tr><td>{html.escape(name)}</td><td>{_boot_ci(c['agreement'])}</td><td>{_boot_ci(c['says_positive'])}</td></tr>" for name, c in st["cells"].items()]
+    out += [f"<tr><td>{html.escape(name)}</td><td>{ci(c['agreement'])}</td><td>{ci(c['says_positive'])}</td></tr>" for name, c in st["cells"].items()]
     out.append("</table>")
     grid = _steering_grid(st, folder, fk)
     if grid:
@@ -257,7 +256,7 @@ def _steering_grid(st: dict, folder: Path, fk: str) -> str | None:
         paths = [r["map"], r["real"]] + [r["renders"][c]["path"] for c in st["classes"] if c in r["renders"]]
         if not all(Path(p).is_file() for p in paths):
             return None
-        rows.append(np.concatenate([np.kron(_rgb(load_png(Path(p))), np.ones((2, 2, 1), np.uint8)) for p in paths], axis=1))
+        rows.append(np.concatenate([np.kron(rgb(load_png(Path(p))), np.ones((2, 2, 1), np.uint8)) for p in paths], axis=1))
     if not rows:
         return None
     path = folder / f"steering_{fk}.png"
@@ -286,7 +285,7 @@ def ablation_figure(res: dict, folder: Path) -> str:
 
 def render_ablations(res: dict, folder: Path, title: str, config_text: str | None = None, environment: dict | None = None) -> str:
     """The HTML of an ablation study: one row per cell, its settings and headline figures, a link to its own report."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}img{{max-width:100%}}</style></head><body>",
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}img{{max-width:100%}}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p>Each cell trains the generator with the settings shown (laid over the base config), generates, and is evaluated on the same real data "
              f"({len(res['cells'])} of {res['n_cells']} cells finished). Raw numbers: <a href='results.json'>results.json</a>.</p>"]
@@ -299,9 +298,9 @@ def render_ablations(res: dict, folder: Path, title: str, config_text: str | Non
                   "<table style='font-size:.8em'><tr><th>cell</th><th>settings</th><th>Dice, generated vs own mask</th><th>vs shuffled mask</th>"
                   f"<th>FID ({space})</th><th>KID ({space})</th><th>SSIM, same-mask regeneration</th><th>intended class</th><th>report</th></tr>"]
         for name, c in res["cells"].items():
-            parts.append(f"<tr><td>{html.escape(name)}</td><td style='text-align:left'><code>{html.escape(json.dumps(c['settings']))}</code></td><td>{_boot_ci(c['dice_generated'])}</td>"
-                         f"<td>{_boot_ci(c['dice_shuffled'])}</td><td>{_boot_ci(c['fid'])}</td><td>{_boot_ci(c['kid'])}</td><td>{_boot_ci(c['ssim_regenerated'])}</td>"
-                         f"<td>{_boot_ci(c['intended_class_accuracy'])}</td><td><a href='{html.escape(c['report'])}'>report</a></td></tr>")
+            parts.append(f"<tr><td>{html.escape(name)}</td><td style='text-align:left'><code>{html.escape(json.dumps(c['settings']))}</code></td><td>{ci(c['dice_generated'])}</td>"
+                         f"<td>{ci(c['dice_shuffled'])}</td><td>{ci(c['fid'])}</td><td>{ci(c['kid'])}</td><td>{ci(c['ssim_regenerated'])}</td>"
+                         f"<td>{ci(c['intended_class_accuracy'])}</td><td><a href='{html.escape(c['report'])}'>report</a></td></tr>")
         parts.append("</table>")
         parts.append(f"<p class='note'>Feature space: {space} (see each cell's report for its description). Intervals: 95% bootstrap over images.</p>")
     return "\n".join(parts + _footer(config_text, environment))

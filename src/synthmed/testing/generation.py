@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from synthmed.io import write_json
+from synthmed.core.io import write_json
 from synthmed.models.backbone import load_backbone
 from synthmed.models.controlnet import build_controlnet
 

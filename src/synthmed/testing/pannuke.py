@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthmed.data.phantom import render_tile, slide_of
+from synthmed.data.phantoms.histology import render_tile, slide_of
 from synthmed.data.readers.pannuke import CLASSES, TISSUES, make_prompt
 
 SIZE = 256

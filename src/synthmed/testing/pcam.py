@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthmed.data.phantom import render_tile, slide_of
+from synthmed.data.phantoms.histology import render_tile, slide_of
 from synthmed.data.readers.pcam import FINDINGS, LABELS, SPLITS
 
 SIZE = 96

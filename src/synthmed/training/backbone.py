@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from synthmed.models.backbone import Backbone
-from synthmed.training.common import DiffusionLoss, PhaseCheckpoint, batch_indices, dihedral, drop_prompts, optimiser_step, step_generator, to_model_range
+from synthmed.training.common import batch_indices, DiffusionLoss, dihedral, drop_prompts, optimiser_step, PhaseCheckpoint, step_generator, to_model_range
 
 
 def _one_cycle(opt, lr: float, steps: int):

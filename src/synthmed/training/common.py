@@ -28,10 +28,6 @@ def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def to_unit_range(images_uint8: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1] (ControlNet conditioning range)."""
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(255.0)
-
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """One of the 8 flips/90-degree rotations of (..., H, W); applied identically to image and mask."""

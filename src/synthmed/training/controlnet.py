@@ -19,7 +19,7 @@ import torch
 from synthmed.models.backbone import Backbone
 from synthmed.models.controlnet import ControlledUNet
 from synthmed.training.batches import TrainingData
-from synthmed.training.common import DiffusionLoss, batch_indices, drop_prompts, latent_weights, step_generator, warmup_cosine
+from synthmed.training.common import batch_indices, DiffusionLoss, drop_prompts, latent_weights, step_generator, warmup_cosine
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -58,7 +58,7 @@ def checkpoint_hooks(accelerator, model, ema=None) -> None:
     the EMA as safetensors: nothing in a checkpoint folder is unpickled beyond accelerate's own."""
     from safetensors.torch import load_file, save_file
 
-    from synthmed.io import read_json, write_json
+    from synthmed.core.io import read_json, write_json
 
     inner = accelerator.unwrap_model(model)
     names = inner.trainable_names()

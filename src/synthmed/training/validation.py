@@ -33,7 +33,7 @@ def validation_loss(model, backbone, data: TrainingData, seed: int = 0) -> float
 @torch.no_grad()
 def validation_grid(model, backbone, images: np.ndarray, cond: np.ndarray | None, prompts: list[str], steps: int, seed: int = 0) -> np.ndarray:
     """(3 H, N W, 3) uint8: conditioning, real and generated image of each validation sample."""
-    from synthmed.generation.sample import SamplingSettings, controlnet_pipeline, sample_images, text_pipeline
+    from synthmed.models.sampling import controlnet_pipeline, sample_images, SamplingSettings, text_pipeline
 
     was_training = model.training
     model.eval()

@@ -6,12 +6,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.data.readers import acdc as acdc_module
 from synthmed.data.readers.acdc import ACDCReader
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import acdc as fixture
 from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
@@ -36,7 +36,7 @@ def _copy(source, dest, patients=None):
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="acdc", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="acdc", root=str(root), workers=1, **kw), out)
 
 
 def test_round_trip_pads_to_256_and_keeps_official_test(source, tmp_path):

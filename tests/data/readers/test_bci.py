@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.data.readers.bci import BCIReader
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import bci as fixture
 from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
@@ -30,7 +30,7 @@ def _copy(source, dest):
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="bci", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="bci", root=str(root), workers=1, **kw), out)
 
 
 def test_round_trip_full_size_ihc_target_he_source(source, tmp_path):

@@ -5,11 +5,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.data.readers.brats import brain_uint8
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import brats as fixture
 from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
@@ -31,7 +31,7 @@ def _copy(sources, naming, dest, cases):
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="brats", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="brats", root=str(root), workers=1, **kw), out)
 
 
 def _vol(path):

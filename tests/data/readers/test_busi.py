@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import ConditioningConfig, PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.data.readers.busi import BUSIReader
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import busi as fixture
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="busi", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="busi", root=str(root), workers=1, **kw), out)
 
 
 def _rows(out, split):

@@ -8,13 +8,13 @@ import pytest
 import tifffile
 from skimage.draw import polygon
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.data.prepared import load_split
 from synthmed.data.readers.camelyon import CamelyonReader
 from synthmed.data.readers.wsi import Slide, polygon_fill, read_asap
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import camelyon as fixture
 from synthmed.testing import prepared_file as _png
 
@@ -34,7 +34,7 @@ def c17(tmp_path_factory):
 
 
 def _prepare(root, out, options=None, **kw):
-    return flow.prepare(PrepareConfig(source="camelyon", root=str(root), options={**SMALL, **(options or {})}, workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="camelyon", root=str(root), options={**SMALL, **(options or {})}, workers=1, **kw), out)
 
 
 def _rows(out):

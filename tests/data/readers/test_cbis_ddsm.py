@@ -8,16 +8,16 @@ import pydicom
 import pytest
 from PIL import Image
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.data.readers.cbis_ddsm import CBISDDSMReader
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import cbis_ddsm as fixture
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="cbis-ddsm", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="cbis-ddsm", root=str(root), workers=1, **kw), out)
 
 
 def _rows(out, split):

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import diffusers_layout as fixture
 from synthmed.testing import prepared_rows as _rows
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="diffusers", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="diffusers", root=str(root), workers=1, **kw), out)
 
 
 def _png(path):

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.conditioning import colour_mask
 from synthmed.data.pipeline import fit
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import folder as fixture
 from synthmed.testing import prepared_rows as _rows
 
@@ -17,7 +17,7 @@ PATIENTS = r"^(P\d+)_"
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="folder", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="folder", root=str(root), workers=1, **kw), out)
 
 
 def _png(path):

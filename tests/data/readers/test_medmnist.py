@@ -3,15 +3,15 @@ import json
 import numpy as np
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.prepared import load_split, read_card
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import medmnist as fixture
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="medmnist", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="medmnist", root=str(root), workers=1, **kw), out)
 
 
 @pytest.mark.parametrize("flag,size,compressed", [("pathmnist", 28, True), ("breastmnist", 64, False), ("chestmnist", 28, True)])

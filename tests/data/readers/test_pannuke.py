@@ -5,11 +5,11 @@ import shutil
 import numpy as np
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.data.readers.pannuke import PanNukeReader, masks_to_labels
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import pannuke as fixture
 from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
@@ -30,7 +30,7 @@ def _copy(source, dest, folds=(1, 2, 3)):
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="pannuke", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="pannuke", root=str(root), workers=1, **kw), out)
 
 
 def test_round_trip_keeps_folds_as_splits_pixel_exact(source, tmp_path):

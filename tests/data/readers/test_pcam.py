@@ -7,11 +7,11 @@ import h5py
 import numpy as np
 import pytest
 
-from synthmed import flow
+from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.data.pipeline import fit
 from synthmed.data.readers.pcam import PCamReader
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 from synthmed.testing import pcam as fixture
 from synthmed.testing import prepared_rows as _rows, prepared_file as _png
 
@@ -32,7 +32,7 @@ def _copy(source, dest):
 
 
 def _prepare(root, out, **kw):
-    return flow.prepare(PrepareConfig(source="pcam", root=str(root), workers=1, **kw), out)
+    return pipelines.prepare(PrepareConfig(source="pcam", root=str(root), workers=1, **kw), out)
 
 
 def test_round_trip_official_splits_slides_and_canny(source, tmp_path):

@@ -20,7 +20,7 @@ from synthmed.data.readers.volumes import (
     ORIENTATION, CachedVolumes, as_list, axial, check_same_grid, failed_item, label_volume, nifti_path, read_volume,
     volume_shape,
 )
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 GROUPS = {
     "DCM": "dilated cardiomyopathy",

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from synthmed.data.prepared import Sample
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 LEVELS = ("0", "1+", "2+", "3+")
 SPLITS = ("train", "test")

@@ -24,7 +24,7 @@ from synthmed.data.readers.volumes import (
     ORIENTATION, CachedVolumes, as_list, axial, check_same_grid, failed_item, label_volume, nifti_path, read_volume,
     volume_shape,
 )
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 NAMINGS = {  # naming -> (case folder pattern, separator, modality file suffixes, seg codes)
     "2021": (re.compile(r"BraTS20\d\d_\d+"), "_", {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2"}, (0, 1, 2, 4)),

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader, check_codes, grey
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 CLASSES = ("benign", "malignant", "normal")
 FOLDER = "Dataset_BUSI_with_GT"

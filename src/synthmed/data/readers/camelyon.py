@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader
 from synthmed.data.readers.wsi import HOLE_GROUPS, Slide, read_asap, saturation, tumour_mask
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 C17_NAME = re.compile(r"(patient_\d+)_node_\d+", re.IGNORECASE)
 MIN_THUMB_SPAN = 8  # a patch covers at least this many pixels of the tissue-detection level

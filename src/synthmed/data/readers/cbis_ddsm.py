@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader, to_uint8
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 KINDS = {"mass": "mass", "calc": "calcification"}
 CSV_NAME = "{kind}_case_description_{split}_set.csv"

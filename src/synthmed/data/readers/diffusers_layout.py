@@ -20,7 +20,7 @@ from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader
 from synthmed.data.readers.files import WINDOW_NOTE, load_image, safe_ids
 from synthmed.data.readers.folder import SPLIT_DIRS
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 SPLIT_ORDER = ("train", "validation", "test")
 # Columns of our own prepared layout that are not prompt fields.

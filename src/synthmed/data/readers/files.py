@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from synthmed.data.readers.base import to_uint8
-from synthmed.io import SynthmedError, load_png
+from synthmed.core.io import SynthmedError, load_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
 WINDOW_NOTE = ("images deeper than 8 bits mapped to 0..255 by the DICOM VOI window when present, "

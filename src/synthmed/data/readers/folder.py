@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader
 from synthmed.data.readers.files import WINDOW_NOTE, class_names, is_image, load_image, load_mask, safe_ids
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 SPLIT_DIRS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
               "validation": "validation", "test": "test", "testing": "test"}

@@ -18,7 +18,7 @@ from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader
 from synthmed.data.readers.files import WINDOW_NOTE, class_names, load_image, load_mask, safe_ids
 from synthmed.data.readers.folder import comma_list
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 COLUMNS = ("image", "mask", "label", "prompt", "patient_id", "split")
 SPLIT_VALUES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",

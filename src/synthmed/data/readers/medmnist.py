@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader, npy_header
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 # flag -> (modality phrase for prompts, class names in label-code order)
 FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader, npy_header
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 # Mask channel order; class code = channel index + 1 (channel 5 is background, not read).
 CLASSES = ("neoplastic", "inflammatory", "connective", "dead", "epithelial")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # file split name -> prepared split
 LABELS = ("normal", "tumour")  # y code 0, 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from synthmed.data.phantom import phantom_card, phantom_sample, render_tile, slide_of, split_slides
+from synthmed.data.phantoms.histology import phantom_card, phantom_sample, render_tile, slide_of, split_slides
 from synthmed.data.readers.base import Item, Reader
 
 
@@ -26,7 +26,7 @@ class PhantomReader(Reader):
     def __init__(self, root=None, options=None, seed: int = 0):
         super().__init__(".", options, seed)
         if self.options.size not in (64, 128, 256):
-            from synthmed.io import SynthmedError
+            from synthmed.core.io import SynthmedError
 
             raise SynthmedError(f"phantom size must be 64, 128 or 256, got {self.options.size}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from synthmed.data.phantom_breast import breast_card, breast_sample, label_of, patient_of, render_image, split_of_patients
+from synthmed.data.phantoms.breast import breast_card, breast_sample, label_of, patient_of, render_image, split_of_patients
 from synthmed.data.readers.base import Item, Reader
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.data.readers.base import Item, check_codes
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 ORIENTATION = "slice z = data[:, :, z].T in voxel order (rows = 2nd voxel axis, columns = 1st); affine not applied, no flips"
 

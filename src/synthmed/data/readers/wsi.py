@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthmed.io import SynthmedError
+from synthmed.core.io import SynthmedError
 
 TUMOUR_GROUPS = ("_0", "_1", "metastases")  # CAMELYON16 uses _0/_1; CAMELYON17 "metastases"
 HOLE_GROUPS = ("_2",)  # non-tumour regions inside tumour: subtracted

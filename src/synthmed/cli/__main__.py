@@ -1,0 +1,5 @@
+"""`python -m synthmed.cli`: the same as the `synthmed` command."""
+
+from synthmed.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""The `synthmed` app, its command groups and what every command shares: one-line errors, quiet libraries."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import typer
+
+from synthmed.core.io import SynthmedError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ControlNet-based synthetic medical images: prepare, train, generate, evaluate, report.")
+train_app = typer.Typer(no_args_is_help=True, help="Train a backbone (tiny preset) or a ControlNet.")
+app.add_typer(train_app, name="train")
+evaluate_app = typer.Typer(help="Evaluate a synthetic set (plausibility, fidelity, memorisation); `evaluate downstream`: real vs real+synthetic training.")
+app.add_typer(evaluate_app, name="evaluate", invoke_without_command=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (torchvision fallbacks, hub notices) out of the user's terminal."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def command(fn):
+    """Run a command body; a SynthmedError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            _quiet_libraries()
+            return fn(*args, **kwargs)
+        except SynthmedError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished stages and checkpoints are kept; run the same command again "
+                       "(`train backbone --resume` / `train controlnet --resume latest`) to continue", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def given(**values) -> dict:
+    """The options the user gave (not None): the config models' defaults fill the rest, defined once there."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def key_values(pairs: list[str], flag: str) -> dict:
+    """KEY=VALUE strings (values read as YAML) -> a dict; a pair without '=' is a one-line error."""
+    import yaml
+
+    out = {}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SynthmedError(f"{flag} expects KEY=VALUE, but got {kv!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def num(x) -> str:
+    """A figure for a one-line summary; n/a where a metric does not apply."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def read_card(out: Path):
+    """The card of a finished output (None on the other processes of a multi-process run: one report is enough)."""
+    import os
+
+    from synthmed.core.io import read_json
+
+    return read_json(out / "dataset.json") if os.environ.get("RANK", "0") == "0" and (out / "dataset.json").is_file() else None

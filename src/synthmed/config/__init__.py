@@ -1,0 +1,26 @@
+"""Typed configuration for every stage: pydantic models (every default defined once, here) and their YAML I/O."""
+
+from synthmed.config.settings import (  # noqa: F401
+    PhantomConfig,
+    TaskTrainingConfig,
+    ConditioningConfig,
+    PrepareConfig,
+    BackboneConfig,
+    LoraConfig,
+    AugmentConfig,
+    ControlNetConfig,
+    PlanConfig,
+    LayoutConfig,
+    FilterConfig,
+    GenerateConfig,
+    EvaluateConfig,
+    DownstreamConfig,
+    SteeringConfig,
+    RunConfig,
+    load_yaml_config,
+    overrides,
+    config_yaml,
+    save_config,
+    deep_merge,
+    quick_version,
+)

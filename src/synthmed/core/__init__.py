@@ -1,0 +1,1 @@
+"""Shared services at the bottom of the house: atomic I/O, the output protocol, progress, the device rule, the environment."""

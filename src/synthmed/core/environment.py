@@ -1,0 +1,27 @@
+"""What produced an output: versions and machine, saved beside results."""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+
+
+def environment() -> dict:
+    """synthmed, Python, torch, diffusers and MONAI versions, the machine, threads and the command line."""
+    import diffusers
+    import monai
+    import torch
+
+    from synthmed import __version__
+
+    return {
+        "synthmed": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "monai": monai.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+    }

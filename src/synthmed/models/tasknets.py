@@ -1,0 +1,147 @@
+"""Task networks (MONAI): the segmenter and classifier that judge synthetic data, feature extractors and
+downstream models; their inference and their weight I/O (safetensors). Training lives in training/tasks.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DenseNet121, ResNet, UNet
+
+ARCHS = ("resnet", "densenet")
+RESNET_WIDTHS = (32, 64, 128, 256)  # half of ResNet-18's (64, ..., 512): ~2.8M parameters, features D = 256
+DENSENET_MIN_SIZE = 32  # DenseNet121 downsamples by 32; smaller inputs would pool to 0 x 0
+
+
+def to_unit_range(images_uint8: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1] (ControlNet conditioning range)."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def build_segmenter(n_classes: int, in_channels: int = 3) -> UNet:
+    """A 2D residual U-Net with n_classes + 1 outputs (background first)."""
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=n_classes + 1, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+
+
+@torch.no_grad()
+def predict(model: UNet, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Class-code maps (N, H, W) uint8 for (N, H, W, 3) uint8 images."""
+    x = to_unit_range(images)
+    device = next(model.parameters()).device
+    out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy().astype(np.uint8)
+
+
+def build_classifier(n_classes: int, in_channels: int = 3, arch: str = "resnet") -> ResNet | DenseNet121:
+    """A 2D MONAI classifier with n_classes logits.
+
+    "resnet": monai ResNet with ResNet-18's layout (basic blocks, [2, 2, 2, 2]) at RESNET_WIDTHS, and a
+    3x3 stride-1 stem + max-pool (total stride 16) so 28 px images keep a 2 x 2 final map.
+    "densenet": the stock monai DenseNet121 (features D = 1024); inputs under 32 px are upsampled by a
+    forward pre-hook, so any caller (also `model(x)` directly) can give it 28 px images.
+    """
+    if n_classes < 2:
+        raise ValueError(f"build_classifier expects n_classes >= 2, but got {n_classes}")
+    if in_channels < 1:
+        raise ValueError(f"build_classifier expects in_channels >= 1, but got {in_channels}")
+    if arch == "resnet":
+        return ResNet("basic", [2, 2, 2, 2], list(RESNET_WIDTHS), spatial_dims=2, n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, num_classes=n_classes)
+    if arch == "densenet":
+        model = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=n_classes)
+        model.register_forward_pre_hook(_upsample_small_inputs)
+        return model
+    raise ValueError(f"build_classifier expects arch in {ARCHS}, but got {arch!r}")
+
+
+def _upsample_small_inputs(module, args):
+    """Forward pre-hook: bilinear upsampling of (B, C, H, W) inputs to at least DENSENET_MIN_SIZE."""
+    (x,) = args
+    h, w = x.shape[-2:]
+    if min(h, w) >= DENSENET_MIN_SIZE:
+        return None
+    scale = DENSENET_MIN_SIZE / min(h, w)
+    size = (max(DENSENET_MIN_SIZE, round(h * scale)), max(DENSENET_MIN_SIZE, round(w * scale)))
+    return (F.interpolate(x, size=size, mode="bilinear", align_corners=False),)
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The final linear layer: `fc` of a monai ResNet, `class_layers.out` of a monai DenseNet."""
+    return model.fc if isinstance(model, ResNet) else model.class_layers.out
+
+
+def feature_dim(model: torch.nn.Module) -> int:
+    """D of `features`: 256 for "resnet", 1024 for "densenet"."""
+    return _head(model).in_features
+
+
+def _check_images(name: str, images: np.ndarray) -> None:
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:
+        got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}"
+        raise ValueError(f"{name} expects (N, H, W, C) uint8 images, but got {got}")
+
+
+def _check_labels(name: str, labels: np.ndarray, n: int, n_classes: int) -> None:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(f"{name} expects (N,) labels with N = {n}, but got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} expects integer labels, but got {labels.dtype}")
+    if n and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"{name} expects labels in [0, {n_classes}), but got [{labels.min()}, {labels.max()}]")
+
+
+def _batched(model: torch.nn.Module, images: np.ndarray, batch_size: int, name: str):
+    """Yield model inputs (B, C, H, W) on the model's device, checked against its input channels."""
+    _check_images(name, images)
+    in_channels = (model.conv1 if isinstance(model, ResNet) else model.features.conv0).in_channels
+    if images.shape[-1] != in_channels:
+        raise ValueError(f"{name} expects images with {in_channels} channels, but got {images.shape[-1]}")
+    device = next(model.parameters()).device
+    for i in range(0, len(images), batch_size):
+        yield to_unit_range(images[i : i + batch_size]).to(device)
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Softmax class probabilities (N, n_classes) float32 for (N, H, W, C) uint8 images."""
+    out = [model(x).float().softmax(1).cpu() for x in _batched(model, images, batch_size, "predict_proba")]
+    return torch.cat(out).numpy() if out else np.zeros((0, _head(model).out_features), np.float32)
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Penultimate-layer features (N, D) float32: the pooled input of the final linear layer."""
+    captured = []
+    hook = _head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0].float().cpu()))
+    try:
+        for x in _batched(model, images, batch_size, "features"):
+            model(x)
+    finally:
+        hook.remove()
+    return torch.cat(captured).numpy() if captured else np.zeros((0, feature_dim(model)), np.float32)
+
+
+def intended_class_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Probability each image gives its intended class: probs[i, labels[i]], shape (N,)."""
+    probs = np.asarray(probs)
+    if probs.ndim != 2:
+        raise ValueError(f"intended_class_confidence expects (N, n_classes) probabilities, but got shape {probs.shape}")
+    _check_labels("intended_class_confidence", labels, len(probs), probs.shape[1])
+    return probs[np.arange(len(probs)), np.asarray(labels)]
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """A task network's state dict as safetensors (contiguous CPU tensors)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: str = "cpu") -> torch.nn.Module:
+    """A task network with the weights `save_weights` wrote, in eval mode on the device."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval()

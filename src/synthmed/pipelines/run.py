@@ -1,0 +1,103 @@
+"""`synthmed run CONFIG.yaml` and `synthmed demo`: an experiment from a YAML config, in one folder.
+
+An experiment is a name in EXPERIMENTS: the generation flow (prepare -> train controlnet -> generate ->
+evaluate -> report) or a study. Each stage writes its own subfolder atomically and is skipped once complete,
+so re-running on the same folder resumes where the last run stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from synthmed.config import ControlNetConfig, EvaluateConfig, GenerateConfig, PrepareConfig, RunConfig, save_config
+from synthmed.core.io import read_json, write_json
+from synthmed.core.outputs import open_output
+
+RUN_KIND = "run"
+
+
+def generation(cfg: RunConfig, out: Path, data: Path) -> tuple[dict, str]:
+    """train controlnet -> generate -> evaluate -> report; each stage skipped once its output is complete."""
+    from synthmed.models.trained import is_complete
+    from synthmed.pipelines.evaluate import evaluate
+    from synthmed.pipelines.generate import generate
+    from synthmed.pipelines.report import report
+    from synthmed.pipelines.train import train_controlnet
+
+    model, synthetic, evaluation = out / "controlnet", out / "synthetic", out / "evaluation"
+    if not is_complete(model):  # any trained model folder: controlnet/, or backbone/ in text mode
+        train_controlnet(data, cfg.controlnet, model, resume=True)
+    if not (synthetic / "dataset.json").is_file():
+        generate(data, model, cfg.generate, synthetic)
+    if not (evaluation / "results.json").is_file():
+        evaluate(data, synthetic, cfg.evaluate, evaluation, model=model)
+    report(evaluation / "results.json", out / "report.html")
+    return read_json(evaluation / "results.json"), "evaluation/results.json"
+
+
+def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> tuple[dict, str]:
+    """The downstream study over real fractions (pipelines/studies/downstream.py) and its report."""
+    from synthmed.pipelines.report import study_report
+    from synthmed.pipelines.studies.downstream import data_augmentation as study
+
+    results = study(cfg, out, data)
+    study_report(out / "downstream" / "results.json", out / "report.html", title="synthmed study: data augmentation")
+    return results, "downstream/results.json"
+
+
+def ablations(cfg: RunConfig, out: Path, data: Path) -> tuple[dict, str]:
+    """One generation run per ablation cell (pipelines/studies/ablations.py) and the comparison report."""
+    from synthmed.pipelines.report import ablation_report
+    from synthmed.pipelines.studies.ablations import ablations as study
+
+    results = study(cfg, out, data)
+    ablation_report(out / "results.json", out / "report.html")
+    return results, "results.json"
+
+
+# experiment name (RunConfig.experiment) -> (cfg, run folder, prepared data) -> (results, results file in the folder)
+EXPERIMENTS = {"generation": generation, "baseline_generation": generation, "data_augmentation": data_augmentation, "ablations": ablations}
+
+
+def run(cfg: RunConfig, out: Path, resume: bool = True) -> dict:
+    """Run the experiment `cfg.experiment` in OUT, preparing the data first unless `cfg.data` names a prepared set."""
+    from synthmed.pipelines.prepare import prepare
+
+    out = Path(out)
+    open_output(out, RUN_KIND, resume)
+    save_config(cfg, out / "run_config.yaml")
+    started = time.time()
+    data = Path(cfg.data) if cfg.data else out / "data"
+    if not cfg.data and not (data / "dataset.json").is_file():
+        prepare(cfg.prepare, data)
+    results, where = EXPERIMENTS[cfg.experiment](cfg, out, data)
+    write_json(out / "run.json", {"seconds_this_invocation": round(time.time() - started, 1), "report": "report.html", "results": where})
+    return results
+
+
+def demo_config(quick: bool = False) -> RunConfig:
+    """The embedded default: phantom-histology + the shipped tiny backbone. --quick is for tests.
+
+    The full demo generates for the rare class: three times the real training split's dead nuclei
+    (copy-paste into flipped/warped training layouts), each sample filtered by a real-trained
+    segmenter's Dice against its mask (redrawn up to 5 times). The threshold is explicit (0.4): the tiny
+    CPU model's samples score below the automatic one (the judge's 10% quantile on real validation
+    images, 0.66 here), which would drop them all.
+    """
+    from synthmed.config import FilterConfig, PhantomConfig, PlanConfig, TaskTrainingConfig
+
+    if not quick:
+        return RunConfig(prepare=PrepareConfig(phantom=PhantomConfig(n_unlabelled_slides=0)), controlnet=ControlNetConfig(validation_every=500),
+                         generate=GenerateConfig(plan=PlanConfig(mode="multiply", classes=["dead"], factor=3), filter=FilterConfig(by="dice", min_dice=0.4, attempts=5)))
+    return RunConfig(
+        prepare=PrepareConfig(phantom=PhantomConfig(n_slides=9, tiles_per_slide=6, n_unlabelled_slides=0)),
+        controlnet=ControlNetConfig(steps=30, batch_size=8, checkpoint_every=20),
+        generate=GenerateConfig(n_samples=8, steps=8, batch_size=8, filter=FilterConfig(by="dice", min_dice=0.0, segmenter=TaskTrainingConfig(steps=30, batch_size=8))),
+        evaluate=EvaluateConfig(segmenter=TaskTrainingConfig(steps=60, batch_size=8), domain=TaskTrainingConfig(steps=20), n_boot=20),
+    )
+
+
+def demo(out: Path, quick: bool = False) -> dict:
+    """Run the whole flow on the embedded default."""
+    return run(demo_config(quick), out)

@@ -1,0 +1,105 @@
+"""Downstream studies: `synthmed evaluate downstream` (the cells over given synthetic sets) and the
+data_augmentation experiment (per real fraction: a subset, a ControlNet trained on it alone, its synthetic
+set; then the cells, edge-map fidelity and class steering)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from synthmed.config import DownstreamConfig, RunConfig, save_config
+from synthmed.core.device import device
+from synthmed.core.io import SynthmedError, read_json, read_jsonl, write_json
+from synthmed.core.outputs import open_output
+from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, fraction_key, run_cell
+
+
+def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | None = None) -> dict:
+    """Run (or resume) the cells of a downstream study and write OUT/results.json.
+
+    `synthetic` maps a fraction (or None: every fraction) to a synthetic set (a `generate` output)."""
+    from synthmed.data.prepared import read_card
+    from synthmed.data.subsets import nested_fractions
+
+    data, out = Path(data), Path(out)
+    open_output(out, "downstream")
+    save_config(cfg, out / "downstream_config.yaml")
+    card = read_card(data)
+    real = RealData(data, cfg, card)
+    subsets = nested_fractions(real.train.rows, cfg.fractions, cfg.subset_seed)
+    synthetic = synthetic or {}
+    need = any(a in SYNTHETIC_ARMS for a in cfg.arms)
+    pools, sources = {}, {}
+    for f in cfg.fractions:
+        path = synthetic.get(f, synthetic.get(None))
+        if need and path is None:
+            raise SynthmedError(f"{data}: arms {[a for a in cfg.arms if a in SYNTHETIC_ARMS]} need a synthetic set for fraction {f} (none given)")
+        if path is not None and need:
+            pools[f] = real.synthetic_pool(Path(path), f, set(subsets[f]), cfg)
+            sources[f] = str(Path(path).resolve())
+    cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in cfg.seeds]
+    started = time.time()
+    for i, (f, arm, seed) in enumerate(cells):
+        run_cell(out / "cells" / fraction_key(f) / arm / f"seed{seed}", real, f, subsets[f], arm, seed, pools.get(f), cfg,
+                 label=f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}")
+    results = aggregate(out, real, cfg, subsets, sources)
+    results["seconds_this_invocation"] = round(time.time() - started, 1)
+    write_json(out / "results.json", results)
+    return results
+
+
+def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
+    """The study: per fraction, a subset data set, a ControlNet trained on it alone, its synthetic set; then the grid."""
+    from synthmed.data.prepared import read_card
+    from synthmed.data.subsets import nested_fractions, write_subset
+    from synthmed.models.trained import is_complete
+    from synthmed.pipelines.generate import generate
+    from synthmed.pipelines.train import train_controlnet
+
+    d = cfg.downstream
+    synthetic = {}
+    if any(a in SYNTHETIC_ARMS for a in d.arms):
+        rows = read_jsonl(data / "train" / "metadata.jsonl")
+        subsets = nested_fractions(rows, d.fractions, d.subset_seed)
+        for f in d.fractions:
+            base = out / "fractions" / fraction_key(f)
+            sub, model, syn = base / "data", base / "controlnet", base / "synthetic"
+            if not (sub / "dataset.json").is_file():
+                write_subset(data, subsets[f], sub, f)
+            assert read_card(sub)["splits"]["train"]["n"] == len(subsets[f])
+            if not is_complete(model):
+                train_controlnet(sub, cfg.controlnet, model, resume=True)
+            if not (syn / "dataset.json").is_file():
+                generate(sub, model, cfg.generate, syn)
+            synthetic[f] = syn
+    results = downstream(data, d, out / "downstream", synthetic)
+    extra = {"edge_fidelity": {fraction_key(f): _set_edges(data, p, cfg) for f, p in synthetic.items()}}
+    if cfg.steering.n_maps and synthetic:
+        extra["steering"] = {fraction_key(f): _steering(data, out / "fractions" / fraction_key(f), cfg) for f in synthetic}
+    results.update({k: v for k, v in extra.items() if any(x is not None for x in v.values())})
+    write_json(out / "downstream" / "results.json", results)
+    return results
+
+
+def _set_edges(data: Path, synthetic: Path, cfg: RunConfig) -> dict | None:
+    """Edge-map fidelity of one fraction's synthetic set (None without an edge channel)."""
+    from synthmed.data.prepared import load_conditioning, load_split, read_card
+    from synthmed.evaluation.sections import edge_fidelity
+
+    syn = load_split(synthetic, "train")
+    return edge_fidelity(read_card(data), syn.images, load_conditioning(syn), syn.masks, cfg.evaluate, "generated images vs their conditioning edge maps")
+
+
+def _steering(data: Path, base: Path, cfg: RunConfig) -> dict:
+    """Class steering of one fraction's model, once (saved in base/steering/results.json)."""
+    from synthmed.evaluation.renders import steering
+
+    done = base / "steering" / "results.json"
+    if done.is_file():
+        return read_json(done)
+    s = cfg.steering
+    ecfg = cfg.evaluate if cfg.evaluate.model_cache else cfg.evaluate.model_copy(update={"model_cache": str(base.parent / "models")})  # one classifier for all fractions
+    res = steering(data, base / "controlnet", cfg.generate, s, ecfg, s.target_field or cfg.downstream.label_field,
+                   s.positive or cfg.downstream.positive_class, base / "steering", device(), label_map=cfg.downstream.label_map)
+    write_json(done, res)
+    return res

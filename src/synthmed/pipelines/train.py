@@ -1,0 +1,136 @@
+"""`synthmed train backbone` and `synthmed train controlnet`: load and check everything, build, train, save."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from synthmed.config import BackboneConfig, ControlNetConfig, LoraConfig, save_config
+from synthmed.core.environment import environment
+from synthmed.core.io import SynthmedError, atomic_dir
+from synthmed.core.outputs import check_output, mark_output
+from synthmed.core.progress import task
+
+BACKBONE_KIND, MODEL_KIND = "backbone", "controlnet"
+
+
+def train_backbone(data: Path, cfg: BackboneConfig, out: Path, resume: bool = False) -> Path:
+    """Pretrain a backbone preset on the unlabelled split (VAE, then text-to-image UNet).
+
+    Phase checkpoints go to OUT.partial/ while training; `resume` continues from them exactly,
+    and they are removed once OUT is complete.
+    """
+    import torch
+
+    from synthmed.data.prepared import load_split, read_card
+    from synthmed.models.backbone import build_backbone
+    from synthmed.training.backbone import train_text_to_image, train_vae
+
+    out = Path(out)
+    check_output(out, BACKBONE_KIND)
+    state = out.with_name(out.name + ".partial")
+    if state.exists() and not resume:
+        raise SynthmedError(f"{state}: an interrupted run's checkpoints are here; add --resume to continue, or remove it")
+    split = load_split(data, "unlabelled")
+    torch.manual_seed(cfg.seed)
+    with atomic_dir(out) as tmp:
+        backbone = build_backbone(cfg.preset, seed=cfg.seed)
+        started = time.time()
+        with task("train backbone: VAE", cfg.vae_steps) as update:
+            vae_losses = train_vae(backbone, split.images, cfg, progress=update, state_dir=state)
+        with task("train backbone: UNet", cfg.unet_steps) as update:
+            unet_losses = train_text_to_image(backbone, split.images, split.prompts, cfg, progress=update, state_dir=state)
+        recipe = {
+            "made_by": "synthmed train backbone",
+            "config": cfg.model_dump(),
+            "data": {"path": str(data), "split": "unlabelled", "n_images": len(split)},
+            "data_card_generator": read_card(data).get("generator"),
+            "final_vae_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]),
+            "final_unet_loss": sum(unet_losses[-50:]) / len(unet_losses[-50:]),
+            "seconds": round(time.time() - started, 1),
+            "environment": environment(),
+        }
+        backbone.save(tmp, recipe)
+        save_config(cfg, tmp / "train_config.yaml")
+    shutil.rmtree(state, ignore_errors=True)
+    return out
+
+
+def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool | str = False) -> Path:
+    """Train on the prepared train split; writes OUT/controlnet (diffusers), OUT/unet_lora, OUT/unet or
+    OUT/backbone as the mode asks, OUT/checkpoints and OUT/training.json.
+
+    `resume`: True or "latest" continues from the newest checkpoint in OUT/checkpoints (a fresh
+    start if there is none), or give one checkpoint folder (OUT/checkpoints/step-N).
+    """
+    out = Path(out)
+    if not resume and any((out / "checkpoints").glob("step-*")):
+        raise SynthmedError(f"{out}: holds an interrupted run's checkpoints; add --resume latest to continue, or choose a new --out")
+    check_output(out, MODEL_KIND, resume=bool(resume))
+    if resume not in (False, True, "latest") and not Path(resume).is_dir():
+        raise SynthmedError(f"{resume}: --resume expects 'latest' or a checkpoint folder (OUT/checkpoints/step-N)")
+    if cfg.lora.rank and cfg.lora.stage == "before" and cfg.conditioning_mode != "text":
+        cfg = _lora_stage_first(data, cfg, out, resume)
+    return _train(data, cfg, out, resume)
+
+
+def _lora_stage_first(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> ControlNetConfig:
+    """Train a text-to-image LoRA (OUT/lora-stage), then train the ControlNet on its fused UNet."""
+    from synthmed.models.trained import is_complete
+
+    stage = out / "lora-stage"
+    if not is_complete(stage):
+        first = cfg.model_copy(update={"conditioning_mode": "text", "steps": cfg.lora.steps or cfg.steps, "lora": cfg.lora.model_copy(update={"stage": "joint"}),
+                                       "controlnet_init": None, "unet_decoder_lr": None, "class_weights": None})
+        _train(data, first, stage, resume=True)
+    return cfg.model_copy(update={"backbone": str((stage / "backbone").resolve()), "lora": LoraConfig()})
+
+
+def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
+    import torch
+    from accelerate import Accelerator
+
+    from synthmed.models.trained import save_trained, write_record
+    from synthmed.training import setup
+    from synthmed.training.controlnet import train
+
+    text_mode = cfg.conditioning_mode == "text"
+    split, prompts, cond = setup.load_inputs(data, cfg, text_mode)
+    backbone = setup.load_checked_backbone(cfg, split, data)
+    class_weights = setup.class_weights(data, cfg.class_weights, split.masks)
+    # The schedule steps once per optimiser step: the global batch is split over processes, not multiplied.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=setup.tracker(cfg.log_with), project_dir=str(out / "logs"),
+                              step_scheduler_with_optimizer=False)
+    if cfg.batch_size % (cfg.grad_accum * accelerator.num_processes):
+        raise SynthmedError(f"batch_size (global) must be divisible by grad_accum x processes "
+                            f"({cfg.grad_accum} x {accelerator.num_processes}), but got {cfg.batch_size}")
+    if accelerator.is_main_process:
+        mark_output(out, MODEL_KIND)
+        save_config(cfg, out / "train_config.yaml")
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers("train", config={k: v for k, v in cfg.model_dump().items() if isinstance(v, (int, float, str, bool))})
+    attention = setup.set_attention(backbone, cfg.attention, accelerator.device)
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    controlnet = None if cond is None else setup.controlnet_for(backbone, cfg, cond.shape[-1])  # cond: (N, H, W, C)
+    setup.cast_frozen(backbone, cfg.mixed_precision, accelerator.device)
+    data_t = setup.training_data(backbone, split, prompts, cond, cfg)
+    model = setup.build_model(backbone, controlnet, cfg)
+    validate = setup.validator(data, backbone, cfg, accelerator) if cfg.validation_every else None
+    lrs = {"controlnet": cfg.lr, "lora": cfg.lora.lr or cfg.lr, "unet": (cfg.unet_decoder_lr if not text_mode else cfg.unet_lr) or cfg.lr}
+    with task("train " + ("text-to-image UNet" if text_mode else "controlnet"), cfg.steps) as update:
+        try:
+            losses = train(model, backbone, data_t, cfg, accelerator, out / "checkpoints", resume=resume, progress=update,
+                           class_weights=class_weights, validate=validate, lrs=lrs)
+        except FloatingPointError as exc:
+            raise SynthmedError(str(exc)) from None
+        except ValueError as exc:
+            raise SynthmedError(f"{out}: {exc}") from None
+    if accelerator.is_main_process:
+        saved = save_trained(accelerator.unwrap_model(model).eval(), backbone, cfg, out)
+        record = setup.training_record(cfg, data, split, backbone, data_t, saved, losses, started, accelerator, attention)
+        write_record(out, record, saved, {"environment": environment()})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # after the last barrier: it closes the process group
+    return out

@@ -1,0 +1,239 @@
+"""The downstream study: leakage refusals, resumable cells, and `synthmed run experiments/*.yaml --quick` (marked e2e: `make test-e2e`)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from synthmed import pipelines
+from synthmed.config import DownstreamConfig
+from synthmed.data.subsets import nested_fractions
+from synthmed.core.io import SynthmedError, write_json
+from synthmed.testing.cli import run_cli
+
+
+def _fake_synthetic(real: Path, dst: Path, source_ids: list[str], model_ids: list[str]) -> Path:
+    """A 'synthetic' set: copies of real training images whose provenance names `source_ids` and a model trained on `model_ids`."""
+    shutil.copytree(real, dst)
+    model = dst.parent / f"{dst.name}-model"
+    model.mkdir()
+    write_json(model / "training.json", {"train_ids": model_ids})
+    meta = dst / "train" / "metadata.jsonl"
+    rows = [json.loads(x) for x in meta.read_text().splitlines()]
+    for r, sid in zip(rows, source_ids * len(rows)):
+        r["provenance"] = {"source_mask_id": sid, "source_split": "train", "model": str(model)}
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+def _ids(data: Path, split: str) -> list[str]:
+    return [json.loads(x)["id"] for x in (data / split / "metadata.jsonl").read_text().splitlines()]
+
+
+CFG = DownstreamConfig(arms=["real", "real+synthetic"], fractions=[0.5, 1.0], seeds=[0], max_steps=4, eval_every=2, patience=1, batch_size=4)
+
+
+def test_a_synthetic_set_drawn_from_a_validation_or_test_mask_is_refused(phantom_data, tmp_path):
+    held = _ids(phantom_data, "validation")[:1]
+    syn = _fake_synthetic(phantom_data, tmp_path / "syn", held, _ids(phantom_data, "train")[:1])
+    with pytest.raises(SynthmedError) as err:
+        pipelines.downstream(phantom_data, CFG, tmp_path / "study", {None: syn})
+    assert "validation/test sample" in str(err.value) and str(syn / "train" / "metadata.jsonl") in str(err.value)
+    assert not (tmp_path / "study" / "cells").exists()  # refused before any training
+
+
+def test_a_model_trained_on_more_than_the_fraction_is_refused(phantom_data, tmp_path):
+    train = _ids(phantom_data, "train")
+    rows = [json.loads(x) for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    half = nested_fractions(rows, [0.5], 0)[0.5]
+    syn = _fake_synthetic(phantom_data, tmp_path / "syn", half[:2], train)  # masks from the half, model from all
+    with pytest.raises(SynthmedError, match="refused for the 50% fraction: its model was trained on"):
+        pipelines.downstream(phantom_data, CFG, tmp_path / "study", {None: syn})
+    ok = _fake_synthetic(phantom_data, tmp_path / "ok", half[:2], half)  # the half's own model and masks: accepted at 50%
+    res = pipelines.downstream(phantom_data, CFG.model_copy(update={"fractions": [0.5], "arms": ["real+synthetic"]}), tmp_path / "study-ok", {0.5: ok})
+    assert res["n_finished"] == 1 and res["fractions"]["f0.50"]["synthetic"] == str(ok.resolve())
+
+
+def test_a_crashed_cell_does_not_poison_the_others_and_a_rerun_finishes_it(phantom_data, tmp_path, monkeypatch):
+    from synthmed.evaluation import downstream as ds
+
+    cfg = DownstreamConfig(arms=["real", "real+classic"], fractions=[1.0], seeds=[0, 1], max_steps=4, eval_every=2, patience=1, batch_size=4)
+    real_train = ds.train_cell
+
+    def flaky(task, pools, classic, val, n_classes, settings, seed, *a, **k):
+        if classic and seed == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real_train(task, pools, classic, val, n_classes, settings, seed, *a, **k)
+
+    monkeypatch.setattr(ds, "train_cell", flaky)
+    res = pipelines.downstream(phantom_data, cfg, tmp_path / "study")
+    assert res["n_finished"] == 3 and [(e["arm"], e["seed"]) for e in res["errors"]] == [("real+classic", 1)]
+    assert "simulated" in res["errors"][0]["error"]
+    done = tmp_path / "study" / "cells" / "f1.00" / "real" / "seed0" / "result.json"
+    before = done.stat().st_mtime_ns
+    monkeypatch.setattr(ds, "train_cell", real_train)
+    res = pipelines.downstream(phantom_data, cfg, tmp_path / "study")
+    assert res["n_finished"] == 4 and not res["errors"]
+    assert done.stat().st_mtime_ns == before  # finished cells are skipped, not retrained
+    assert not (tmp_path / "study" / "cells" / "f1.00" / "real+classic" / "seed1" / "error.json").exists()
+
+
+@pytest.mark.e2e
+def test_data_augmentation_quick_study_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    proc = run_cli("run", "experiments/data_augmentation.yaml", "--quick", "--out", str(out), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "downstream" / "results.json").read_text())
+    assert res["task"] == "segmentation" and res["n_finished"] == res["n_cells"] == 2 * 4 * 2 and not res["errors"]
+    for fk, frac in res["fractions"].items():
+        model = json.loads((out / "fractions" / fk / "controlnet" / "training.json").read_text())
+        assert len(model["train_ids"]) == frac["n_real"]  # each fraction's ControlNet saw that fraction only
+        for arm in res["arms"]:
+            s = res["summary"][fk][arm]
+            assert s["n_seeds"] == 2 and 0 <= s["dice"]["mean"] <= 1 and s["dice"]["low"] <= s["dice"]["mean"] <= s["dice"]["high"]
+            assert set(s["per_class"]) == set(res["classes"])
+        assert set(res["comparisons"][fk]) == {"real+synthetic vs real", "synthetic-only vs real", "real+classic vs real"}
+    low, high = res["fractions"]["f0.50"], res["fractions"]["f1.00"]
+    assert low["n_real"] < high["n_real"]
+    text = (out / "report.html").read_text()
+    assert "The answer at the lowest real fraction" in text and "href='downstream/results.json'" in text
+    for src in [s.split("'")[0] for s in text.split("src='")[1:]]:
+        assert (out / src).is_file(), src  # every figure is a PNG beside the page, nothing remote
+    assert "http" not in "".join(s.split("'")[0] for s in text.split("src='")[1:])
+
+
+@pytest.mark.e2e
+def test_ablations_quick_produces_every_cell_and_they_differ(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "ablations"
+    proc = run_cli("run", "experiments/ablations.yaml", "--quick", "--out", str(out), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert not res["errors"] and set(res["cells"]) == {"both_deep", "shallow", "mask_only", "text_only", "lora"}
+    trained, firsts = {}, {}
+    for name, cell in res["cells"].items():
+        training = json.loads((out / "cells" / name / "controlnet" / "training.json").read_text())
+        trained[name] = training
+        rows = [json.loads(x) for x in (out / "cells" / name / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()]
+        firsts[name] = np.asarray(Image.open(out / "cells" / name / "synthetic" / "train" / rows[0]["file_name"]))
+        assert 0 <= cell["dice_generated"]["value"] <= 1 and cell["fid"]["value"] is not None and (out / cell["report"]).is_file()
+    # the setting each cell changes is the one its model was trained with ...
+    assert trained["shallow"]["depth"] == "shallow:1" and trained["both_deep"]["depth"] == "deep"
+    assert trained["mask_only"]["conditioning_mode"] == "mask" and "controlnet" not in trained["text_only"]["outputs"]
+    assert "unet_lora" in trained["lora"]["outputs"] and "unet_lora" not in trained["both_deep"]["outputs"]
+    # ... and it changes what comes out: other weights, other images, other figures
+    hashes = {n: t.get("output_hashes") for n, t in trained.items()}
+    assert len({json.dumps(h, sort_keys=True) for h in hashes.values()}) == 5
+    for a in res["cells"]:
+        for b in res["cells"]:
+            if a < b:
+                assert not np.array_equal(firsts[a], firsts[b]), (a, b)
+                assert res["cells"][a]["fid"]["value"] != res["cells"][b]["fid"]["value"], (a, b)
+    assert len(list((out / "cache").glob("*.safetensors"))) == 2  # one evaluation segmenter and classifier for all cells
+    assert "ablations_dice.png" in (out / "report.html").read_text() and (out / "figures" / "ablations_dice.png").is_file()
+
+
+def test_classification_study_reports_its_metrics(phantom_data, tmp_path):
+    """Tissue-type classification on the phantom: accuracy, balanced accuracy, macro-F1, AUC, the rare class's recall."""
+    train = _ids(phantom_data, "train")
+    syn = _fake_synthetic(phantom_data, tmp_path / "syn", train[:3], train)
+    cfg = DownstreamConfig(task="classification", arms=["real", "real+synthetic"], fractions=[1.0], seeds=[0, 1], max_steps=4, eval_every=2,
+                           patience=1, batch_size=4)
+    res = pipelines.downstream(phantom_data, cfg, tmp_path / "study", {1.0: syn})
+    assert res["task"] == "classification" and res["n_finished"] == 4
+    rare = res["rare_class"]
+    labels = [json.loads(x)["label"] for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert labels.count(rare) == min(labels.count(c) for c in set(labels))  # the rarest label, reported on its own
+    s = res["summary"]["f1.00"]["real+synthetic"]
+    for m in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert s[m]["n"] == 2 and 0 <= s[m]["mean"] <= 1, m
+    test_labels = {json.loads(x)["label"] for x in (phantom_data / "test" / "metadata.jsonl").read_text().splitlines()}
+    # a recall needs the class in the test split: otherwise undefined (None), counted as missing, never 0
+    assert s[f"recall {rare}"]["n"] == (2 if rare in test_labels else 0)
+    # AUC needs positives and negatives of a class in the test split: undefined (None, counted missing) with one tissue
+    assert s["auc"]["n"] == (2 if len(test_labels) > 1 else 0) and s["auc"]["n_missing"] == (0 if len(test_labels) > 1 else 2)
+    assert set(s["per_class"]) >= set(labels) | test_labels
+    assert res["comparisons"]["f1.00"]["real+synthetic vs real"]["balanced_accuracy"]["n"] == 2
+
+
+@pytest.mark.e2e
+def test_baseline_generation_quick_runs_text_only_end_to_end(tmp_path):
+    out = tmp_path / "baseline"
+    proc = run_cli("run", "experiments/baseline_generation.yaml", "--quick", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    training = json.loads((out / "controlnet" / "training.json").read_text())
+    assert training["conditioning_mode"] == "text" and "controlnet" not in training["outputs"]  # prompts alone
+    res = json.loads((out / "evaluation" / "results.json").read_text())
+    assert res["fidelity"]["feature_spaces"]["domain"]["fid"]["value"] is not None
+    assert res["fidelity"]["paired"]["regenerated"]["ssim"]["n"] > 0 and (out / "report.html").is_file()
+
+
+def test_binary_study_through_label_map_scores_the_positive_class(phantom_data, tmp_path):
+    """label_map merges labels into two targets (as benign/normal -> non-cancerous); AUC and sensitivity at 90% specificity are the positive class's."""
+    rows = [json.loads(x) for s in ("train", "validation", "test") for x in (phantom_data / s / "metadata.jsonl").read_text().splitlines()]
+    tissues = sorted({r["label"] for r in rows})
+    first = tissues[0]
+    cfg = DownstreamConfig(task="classification", arms=["real"], fractions=[1.0], seeds=[0], max_steps=4, eval_every=2, patience=1, batch_size=4,
+                           label_map={t: ("pos" if t == first else "neg") for t in tissues}, positive_class="pos")
+    res = pipelines.downstream(phantom_data, cfg, tmp_path / "study")
+    assert res["classes"] == ["neg", "pos"] and res["positive_class"] == "pos" and res["label_map"][first] == "pos"
+    assert "sensitivity_at_90_specificity" in res["metrics"] and res["metrics"][0] == "auc"
+    cell = json.loads((tmp_path / "study" / "cells" / "f1.00" / "real" / "seed0" / "result.json").read_text())
+    test = [r for r in rows if r["split"] == "test"]
+    assert cell["test"]["per_class"]["pos"]["n"] == sum(r["label"] == first for r in test)
+    with pytest.raises(SynthmedError, match="positive_class 'x'"):
+        pipelines.downstream(phantom_data, cfg.model_copy(update={"positive_class": "x"}), tmp_path / "other")
+
+
+@pytest.mark.e2e
+def test_breast_classification_quick_study_end_to_end(tmp_path):
+    """experiments/breast_classification.yaml --quick: greyscale synthesis from edge maps, a cancer classifier per arm,
+    edge-map fidelity above the shuffled floor, and class steering, all in results.json and the report."""
+    from PIL import Image
+
+    out = tmp_path / "breast"
+    proc = run_cli("run", "experiments/breast_classification.yaml", "--quick", "--out", str(out), timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "downstream" / "results.json").read_text())
+    assert res["task"] == "classification" and res["classes"] == ["cancerous", "non-cancerous"] and res["positive_class"] == "cancerous"
+    assert res["n_finished"] == res["n_cells"] and not res["errors"]
+    assert {"auc", "sensitivity_at_90_specificity", "balanced_accuracy", "recall cancerous"} <= set(res["metrics"])
+    for fk in res["fractions"]:
+        syn = out / "fractions" / fk / "synthetic"
+        rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
+        assert rows and all(Image.open(syn / "train" / r["file_name"]).mode == "L" for r in rows)  # 1 channel in, 1 out
+        assert all(r["cancer"] == ("cancerous" if r["label"] == "malignant" else "non-cancerous") for r in rows)
+        edges = res["edge_fidelity"][fk]
+        assert edges["n"] == len(rows) and edges["edge_map"] == "canny"
+        # each generated image's Canny map matches its own conditioning map better than a shuffled one
+        assert edges["f"]["value"] > edges["f_shuffled"]["value"] and edges["better_than_shuffled"] > 0.5
+        steer = res["steering"][fk]
+        assert steer["class_to_target"] == {"malignant": "cancerous", "benign": "non-cancerous"}
+        assert steer["n_trials"] == 2 * steer["n_maps"] and "agreement_conflicting" in steer and "edge_effect" in steer
+        assert all(Path(v["path"]).is_file() for g in steer["grid"] for v in g["renders"].values())
+    text = (out / "report.html").read_text()
+    assert "Edge-map fidelity" in text and "Class steering" in text and "documented failure case" in text
+    for src in [s.split("'")[0] for s in text.split("src='")[1:]]:
+        assert (out / src).is_file(), src
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("name,writer,sub", [("breast_busi", "busi", "Dataset_BUSI_with_GT"), ("breast_cbis_ddsm", "cbis_ddsm", ""),
+                                             ("breast_breastmnist", "medmnist", "")])
+def test_real_breast_configs_run_once_pointed_at_a_local_copy(tmp_path, name, writer, sub):
+    """Each real-data config's --quick version on a fixture in the source's own layout (the fixtures are balanced, so the
+    plan multiplies malignant instead of balancing)."""
+    import importlib
+
+    kwargs = {"flag": "breastmnist", "size": 64} if writer == "medmnist" else {}
+    importlib.import_module(f"synthmed.testing.{writer}").write(tmp_path / "src", **kwargs)
+    out = tmp_path / "study"
+    proc = run_cli("run", f"configs/{name}.yaml", "--quick", "--out", str(out), "--set", f"prepare.root={tmp_path / 'src' / sub}",
+                   "--set", "generate.plan.mode=multiply", "--set", "generate.plan.classes=[malignant]", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "downstream" / "results.json").read_text())
+    assert res["classes"] == ["cancerous", "non-cancerous"] and res["n_finished"] == res["n_cells"] and res["steering"] and res["edge_fidelity"]

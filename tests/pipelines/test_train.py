@@ -1,0 +1,129 @@
+import json
+"""`train controlnet` end to end (flow function and CLI): every mode writes what plain diffusers loads."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+from synthmed import pipelines
+from synthmed.config import ConditioningConfig, ControlNetConfig, GenerateConfig, PhantomConfig, PrepareConfig
+from synthmed.core.io import SynthmedError, read_json
+from synthmed.models.backbone import load_backbone
+from synthmed.testing.cli import run_cli
+
+
+def _cfg(bb, **kw):
+    return ControlNetConfig(**(dict(backbone=str(bb), steps=2, batch_size=4, checkpoint_every=2, log_with=None) | kw))
+
+
+def test_size_not_divisible_by_the_backbone_is_refused_before_training(tiny_backbone_dir, phantom_data, tmp_path):
+    with pytest.raises(SynthmedError, match=r"training size 40x40 is not divisible by 16"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, augment={"crop": [40, 40]}, cache_latents=False), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_settings_are_one_line_errors(tiny_backbone_dir, phantom_data, tmp_path):
+    with pytest.raises(SynthmedError, match=r"class_weights names \['necrosis'\]"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, class_weights={"necrosis": 3}), tmp_path / "a")
+    with pytest.raises(SynthmedError, match="cache_latents: .*cache=False with random crops"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, augment={"crop": [48, 48]}, cache_latents=True), tmp_path / "b")
+    with pytest.raises(SynthmedError, match="depth: depth expects deep, mid or shallow:K"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, depth="half"), tmp_path / "c")
+    proc = run_cli("train", "controlnet", "--data", str(phantom_data), "--out", str(tmp_path / "d"), "--set", "lora.rank=-1")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: lora.rank: Input should be greater than or equal to 0")
+
+
+def test_joint_lora_and_controlnet_load_in_plain_diffusers_and_generate(tiny_backbone_dir, phantom_data, tmp_path):
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, lora={"rank": 2}, lr=1e-2), tmp_path / "run")
+    training = read_json(run / "training.json")
+    assert training["outputs"] == {"controlnet": "controlnet", "unet_lora": "unet_lora"} and training["lora"]["rank"] == 2
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_backbone_dir, controlnet=ControlNetModel.from_pretrained(run / "controlnet"), safety_checker=None)
+    base = pipe.unet.conv_in.weight.clone()
+    x, t, e = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 64)
+    plain = pipe.unet(x, t, e).sample
+    pipe.load_lora_weights(run / "unet_lora")  # diffusers' own LoRA loader reads our file
+    assert not torch.allclose(pipe.unet(x, t, e).sample, plain) and torch.equal(pipe.unet.conv_in.weight, base)
+    syn = pipelines.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=2, batch_size=2), tmp_path / "syn")
+    assert len(list((syn / "train" / "images").glob("*.png"))) == 2
+
+
+def test_text_mode_writes_a_pipeline_folder_and_generates_from_prompts_alone(tiny_backbone_dir, phantom_data, tmp_path):
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, conditioning_mode="text", lora={"rank": 2}, lr=1e-2), tmp_path / "run")
+    assert read_json(run / "training.json")["outputs"] == {"unet_lora": "unet_lora", "backbone": "backbone"}
+    tuned = StableDiffusionPipeline.from_pretrained(run / "backbone", safety_checker=None)
+    original = load_backbone(tiny_backbone_dir)
+    assert not torch.equal(tuned.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight,
+                           original.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight)  # LoRA fused in
+    assert torch.equal(tuned.unet.conv_in.weight, original.unet.conv_in.weight)
+    with pytest.raises(SynthmedError, match="filter.by dice does not apply"):  # its images follow prompts, not masks
+        pipelines.generate(phantom_data, run, GenerateConfig(n_samples=1, steps=1, filter={"by": "dice"}), tmp_path / "refused")
+    syn = pipelines.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=2, filter={"by": "none"}), tmp_path / "syn")
+    rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all((syn / "train" / r["file_name"]).is_file() for r in rows)
+    assert rows[0]["provenance"]["model_hash"] and rows[0]["provenance"]["source_mask_id"]  # the layout whose prompt it drew, on record
+
+
+def test_lora_before_then_controlnet_and_an_unlocked_decoder(tiny_backbone_dir, phantom_data, tmp_path):
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, lora={"rank": 2, "stage": "before", "steps": 2}), tmp_path / "before")
+    training = read_json(run / "training.json")
+    assert training["backbone"] == str((run / "lora-stage" / "backbone").resolve()) and (run / "controlnet" / "config.json").is_file()
+    assert read_json(run / "lora-stage" / "training.json")["conditioning_mode"] == "text"
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, unet_decoder_lr=1e-2, channels_last=True), tmp_path / "decoder")
+    unet, original = UNet2DConditionModel.from_pretrained(run / "unet"), load_backbone(tiny_backbone_dir).unet
+    assert torch.equal(unet.down_blocks[0].resnets[0].conv1.weight, original.down_blocks[0].resnets[0].conv1.weight)
+    assert not torch.equal(unet.up_blocks[0].resnets[0].conv1.weight, original.up_blocks[0].resnets[0].conv1.weight)
+
+
+def test_validation_logs_a_loss_and_an_image_grid_to_tensorboard(tiny_backbone_dir, phantom_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, log_with="tensorboard", validation_every=1, validation_samples=2, validation_steps=2), tmp_path / "run")
+    events = EventAccumulator(str(next((run / "logs").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("validation_loss")] == [1, 2]
+    image = events.Images("validation")[-1]
+    assert image.step == 2 and (image.width, image.height) == (2 * 64, 3 * 64)  # 2 samples; rows mask, real, generated
+
+
+def test_greyscale_one_channel_conditioning_end_to_end(tiny_backbone_dir, tmp_path):
+    data = tmp_path / "grey"
+    pipelines.prepare(PrepareConfig(phantom=PhantomConfig(n_slides=4, tiles_per_slide=3, n_unlabelled_slides=0), conditioning=ConditioningConfig(builders=["binary"])), data)
+    run = pipelines.train_controlnet(data, _cfg(tiny_backbone_dir), tmp_path / "run")
+    assert ControlNetModel.from_pretrained(run / "controlnet").config.conditioning_channels == 1
+    syn = pipelines.generate(data, run, GenerateConfig(n_samples=2, steps=2, batch_size=2), tmp_path / "syn")
+    assert len(list((syn / "train" / "images").glob("*.png"))) == 2
+
+
+def test_cli_flags_config_file_and_resume_argument(tiny_backbone_dir, phantom_data, tmp_path):
+    (tmp_path / "train.yaml").write_text("steps: 2\nbatch_size: 4\nlog_with: null\nlora:\n  rank: 2\n")
+    out = tmp_path / "run"
+    proc = run_cli("train", "controlnet", "--data", str(phantom_data), "--out", str(out), "--backbone", str(tiny_backbone_dir),
+                   "--config", str(tmp_path / "train.yaml"), "--depth", "mid", "--set", "checkpoint_every=1", "--set", "lora.alpha=4")
+    assert proc.returncode == 0, proc.stderr
+    saved = (out / "train_config.yaml").read_text()
+    assert "depth: mid" in saved and "rank: 2" in saved and "alpha: 4" in saved and "steps: 2" in saved
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    proc = run_cli("train", "controlnet", "--data", str(phantom_data), "--out", str(out), "--resume", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "--resume expects 'latest' or a checkpoint folder" in proc.stderr
+
+
+def test_an_interrupted_run_asks_for_resume(tiny_backbone_dir, phantom_data, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-2").mkdir(parents=True)
+    with pytest.raises(SynthmedError, match="interrupted run's checkpoints; add --resume latest"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir), out)
+
+
+def test_generation_uses_the_prompts_the_model_was_trained_with(tiny_backbone_dir, phantom_data, tmp_path):
+    from synthmed.data.prepared import load_split
+
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, steps=1, prompt_source="label", label_prompt="h&e, {label} tissue"), tmp_path / "label")
+    syn = load_split(pipelines.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=1, batch_size=2), tmp_path / "syn"), "train")
+    labels = {r["id"]: r["label"] for r in load_split(phantom_data, "train").rows}
+    # provenance.prompt is what the model read; `text` stays the data set's description of the (new) layout
+    assert [r["provenance"]["prompt"] for r in syn.rows] == [f"h&e, {labels[r['provenance']['source_mask_id']]} tissue" for r in syn.rows]
+    assert all(r["text"].startswith("h&e histology") for r in syn.rows)
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, steps=1, conditioning_mode="mask"), tmp_path / "mask")
+    syn = load_split(pipelines.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=1, batch_size=2), tmp_path / "syn2"), "train")
+    assert [r["provenance"]["prompt"] for r in syn.rows] == ["", ""]
