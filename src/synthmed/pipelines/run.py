@@ -51,7 +51,7 @@ def ablations(cfg: RunConfig, out: Path, data: Path) -> tuple[dict, str]:
     from synthmed.pipelines.report import ablation_report
     from synthmed.pipelines.studies.ablations import ablations as study
 
-    results = study(cfg, out, data)
+    results = study(cfg, out, data, run)
     ablation_report(out / "results.json", out / "report.html")
     return results, "results.json"
 

@@ -10,11 +10,11 @@ from synthmed.config import RunConfig
 from synthmed.core.io import SynthmedError, read_json, write_json
 
 
-def ablations(cfg: RunConfig, out: Path, data: Path) -> dict:
+def ablations(cfg: RunConfig, out: Path, data: Path, run) -> dict:
     """One generation run (train > generate > evaluate) per ablation cell, on the same prepared data;
-    a crashed cell writes error.json and the others go on; finished stages and cells are skipped."""
+    a crashed cell writes error.json and the others go on; finished stages and cells are skipped.
+    `run(cfg, folder)` runs one cell (pipelines.run.run, passed in: the chain sits above its studies)."""
     from synthmed.config import deep_merge
-    from synthmed.pipelines.run import run
 
     if not cfg.ablations:
         raise SynthmedError("experiment ablations needs an `ablations:` mapping (cell name -> settings)")
