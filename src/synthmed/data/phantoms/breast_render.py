@@ -3,20 +3,16 @@
 Geometry lives in continuous image units (0..1 across the image), so image i at 128 px shows
 the same anatomy as at 64 px; only the textures (noise fields, speckle) are drawn per pixel,
 from their own stream (ultrasound at >= 192 px, then block-averaged). The findings (`Lesion`)
-and patients are drawn in phantom_breast.py.
+and patients are defined in breast_findings.py and drawn in breast.py.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from synthmed.data.phantoms.histology import _smooth_noise as smooth_noise
-
-if TYPE_CHECKING:
-    from synthmed.data.phantoms.breast import Lesion, Patient
+from synthmed.data.phantoms.breast_findings import Lesion, Patient
 
 
 def grid(size: int) -> tuple[np.ndarray, np.ndarray]:
