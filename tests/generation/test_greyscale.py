@@ -54,7 +54,7 @@ def test_grey_data_on_the_greyscale_backbone_gives_single_channel_images_that_we
     from synthmed.data.prepared import load_conditioning_file
     from synthmed.generation.draw import sampler_for
 
-    sampler, _ = sampler_for(model, breast, GenerateConfig(**FAST), None, __import__("torch").device("cpu"))
+    sampler, _ = sampler_for(model, training, breast, GenerateConfig(**FAST), None, __import__("torch").device("cpu"))
     r = rows[0]
     cond = load_conditioning_file(syn / "train" / r["conditioning_image"])
     rgb = sampler(cond[None, ..., None] if cond.ndim == 2 else cond[None], [r["provenance"]["prompt"]], [r["provenance"]["seed"]])[0]

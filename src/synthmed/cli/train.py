@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from synthmed.cli.app import app, command, given, train_app
+from synthmed.cli.app import command, given, train_app
 from synthmed.core.io import SynthmedError
 
 

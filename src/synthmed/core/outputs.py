@@ -5,7 +5,6 @@ Two kinds of output share it:
   a folder that holds anything but an earlier run of the same kind, then marks it with RUN_MARKER;
 - atomic outputs (`prepare`, `train backbone`, `generate`, `evaluate`): `check_output(out, kind)` before the
   work, then `atomic_dir(out)` (core.io) writes under a temporary name and renames when complete.
-A stage of a chain is done when its output is complete (`stage_done`), never when a folder merely exists.
 """
 
 from __future__ import annotations
@@ -49,8 +48,3 @@ def open_output(out: Path, kind: str, resume: bool = True) -> Path:
     check_output(out, kind, resume)
     mark_output(out, kind)
     return out
-
-
-def stage_done(path: Path) -> bool:
-    """Whether a stage's completion file exists (a stage writes it last, atomically)."""
-    return Path(path).is_file()

@@ -19,17 +19,15 @@ from synthmed.core.progress import task
 from synthmed.evaluation.sections import edge_fidelity, interval
 
 
-def _render(data: Path, model: Path, gen, cond: np.ndarray, items: list[dict], seeds: list[int], device: str, what: str):
-    """(images as stored, as RGB) of the trained model for each conditioning image and item's prompt."""
+def _render(data: Path, model: Path, training: dict, gen, cond: np.ndarray, items: list[dict], seeds: list[int], device: str, what: str):
+    """(images as stored, as RGB, prompts) of the trained model for each conditioning image and item's prompt."""
     import torch
 
     from synthmed.data.prepared import read_card
     from synthmed.data.prompts import prompt_rule
     from synthmed.generation.draw import as_rgb, draw_all, grey_limit, sampler_for
-    from synthmed.models.trained import read_training
-
-    sampler, _ = sampler_for(model, data, gen, None, torch.device(device))
-    prompts = prompt_rule(data, read_training(model))(items)
+    sampler, _ = sampler_for(model, training, data, gen, None, torch.device(device))
+    prompts = prompt_rule(data, training)(items)
     with task(what, len(items)) as update:
         stored = draw_all(sampler, cond, prompts, seeds, gen.batch_size, grey_limit(read_card(data), gen), update)
     return stored, as_rgb(stored), prompts
@@ -41,6 +39,7 @@ def regenerate(data, model, synthetic, n: int, seed: int, device: str):
     from synthmed.config import GenerateConfig, load_yaml_config
     from synthmed.data.prepared import load_conditioning, load_split, read_card
     from synthmed.generation.plan import sample_seed
+    from synthmed.models.trained import read_training
 
     data, model, synthetic = Path(data), Path(model), Path(synthetic)
     if n <= 0 or "validation" not in read_card(data).get("splits", {}):
@@ -50,7 +49,7 @@ def regenerate(data, model, synthetic, n: int, seed: int, device: str):
     val = load_split(data, "validation")
     pick = np.sort(np.random.default_rng(seed).permutation(len(val))[:n])
     items = [{"row_fields": val.rows[i], "prompt": val.rows[i].get("text", ""), "label": val.rows[i].get("label")} for i in pick]
-    _, images, _ = _render(data, model, gen, load_conditioning(val)[pick], items, [sample_seed(seed, int(i), 0) for i in pick], device,
+    _, images, _ = _render(data, model, read_training(model), gen, load_conditioning(val)[pick], items, [sample_seed(seed, int(i), 0) for i in pick], device,
                            "evaluate: same-mask regeneration (real validation masks)")
     return val, images, pick
 
@@ -74,7 +73,7 @@ def steering(data, model, gen, cfg, ecfg, target_field: str, positive: str | Non
     train, val = load_split(data, "train"), load_split(data, "validation")
     plan = _SteeringPlan(data, train, val, cfg, target_field, label_map)
     cond = load_conditioning(val)
-    grey, rendered, texts = _render(data, model, gen, cond[plan.rows], plan.items(), [sample_seed(cfg.seed, i, 0) for _, i, _ in plan.trials], device,
+    grey, rendered, texts = _render(data, model, training, gen, cond[plan.rows], plan.items(), [sample_seed(cfg.seed, i, 0) for _, i, _ in plan.trials], device,
                                     "evaluate: class steering (real validation maps x classes)")
     clf = plan.classifier(ecfg, device)
     predicted = [plan.targets[k] for k in predict_proba(clf, rendered).argmax(1)]

@@ -16,8 +16,9 @@ import numpy as np
 from synthmed.config import GenerateConfig
 
 
-def sampler_for(model: Path, data: Path, cfg: GenerateConfig, backbone: str | None, device):
-    """The Sampler over a trained model folder with `cfg`'s sampler settings, and the provenance every sample shares."""
+def sampler_for(model: Path, training: dict, data: Path, cfg: GenerateConfig, backbone: str | None, device):
+    """The Sampler over a trained model folder (and its training.json record) with `cfg`'s sampler settings, and the
+    provenance every sample shares."""
     import torch
 
     from synthmed.generation.sample import Sampler
@@ -25,7 +26,7 @@ def sampler_for(model: Path, data: Path, cfg: GenerateConfig, backbone: str | No
     from synthmed.models.trained import backbone_hash, load_trained, model_hash
 
     model, data = Path(model), Path(data)
-    bb, controlnet, training, backbone_src = load_trained(model, backbone)
+    bb, controlnet, backbone_src = load_trained(model, training, backbone)
     settings = SamplingSettings(cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale, cfg.guess_mode,
                                 cfg.control_start, cfg.control_end, cfg.negative_prompt)
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")

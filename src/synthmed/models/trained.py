@@ -73,17 +73,16 @@ def trained_backbone(bb, model: Path, training: dict):
     return bb
 
 
-def load_trained(model: Path, backbone: str | None = None):
-    """(frozen backbone with the trained UNet parts, ControlNet or None, training record, backbone name)."""
+def load_trained(model: Path, training: dict, backbone: str | None = None):
+    """(frozen backbone with the trained UNet parts, ControlNet or None, backbone name) of a model and its training record."""
     from synthmed.models.backbone import load_backbone
     from synthmed.models.controlnet import load_controlnet
 
     model = Path(model)
-    training = read_training(model)
     name = backbone or training["backbone"]
     bb = trained_backbone(load_backbone(name), model, training).freeze()
     controlnet = load_controlnet(model / "controlnet") if has_controlnet(training) else None
-    return bb, controlnet, training, name
+    return bb, controlnet, name
 
 
 def cast(module, device=None, dtype=None):

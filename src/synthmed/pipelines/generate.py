@@ -52,7 +52,7 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     state.wait_for_everyone()
     summary, items = store.read_plan()
     judges = load_judges(store, data, cfg, state, dice_per_image)
-    sampler, provenance = sampler_for(model, data, cfg, backbone, state.device)
+    sampler, provenance = sampler_for(model, training, data, cfg, backbone, state.device)
     todo = [it for it in items if it["index"] % state.num_processes == state.process_index]
     with task(f"generate (process {state.process_index + 1}/{state.num_processes})" if state.num_processes > 1 else "generate", len(todo)) as update:
         draw_shard(store, todo, sampler, judges, cfg, prompt_rule(data, training), update, grey_limit=grey_limit(read_card(data), cfg))
