@@ -23,16 +23,32 @@ def _seg_pool(n: int, seed: int, size: int = 32) -> ds.Pool:
 
 
 def test_arms_draw_from_the_right_pools():
-    real, syn = _seg_pool(4, 0), _seg_pool(6, 1)
+    real, syn, held, oracle = _seg_pool(4, 0), _seg_pool(6, 1), _seg_pool(5, 2), _seg_pool(3, 3)
+    extras = {"synthetic": syn, "heldout": held, "oracle": oracle}
     assert ds.arm_pools("real", real, syn) == ([real], False)
     assert ds.arm_pools("real+classic", real, None) == ([real], True)
     assert ds.arm_pools("real+synthetic", real, syn) == ([real, syn], False)
     assert ds.arm_pools("synthetic-only", real, syn) == ([syn], False)
-    assert ds.arm_pools("real+synthetic+classic", real, syn) == ([real, syn], True)
+    assert ds.arm_pools("real+classic+synthetic", real, extras) == ([real, syn], True)
+    assert ds.arm_pools("real+synthetic+classic", real, syn) == ([real, syn], True)  # the earlier name
+    assert ds.arm_pools("real+heldout", real, extras) == ([real, held], False)
+    assert ds.arm_pools("real+classic+heldout", real, extras) == ([real, held], True)
+    assert ds.arm_pools("real+classic+oracle", real, extras) == ([real, oracle], True)
+    assert ds.arm_pools("synthetic-pretrain", real, extras) == ([real], True)  # fine-tuning pools; pre-training is on syn
     with pytest.raises(ValueError, match="synthetic pool"):
         ds.arm_pools("real+synthetic", real, None)
+    with pytest.raises(ValueError, match="oracle pool"):
+        ds.arm_pools("real+oracle", real, {"synthetic": syn})
     with pytest.raises(ValueError, match="arm in"):
         ds.arm_pools("real+gan", real, syn)
+
+
+def test_every_arm_is_measured_against_its_practitioners_baseline():
+    assert ds.arm_of("real").baseline is None
+    assert ds.arm_of("real+classic").baseline == "real"
+    assert ds.arm_of("real+synthetic").baseline == "real" and ds.arm_of("real+oracle").baseline == "real"
+    for arm in ("real+classic+synthetic", "real+classic+heldout", "real+classic+oracle", "synthetic-pretrain"):
+        assert ds.arm_of(arm).baseline == "real+classic"
 
 
 def test_mixing_share_and_determinism():
@@ -54,14 +70,34 @@ def test_class_balanced_draws_reach_the_rare_label():
 
 
 def test_classic_augmentation_moves_image_and_mask_together():
-    pool = _seg_pool(8, 2)
+    pool = _seg_pool(32, 2)
     x = torch.from_numpy(pool.images).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(pool.targets.astype(np.int64))[:, None]
-    xa, ya = ds._augment(ds.classic_augmentation("segmentation", 0), x, y)
+    aug = ds.ClassicAugmentation()
+    xa, ya = aug(x, y, seed=0, step=1)
     assert xa.shape == x.shape and ya.shape == y.shape and set(ya.unique().tolist()) <= {0, 1, 2}
-    assert not torch.equal(xa, x)
+    assert not torch.equal(xa, x) and not torch.equal(ya, y)
     bright = xa[:, 0] > 0.75  # square pixels (230 / 255 before intensity jitter)
     assert (ya[:, 0][bright] == 1).float().mean() > 0.9  # the mask went where the image went
+    xb, yb = aug(x, y, seed=0, step=1)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # a pure function of (seed, step)
+    assert not torch.equal(aug(x, y, seed=0, step=2)[0], xa)
+
+
+def test_flips_and_quarter_turns_are_exact():
+    pool = _seg_pool(64, 5)
+    x = torch.from_numpy(pool.images).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(pool.targets.astype(np.int64))[:, None]
+    geometric = ds.ClassicAugmentation(p_affine=0, p_noise=0, p_contrast=0, p_intensity=0)
+    xa, ya = geometric(x, y, seed=3, step=0)
+    views = [torch.rot90(t, k, (-2, -1)) for t in (y, y.flip(-1)) for k in range(4)]
+    used = set()
+    for i in range(len(x)):  # every output is one of the 8 dihedral views of its input, image and mask alike
+        k = next(j for j, v in enumerate(views) if torch.equal(v[i], ya[i]))
+        img_view = torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, (-2, -1))[i]
+        assert torch.equal(img_view, xa[i])
+        used.add(k)
+    assert len(used) >= 6  # the draws reach (nearly) all 8 views
 
 
 def test_early_stopping_keeps_the_best_weights():
@@ -85,3 +121,12 @@ def test_leakage_rules():
     assert "does not list" in ds.leakage(ok, None, allowed, held_out)
     assert "'test' split" in ds.leakage([{"id": "s", "provenance": {"source_mask_id": "a", "source_split": "test"}}], ["a"], allowed, held_out)
     assert "no provenance" in ds.leakage([{"id": "s"}], ["a"], allowed, held_out)
+
+
+def test_synthetic_pretraining_then_real_fine_tuning():
+    train, syn, val = _seg_pool(16, 6), _seg_pool(16, 7), _seg_pool(8, 8)
+    settings = ds.TrainSettings(max_steps=6, eval_every=3, patience=5, batch_size=4, lr=3e-3, pretrain_steps=4)
+    seen = []
+    model, record = ds.train_cell("segmentation", [train], True, val, 2, settings, seed=0, pretrain=syn, progress=lambda s, n, loss: seen.append(n))
+    assert record["pretrain_steps"] == 4 and seen == [4] * 4 + [6] * 6  # 4 steps on the synthetic pool, then 6 on the real one
+    assert [c["step"] for c in record["curve"]] == [3, 6]  # early stopping watches the fine-tuning only

@@ -46,6 +46,32 @@ def evaluate(
                f"ssim {num(res['fidelity']['ssim'])}; {spaces}; near-copies {res['memorisation']['n_flagged']}; wrote {out}")
 
 
+@evaluate_app.command("roundtrip")
+@command
+def evaluate_roundtrip(
+    data: Path = typer.Option(..., "--data", help="the real prepared data set"),
+    backbone: str = typer.Option("tiny", "--backbone", help="preset with shipped weights, diffusers folder, single-file .safetensors or hub id (local cache)"),
+    out: Path = typer.Option(..., "--out", help="output folder for results.json and round_trip.png"),
+    split: str = typer.Option("validation", "--split", help="the real split to round-trip"),
+    judge: bool = typer.Option(True, "--judge/--no-judge", help="train a segmenter on the real train split and compare its Dice on originals and round trips"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of evaluation settings (segmenter recipe, model_cache)"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="any evaluation setting KEY=VALUE, e.g. -s segmenter.steps=600"),
+):
+    """Before training: can the backbone's autoencoder carry your classes? Per-class reconstruction error and a judge's Dice on round trips."""
+    from synthmed.config import EvaluateConfig, load_yaml_config, overrides
+    from synthmed.pipelines import roundtrip
+
+    cfg = overrides(EvaluateConfig, load_yaml_config(config, EvaluateConfig).model_dump() if config else {}, set_)
+    res = roundtrip(data, backbone, cfg, out, split=split, judge=judge)
+    rare = res["rare_class"]
+    errs = ", ".join(f"{c} {num(v['mae'])}" for c, v in res["mae"].items())
+    line = f"round trip of {res['n_images']} {split} images: error (grey levels) {errs}; {rare} vs other classes x{num(res['rare_vs_other_classes'])}"
+    if res.get("judge"):
+        j = res["judge"][rare]
+        line += f"; judge Dice on {rare}: originals {num(j['dice_original'])}, round trips {num(j['dice_round_trip'])}"
+    typer.echo(line + f"; wrote {out}")
+
+
 @evaluate_app.command("downstream")
 @command
 def evaluate_downstream(

@@ -22,6 +22,9 @@ class TaskTrainingConfig(_Strict):
     steps: int = Field(600, ge=1, description="optimiser steps (downstream cells: the most, with early stopping)")
     batch_size: int = Field(16, ge=2, description="images per step (2+: BatchNorm)")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate (10% warm-up, then cosine decay)")
+    class_weighting: Literal["none", "median_frequency"] = Field(
+        "none", description="segmenters: cross-entropy class weights; median_frequency (sqrt, capped at 10x) makes a judge that sees a rare class. "
+                            "Downstream cells: the same weighting in every arm")
 
 
 def _flat_keys(data, renames: dict[str, tuple[tuple[str, ...], str]]):
@@ -183,6 +186,8 @@ class FilterConfig(_Strict):
                                                                            "the `real_quantile` of the classifier's true-class probability on real validation images")
     real_quantile: float = Field(0.1, ge=0, le=1, description="automatic thresholds: keep what the judge rates at least as well as the worst "
                                                               "real_quantile of real validation images")
+    min_focus_dice: float | None = Field(None, ge=0, le=1, description="dice filter, judged per class: also the judge's Dice on the classes a "
+                                                                           "sample was planned for (its focus, e.g. the rare class) must reach this (None: not judged)")
     attempts: int = Field(3, ge=1, description="draws per planned sample (new seed each) before it is dropped")
     segmenter: TaskTrainingConfig = Field(TaskTrainingConfig(steps=1200), description="the Dice judge's training")
     classifier: TaskTrainingConfig = Field(TaskTrainingConfig(steps=600), description="the confidence judge's training")
@@ -249,17 +254,31 @@ class EvaluateConfig(_Strict):
             "segmenter_lr": (("segmenter",), "lr"), "domain_steps": (("domain",), "steps")})
 
 
+DOWNSTREAM_ARMS = ("real", "real+classic", "real+synthetic", "real+classic+synthetic", "synthetic-only", "synthetic-pretrain",
+                   "real+heldout", "real+classic+heldout", "real+oracle", "real+classic+oracle")
+ARM_ALIASES = {"real+synthetic+classic": "real+classic+synthetic"}
+
+
 class DownstreamConfig(_Strict):
     """`synthmed evaluate downstream`: real vs real+synthetic training, per real-data fraction and seed."""
 
     task: Literal["auto", "segmentation", "classification"] = Field("auto", description="auto: segmentation where the train split has masks")
-    arms: list[Literal["real", "real+synthetic", "synthetic-only", "real+classic", "real+synthetic+classic"]] = Field(
-        default_factory=lambda: ["real", "real+synthetic", "synthetic-only", "real+classic"])
+    arms: list[Literal[DOWNSTREAM_ARMS]] = Field(
+        default_factory=lambda: ["real", "real+classic", "real+synthetic", "real+classic+synthetic", "real+classic+heldout", "real+classic+oracle"],
+        description="real, real+classic (the practitioner's baseline), real+synthetic, real+classic+synthetic, synthetic-only, "
+                    "synthetic-pretrain (synthetic pre-training, real fine-tuning), and the ceilings real+heldout, real+classic+heldout "
+                    "(real samples of patients outside the fraction; none at 100%), real+oracle, real+classic+oracle (fresh samples of a phantom; "
+                    "phantom data sets only). An arm that does not apply to a fraction or data set is skipped and listed as such")
     fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 1.0], description="nested shares of the labelled train split, by patient")
     subset_seed: int = Field(0, description="order in which patients enter the nested fractions")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="training seeds per cell (3+ for a CI)")
+    seeds_at_lowest: list[int] | None = Field(None, description="training seeds at the lowest fraction (default: seeds), e.g. 5 for the headline")
+    synthetic_fractions: list[float] | None = Field(None, description="fractions that get a synthetic set (a ControlNet each) and the synthetic arms "
+                                                                      "(default: every fraction); the others run the real, classic and ceiling arms")
     synthetic_count: int | None = Field(None, ge=1, description="synthetic samples a cell may use (None: all of the fraction's set)")
-    mix: float | None = Field(0.5, ge=0, le=1, description="share of each real+synthetic batch drawn from the synthetic pool (None: pool sizes)")
+    mix: float | list[float] | None = Field(0.5, description="share of each mixed batch drawn from the extra pool (None: pool sizes); a list: "
+                                                          "each cell tries every value and keeps the best on the real validation split")
+    pretrain_steps: int | None = Field(None, ge=1, description="synthetic-pretrain: steps on the synthetic set before real fine-tuning (default: half of training.steps)")
     training: TaskTrainingConfig = Field(TaskTrainingConfig(steps=1500), description="each cell's model: steps is the most, with early stopping")
     eval_every: int = Field(100, ge=1, description="validation (real validation split) every this many steps")
     patience: int = Field(4, ge=1, description="early stopping: evaluations without improvement")
@@ -274,8 +293,25 @@ class DownstreamConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _flat(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("arms"), list):  # the name real+classic+synthetic had before the ceilings came
+            data = {**data, "arms": [ARM_ALIASES.get(a, a) if isinstance(a, str) else a for a in data["arms"]]}
         return _flat_keys(data, {
             "max_steps": (("training",), "steps"), "batch_size": (("training",), "batch_size"), "lr": (("training",), "lr")})
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, v):
+        values = v if isinstance(v, list) else [v]
+        if (isinstance(v, list) and not v) or any(m is not None and not 0 <= m <= 1 for m in values):
+            raise ValueError(f"mix must be a share in [0, 1], None, or a non-empty list of shares, got {v}")
+        return v
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"arms must not repeat, got {v}")
+        return v
 
     @field_validator("fractions")
     @classmethod

@@ -175,7 +175,7 @@ def load_split(root: Path, split: str, limit: int | None = None, need_masks: boo
     rows = read_jsonl(root / split / "metadata.jsonl")[:limit]
     if not rows:
         raise SynthmedError(f"{root / split / 'metadata.jsonl'}: no samples")
-    loaded = [_rgb(load_png(root / split / r["file_name"])) for r in rows]
+    loaded = [rgb_image(load_png(root / split / r["file_name"])) for r in rows]
     sizes = {im.shape[:2] for im in loaded}
     if len(sizes) > 1:
         raise SynthmedError(f"{root / split}: images differ in size ({', '.join(map(str, sorted(sizes)[:3]))}, ...); prepare with --size")
@@ -191,7 +191,7 @@ def load_split(root: Path, split: str, limit: int | None = None, need_masks: boo
     return PreparedSplit(root, split, rows, images, masks)
 
 
-def _rgb(arr: np.ndarray) -> np.ndarray:
+def rgb_image(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         return np.repeat(arr[..., None], 3, axis=-1)
     return arr[..., :3]

@@ -91,3 +91,35 @@ def _train_counts(folder: Path, rows: list[dict], classes: list[str]) -> dict:
         "objects_per_class": {c: objects.get(k, 0) for k, c in enumerate(classes, 1)} if objects else None,
         "pixels_per_class": {c: pixels.get(k, 0) for k, c in enumerate(names)} if masked else None,
     }
+
+
+def outside_patients(rows: list[dict], ids: list[str]) -> list[int]:
+    """Indices of the rows whose patient has no sample in `ids` (whole patients outside a subset)."""
+    patient = lambda r: str(r.get("patient_id") or r["id"])  # noqa: E731
+    inside = {patient(r) for r in rows if r["id"] in set(ids)}
+    return [i for i, r in enumerate(rows) if patient(r) not in inside]
+
+
+def select_to_targets(counts: np.ndarray, targets: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n row indices of `counts` (N, K: per-sample amount of each class) chosen greedily to meet `targets` (K,).
+
+    Each pick takes the sample that covers most of what is still missing, each class's share counted
+    relative to its target (so a rare class's few pixels weigh as much as a common class's many); ties
+    and picks after every target is met go in a seeded random order. Fewer than n candidates: all of them."""
+    counts = np.asarray(counts, dtype=np.float64)
+    targets = np.maximum(np.asarray(targets, dtype=np.float64), 0)
+    if counts.ndim != 2 or counts.shape[1] != len(targets):
+        raise ValueError(f"select_to_targets expects counts (N, {len(targets)}), but got {counts.shape}")
+    n = min(n, len(counts))
+    order = np.random.default_rng(seed).permutation(len(counts))
+    counts, left = counts[order], targets.copy()
+    weight = np.where(targets > 0, 1.0 / np.maximum(targets, 1), 0.0)
+    free = np.ones(len(counts), bool)
+    picked = []
+    for _ in range(n):
+        gain = np.where(free, (np.minimum(counts, left) * weight).sum(1), -1.0)
+        j = int(np.argmax(gain))  # the first of equals in the seeded order
+        picked.append(j)
+        free[j] = False
+        left = np.maximum(left - counts[j], 0)
+    return np.sort(order[picked])

@@ -23,7 +23,8 @@ from synthmed.config import DownstreamConfig
 from synthmed.core.io import SynthmedError, read_json, read_jsonl, write_json
 from synthmed.core.progress import task
 
-SYNTHETIC_ARMS = ("real+synthetic", "synthetic-only", "real+synthetic+classic")
+SYNTHETIC_ARMS = ("real+synthetic", "synthetic-only", "real+classic+synthetic", "synthetic-pretrain")
+CEILING_ARMS = ("real+heldout", "real+classic+heldout", "real+oracle", "real+classic+oracle")
 
 
 def fraction_key(f: float) -> str:
@@ -93,6 +94,60 @@ class RealData:
         idx = np.array([self.index[i] for i in ids])
         return Pool(self.train.images[idx], self.targets(self.train, str(self.root))[idx])
 
+    def composition(self, pool) -> np.ndarray:
+        """Per-sample class amounts (N, K): pixels of each foreground class, or a one-hot label."""
+        k = len(self.classes)
+        if self.task == "segmentation":
+            return np.stack([np.bincount(m.ravel(), minlength=k + 1)[1 : k + 1] for m in pool.targets])
+        return np.eye(k)[pool.targets]
+
+    def ceiling_targets(self, ids: list[str], synthetic) -> tuple[np.ndarray, int]:
+        """(class targets, sample count) a ceiling arm is chosen to: the synthetic pool's own composition and
+        size where there is one, else the balance deficits of the fraction (every class up to the largest)."""
+        if synthetic is not None and len(synthetic):
+            return self.composition(synthetic).sum(0), len(synthetic)
+        have = self.composition(self.pool(ids)).sum(0)
+        return have.max() - have, len(ids)
+
+    def heldout_pool(self, ids: list[str], synthetic, seed: int):
+        """Real training samples of patients wholly outside the fraction, chosen to the synthetic plan's class
+        targets as far as they allow (None when no patient is left, e.g. at 100%), and their ids."""
+        from synthmed.data.subsets import outside_patients, select_to_targets
+        from synthmed.evaluation.downstream import Pool
+
+        candidates = outside_patients(self.train.rows, ids)
+        if not candidates:
+            return None, []
+        targets, n = self.ceiling_targets(ids, synthetic)
+        everyone = Pool(self.train.images[candidates], self.targets(self.train, str(self.root))[candidates])
+        pick = select_to_targets(self.composition(everyone), targets, n, seed)
+        chosen = [self.train.rows[candidates[i]]["id"] for i in pick]
+        return Pool(everyone.images[pick], everyone.targets[pick]), chosen
+
+    def oracle_pool(self, card: dict, ids: list[str], synthetic, seed: int, candidates_per_sample: int = 4):
+        """Fresh samples of a generated data set from slides/patients no split holds, chosen to the same class
+        targets (None for data that is not generated), and their ids."""
+        from synthmed.data.phantoms.oracle import fresh_samples, is_generated
+        from synthmed.data.prepared import rgb_image
+        from synthmed.data.subsets import select_to_targets
+        from synthmed.evaluation.downstream import Pool
+
+        if not is_generated(card):
+            return None, []
+        targets, n = self.ceiling_targets(ids, synthetic)
+        samples = fresh_samples(card, n * candidates_per_sample)
+        images = np.stack([rgb_image(s.image) for s in samples])
+        if images.shape[1:3] != self.train.images.shape[1:3]:
+            raise SynthmedError(f"{self.root}: fresh phantom samples are {images.shape[1:3]}, the prepared set {self.train.images.shape[1:3]}")
+        if self.task == "segmentation":
+            labels = np.stack([s.mask for s in samples])
+        else:
+            rows = [{"id": s.id, "label": s.label, **s.extra} for s in samples]
+            labels = np.array([self.classes.index(self.target_of(r)) for r in rows])
+        everyone = Pool(images, labels)
+        pick = select_to_targets(self.composition(everyone), targets, n, seed)
+        return Pool(images[pick], labels[pick]), [samples[i].id for i in pick]
+
     def synthetic_pool(self, path: Path, f: float, allowed: set[str], cfg: DownstreamConfig):
         """A synthetic set as a training pool for fraction f, refused if it leaks data the arm does not have."""
         from synthmed.data.prepared import load_split
@@ -113,8 +168,12 @@ class RealData:
         return Pool(syn.images[keep], self.targets(syn, str(meta))[keep])
 
 
-def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, seed: int, syn_pool, cfg: DownstreamConfig, label: str) -> dict | None:
-    """Train and score one cell unless it has finished; a crash is written to error.json, not raised."""
+def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, seed: int, extras, cfg: DownstreamConfig, label: str) -> dict | None:
+    """Train and score one cell unless it has finished; a crash is written to error.json, not raised.
+
+    `extras` maps a source (synthetic, heldout, oracle) to its pool (a bare pool: the synthetic one).
+    With several `mix` values, an arm that mixes two pools trains once per value and keeps the one with
+    the best real validation score (never the test score)."""
     from synthmed.evaluation import downstream as ds
     from synthmed.evaluation.downstream_metrics import classification_scores, segmentation_scores
 
@@ -123,12 +182,32 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
         return read_json(done)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    extras = extras if isinstance(extras, dict) else {"synthetic": extras}
+    spec = ds.arm_of(arm)
+    extra = extras.get(spec.extra) if spec.extra else None
     try:
-        pools, classic = ds.arm_pools(arm, real.pool(ids), syn_pool)
+        pools, classic = ds.arm_pools(arm, real.pool(ids), extras)
         val = ds.Pool(real.val.images, real.targets(real.val, str(real.root)))
-        settings = ds.TrainSettings(cfg.training.steps, cfg.eval_every, cfg.patience, cfg.training.batch_size, cfg.training.lr, cfg.mix, cfg.arch)
-        with task(label, cfg.training.steps) as update:
-            model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), settings, seed, update)
+        mixes = cfg.mix if isinstance(cfg.mix, list) else [cfg.mix]
+        weights = None
+        if real.task == "segmentation" and cfg.training.class_weighting == "median_frequency":
+            from synthmed.training.tasks import class_weights
+
+            weights = class_weights(real.pool(ids).targets, len(real.classes))  # from the fraction's real subset: one weighting for every arm
+        tried = []
+        for mix in (mixes if len(pools) == 2 else [None]):
+            settings = ds.TrainSettings(cfg.training.steps, cfg.eval_every, cfg.patience, cfg.training.batch_size, cfg.training.lr,
+                                        mix, cfg.arch, pretrain_steps=cfg.pretrain_steps, class_weights=weights)
+            with task(label + (f", mix {mix}" if len(mixes) > 1 and len(pools) == 2 else ""), cfg.training.steps) as update:
+                model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), settings, seed, update,
+                                              pretrain=extra if spec.pretrain else None)
+            tried.append((record["best_val_score"], mix, model, record))
+        best = max(range(len(tried)), key=lambda i: tried[i][0])  # the first of equal scores
+        _, mix, model, record = tried[best]
+        if len(pools) == 2:
+            record["mix"] = mix
+            if len(tried) > 1:
+                record["mix_chosen_on_validation"] = {str(m): float(v) for v, m, _, _ in tried}
         pred = ds.predict(real.task, model, real.test.images)
         truth = real.targets(real.test, str(real.root))
         scores = segmentation_scores(pred, truth, real.classes) if real.task == "segmentation" else classification_scores(pred, truth, real.classes, positive=real.positive)
@@ -138,9 +217,10 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
         write_json(folder / "error.json", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         print(f"{label}: failed ({type(exc).__name__}: {exc}); the other cells go on", flush=True)
         return None
-    result = {"fraction": f, "arm": arm, "seed": seed, "task": real.task, "n_real": 0 if arm == "synthetic-only" else len(ids),
-              "n_synthetic": len(syn_pool) if syn_pool is not None and "synthetic" in arm else 0, "classic_augmentation": classic,
-              "test": scores, "training": record, "seconds": round(time.time() - started, 1)}
+    n_extra = len(extra) if extra is not None else 0
+    result = {"fraction": f, "arm": arm, "seed": seed, "task": real.task, "n_real": 0 if not spec.real else len(ids),
+              "extra": spec.extra, "n_extra": n_extra, "n_synthetic": n_extra if spec.extra == "synthetic" else 0,
+              "classic_augmentation": classic, "test": scores, "training": record, "seconds": round(time.time() - started, 1)}
     write_json(done, result)
     (folder / "error.json").unlink(missing_ok=True)
     return result
@@ -161,34 +241,51 @@ def _get(d: dict, path: tuple):
     return d
 
 
-def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, sources: dict) -> dict:
-    """Finished cells -> mean and 95% CI over seeds per (fraction, arm), and paired comparisons with `real`."""
+def seeds_of(cfg: DownstreamConfig, f: float) -> list[int]:
+    """The training seeds of a fraction: `seeds_at_lowest` at the lowest fraction where given, else `seeds`."""
+    return list(cfg.seeds_at_lowest) if cfg.seeds_at_lowest and f == min(cfg.fractions) else list(cfg.seeds)
+
+
+def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, sources: dict, ceilings: dict | None = None) -> dict:
+    """Finished cells -> mean and 95% CI over seeds per (fraction, arm); paired comparisons of every arm with
+    its baseline (real+classic for the augmented arms, real otherwise), per metric and per class; synthetic
+    utility (gain of synthetic / gain of the ceiling); and what one extra sample is worth in real samples."""
+    from synthmed.evaluation.downstream import arm_of
     from synthmed.evaluation.downstream_metrics import over_seeds, paired_comparison
 
     metrics = headline_metrics(real.task, real.rare, real.positive is not None)
     per_class_metric = "dice" if real.task == "segmentation" else "recall"
     cells, errors = _finished_cells(out, cfg)
-    summary, comparisons = {}, {}
+    summary, comparisons, utility = {}, {}, {}
     for f in cfg.fractions:
-        fk = fraction_key(f)
+        fk, seeds = fraction_key(f), seeds_of(cfg, f)
         summary[fk] = {}
         for arm in cfg.arms:
-            runs = [cells.get((f, arm, s)) for s in cfg.seeds]
-            got = [r for r in runs if r]
+            got = [r for r in (cells.get((f, arm, s)) for s in seeds) if r]
             summary[fk][arm] = {
                 "n_seeds": len(got),
                 **{m: over_seeds([_get(r["test"], p) for r in got], bounds=None if m.startswith("hd95") else (0.0, 1.0)) for m, p in metrics.items()},
                 "per_class": {c: over_seeds([_get(r["test"], ("per_class", c, per_class_metric)) for r in got], bounds=(0.0, 1.0)) for c in real.classes},
                 "curves": [r["training"]["curve"] for r in got],
+                "n_extra": max((r.get("n_extra", r.get("n_synthetic", 0)) for r in got), default=0),
             }
-        comparisons[fk] = {}
+        comparisons[fk], utility[fk] = {}, {}
+        values = lambda arm, path: [_get(c["test"], path) if c else None for c in (cells.get((f, arm, s)) for s in seeds)]  # noqa: E731
         for arm in cfg.arms:
-            if arm == "real" or "real" not in cfg.arms:
+            base = arm_of(arm).baseline
+            if base is None or base not in cfg.arms:
                 continue
-            pairs = [(cells.get((f, "real", s)), cells.get((f, arm, s))) for s in cfg.seeds]
-            comparisons[fk][f"{arm} vs real"] = {m: paired_comparison([_get(a["test"], p) if a and b else None for a, b in pairs],
-                                                                        [_get(b["test"], p) if a and b else None for a, b in pairs])
-                                                 for m, p in metrics.items()}
+            pairs = [(cells.get((f, base, s)), cells.get((f, arm, s))) for s in seeds]
+            both = lambda path, i: [_get(p[i]["test"], path) if p[0] and p[1] else None for p in pairs]  # noqa: E731
+            comparisons[fk][f"{arm} vs {base}"] = {
+                **{m: paired_comparison(both(p, 0), both(p, 1)) for m, p in metrics.items()},
+                "per_class": {c: paired_comparison(both(("per_class", c, per_class_metric), 0), both(("per_class", c, per_class_metric), 1)) for c in real.classes}}
+        for syn in (a for a in cfg.arms if arm_of(a).extra == "synthetic" and arm_of(a).real):
+            base = arm_of(syn).baseline
+            for ceiling in (a for a in cfg.arms if arm_of(a).extra in ("heldout", "oracle") and arm_of(a).baseline == base):
+                paths = {**metrics, **{f"{per_class_metric} {c}": ("per_class", c, per_class_metric) for c in real.classes}}
+                utility[fk][f"{syn} / {ceiling}"] = {m: synthetic_utility(values(base, p), values(syn, p), values(ceiling, p), lower_is_better=m.startswith("hd95"))
+                                                     for m, p in paths.items()}
     return {
         "task": real.task,
         "classes": real.classes,
@@ -200,20 +297,92 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
         "metrics": list(metrics),
         "per_class_metric": per_class_metric,
         "fractions": {fraction_key(f): {"fraction": f, "n_real": len(subsets[f]), "n_patients": len({real.train.rows[real.index[i]].get("patient_id") for i in subsets[f]}),
-                                        "synthetic": sources.get(f)} for f in cfg.fractions},
+                                        "synthetic": sources.get(f), "seeds": seeds_of(cfg, f), **((ceilings or {}).get(f) or {})} for f in cfg.fractions},
         "arms": cfg.arms,
         "seeds": cfg.seeds,
-        "n_cells": len(cfg.fractions) * len(cfg.arms) * len(cfg.seeds),
+        "n_cells": sum(len(cfg.arms) * len(seeds_of(cfg, f)) for f in cfg.fractions),
         "n_finished": len(cells),
         "errors": errors,
         "summary": summary,
         "comparisons": comparisons,
+        "headline": _headline(cfg),
+        "synthetic_utility": utility,
+        "worth_in_real_samples": _worth(summary, cfg, subsets, metrics),
         "low_data_vs_full": _low_vs_full(summary, cfg, metrics),
         "n_real_validation": len(real.val),
         "n_real_test": len(real.test),
         "protocol": {"subsets": f"nested by patient, seed {cfg.subset_seed}", "early_stopping": f"real validation split every {cfg.eval_every} steps, patience {cfg.patience}, best weights kept",
-                     "test": "real test split, scored once per cell", "ci": "mean over seeds with a t 95% interval", "paired": "same seed and subset: paired t-test (primary) and Wilcoxon"},
+                     "test": "real test split, scored once per cell", "ci": "mean over seeds with a t 95% interval",
+                     "paired": "same seed and subset: paired t-test (primary) and Wilcoxon; every arm against its baseline (real+classic for the augmented arms)",
+                     "mix": (f"chosen per cell on the real validation split among {cfg.mix}" if isinstance(cfg.mix, list) else f"{cfg.mix} of each mixed batch from the extra pool"),
+                     "ceilings": "heldout: real training samples of patients outside the fraction; oracle: fresh samples of the generated data set from "
+                                 "slides/patients no split holds; both chosen to the synthetic set's class composition and size",
+                     "utility": "mean gain of the synthetic arm over its baseline / mean gain of the ceiling arm over the same baseline, paired by seed; "
+                                "95% percentile bootstrap over seeds"},
     }
+
+
+def _headline(cfg: DownstreamConfig) -> list[str]:
+    """The comparisons a practitioner reads first: synthetic and the ceilings on top of classic augmentation."""
+    wanted = ["real+classic+synthetic vs real+classic", "synthetic-pretrain vs real+classic", "real+classic+oracle vs real+classic",
+              "real+classic+heldout vs real+classic", "real+classic vs real"]
+    return [w for w in wanted if w.split(" vs ")[0] in cfg.arms and w.split(" vs ")[1] in cfg.arms]
+
+
+def synthetic_utility(base: list, synthetic: list, ceiling: list, lower_is_better: bool = False, n_boot: int = 2000, seed: int = 0) -> dict:
+    """gain(synthetic) / gain(ceiling) over the same baseline, paired by seed, with a percentile bootstrap
+    interval over seeds. None where the ceiling shows no gain (a ratio to nothing is not a utility)."""
+    rows = [(b, s, c) for b, s, c in zip(base, synthetic, ceiling) if None not in (b, s, c) and np.isfinite([b, s, c]).all()]
+    out = {"n": len(rows), "utility": None, "low": None, "high": None, "gain_synthetic": None, "gain_ceiling": None}
+    if not rows:
+        return out
+    x = np.array(rows, dtype=np.float64)
+    sign = -1.0 if lower_is_better else 1.0
+    g_syn, g_ceil = sign * (x[:, 1] - x[:, 0]), sign * (x[:, 2] - x[:, 0])
+    out.update(gain_synthetic=float(g_syn.mean()), gain_ceiling=float(g_ceil.mean()))
+    if g_ceil.mean() <= 0:
+        out["why_none"] = "the ceiling arm does not beat the baseline"
+        return out
+    out["utility"] = float(g_syn.mean() / g_ceil.mean())
+    if len(rows) >= 2:
+        idx = np.random.default_rng(seed).integers(0, len(rows), (n_boot, len(rows)))
+        num, den = g_syn[idx].mean(1), g_ceil[idx].mean(1)
+        ratios = num[den > 0] / den[den > 0]
+        if len(ratios) >= n_boot // 2:
+            out["low"], out["high"] = (float(v) for v in np.percentile(ratios, [2.5, 97.5]))
+    return out
+
+
+def _worth(summary: dict, cfg: DownstreamConfig, subsets: dict, metrics: dict) -> dict:
+    """How many real samples one extra sample of an arm is worth: the arm's mean score placed on its baseline's
+    curve over the fractions (linear in the number of real samples), minus the fraction's real count, per extra
+    sample. Only where the score lies within the baseline's curve above the fraction (no extrapolation)."""
+    from synthmed.evaluation.downstream import arm_of
+
+    out = {}
+    fracs = sorted(cfg.fractions)
+    for f in fracs:
+        fk = fraction_key(f)
+        for arm in cfg.arms:
+            spec = arm_of(arm)
+            if spec.extra is None or not spec.real or spec.baseline not in cfg.arms or not summary[fk][arm]["n_extra"]:
+                continue
+            row = {}
+            for m in (m for m in metrics if not m.startswith("hd95")):
+                score = summary[fk][arm][m]["mean"]
+                curve = [(len(subsets[g]), summary[fraction_key(g)][spec.baseline][m]["mean"]) for g in fracs if g >= f]
+                if score is None or len(curve) < 2 or any(v is None for _, v in curve):
+                    continue
+                n_equiv = None
+                for (n0, v0), (n1, v1) in zip(curve, curve[1:]):
+                    if min(v0, v1) <= score <= max(v0, v1) and v1 != v0:
+                        n_equiv = n0 + (score - v0) / (v1 - v0) * (n1 - n0)
+                        break
+                if n_equiv is not None:
+                    row[m] = {"n_real_equivalent": float(n_equiv), "per_extra_sample": float((n_equiv - len(subsets[f])) / summary[fk][arm]["n_extra"])}
+            if row:
+                out.setdefault(fk, {})[arm] = row
+    return out
 
 
 def _finished_cells(out: Path, cfg: DownstreamConfig) -> tuple[dict, list]:
@@ -221,7 +390,7 @@ def _finished_cells(out: Path, cfg: DownstreamConfig) -> tuple[dict, list]:
     cells, errors = {}, []
     for f in cfg.fractions:
         for arm in cfg.arms:
-            for seed in cfg.seeds:
+            for seed in seeds_of(cfg, f):
                 folder = out / "cells" / fraction_key(f) / arm / f"seed{seed}"
                 if (folder / "result.json").is_file():
                     cells[(f, arm, seed)] = read_json(folder / "result.json")

@@ -17,9 +17,9 @@ from synthmed.models.tasknets import build_classifier, build_segmenter, load_wei
 JUDGE_SEED = 7919
 
 
-def passes(scores: dict, min_dice: float, min_confidence: float) -> bool:
-    """Keep a sample whose Dice (if scored) and intended-class confidence (if scored) reach the thresholds."""
-    limits = {"dice": min_dice or 0.0, "confidence": min_confidence or 0.0}
+def passes(scores: dict, min_dice: float, min_confidence: float, min_focus_dice: float | None = None) -> bool:
+    """Keep a sample whose Dice (if scored), focus-class Dice (if scored) and intended-class confidence (if scored) reach the thresholds."""
+    limits = {"dice": min_dice or 0.0, "confidence": min_confidence or 0.0, "focus_dice": min_focus_dice or 0.0}
     for key, value in scores.items():
         if key in limits and (value is None or math.isnan(value) or value < limits[key]):
             return False
@@ -30,9 +30,10 @@ class Judges:
     """The quality filter's judges, trained on the real train split: per-sample scores and the keep rule."""
 
     def __init__(self, cfg, segmenter=None, classifier=None, n_classes: int = 0, label_index: dict | None = None, thresholds: dict | None = None,
-                 dice_per_image=None):
+                 dice_per_image=None, class_names: list[str] | None = None):
         self.cfg, self.segmenter, self.classifier, self.dice_per_image = cfg, segmenter, classifier, dice_per_image
         self.n_classes, self.label_index = n_classes, label_index or {}
+        self.class_codes = {name: code for code, name in enumerate(class_names or [], start=1)}
         self.thresholds = thresholds or {}  # {"dice": t, "confidence": t}: resolved (explicit or from real validation images)
 
     def score(self, images: np.ndarray, items: list[dict], store) -> list[dict]:
@@ -41,8 +42,14 @@ class Judges:
             from synthmed.models.tasknets import predict
 
             masks = np.stack([store.mask(it) for it in items])
-            for s, d in zip(scores, self.dice_per_image(predict(self.segmenter, images), masks, self.n_classes)):
+            pred = predict(self.segmenter, images)
+            for s, d in zip(scores, self.dice_per_image(pred, masks, self.n_classes)):
                 s["dice"] = float(d)
+            if self.cfg.min_focus_dice is not None:
+                for s, it, p, m in zip(scores, items, pred, masks):
+                    focus = [self.class_codes[c] for c in it.get("focus") or [] if c in self.class_codes and (m == self.class_codes[c]).any()]
+                    if focus:  # judged per class: the judge must find the classes this sample was made for
+                        s["focus_dice"] = float(np.mean([2 * ((p == c) & (m == c)).sum() / ((p == c).sum() + (m == c).sum()) for c in focus]))
         if self.classifier is not None:
             from synthmed.models.tasknets import predict_proba
 
@@ -52,15 +59,17 @@ class Judges:
         return scores
 
     def accept(self, score: dict) -> bool:
-        return passes(score, self.thresholds.get("dice", 0.0), self.thresholds.get("confidence", 0.0))
+        return passes(score, self.thresholds.get("dice", 0.0), self.thresholds.get("confidence", 0.0), self.cfg.min_focus_dice if self.segmenter is not None else None)
 
     def describe(self) -> dict:
         return {"by": self.cfg.by, "min_dice": self.thresholds.get("dice"), "min_confidence": self.thresholds.get("confidence"),
+                "min_focus_dice": self.cfg.min_focus_dice if self.segmenter is not None else None,
                 "thresholds_from": {k: ("given" if getattr(self.cfg, f"min_{k}") is not None else f"quantile {self.cfg.real_quantile} of real validation images")
                                     for k in ("dice", "confidence") if k in self.thresholds},
                 "real_validation_scores": self.thresholds.get("validation"),
                 "attempts": self.cfg.attempts,
-                "segmenter": f"MONAI UNet trained on the real train split (Dice+CE), seed offset {JUDGE_SEED}" if self.segmenter is not None else None,
+                "segmenter": (f"MONAI UNet trained on the real train split (Dice+CE, class weighting {self.cfg.segmenter.class_weighting}), seed offset {JUDGE_SEED}"
+                              if self.segmenter is not None else None),
                 "classifier": "MONAI ResNet trained on the real train split (class-balanced)" if self.classifier is not None else None}
 
 
@@ -74,7 +83,8 @@ def load_judges(store, data: Path, cfg: GenerateConfig, state, dice_per_image):
         return None
     folder = store.root / "judges"
     want_seg, want_clf = f.by in ("dice", "both"), f.by in ("confidence", "both")
-    n_classes = len(read_card(data).get("classes") or [])
+    class_names = list(read_card(data).get("classes") or [])
+    n_classes = len(class_names)
     rows = read_jsonl(data / "train" / "metadata.jsonl")  # the rows only: images are loaded only to train
     if want_seg and not all("mask" in r for r in rows):
         raise SynthmedError(f"{data}: filter by dice needs masks in the train split; use filter.by confidence")
@@ -88,7 +98,7 @@ def load_judges(store, data: Path, cfg: GenerateConfig, state, dice_per_image):
     seg = load_weights(build_segmenter(n_classes), folder / "segmenter.safetensors", device) if want_seg else None
     clf = load_weights(build_classifier(len(names)), folder / "classifier.safetensors", device) if want_clf else None
     thresholds = read_json(folder / "done.json")["thresholds"]
-    return Judges(f, seg, clf, n_classes, {n: i for i, n in enumerate(names)}, thresholds, dice_per_image)
+    return Judges(f, seg, clf, n_classes, {n: i for i, n in enumerate(names)}, thresholds, dice_per_image, class_names)
 
 
 def _train_judges(folder: Path, data: Path, cfg: GenerateConfig, want_seg: bool, want_clf: bool, n_classes: int, names: list[str], device: str, dice_per_image) -> None:
@@ -102,7 +112,8 @@ def _train_judges(folder: Path, data: Path, cfg: GenerateConfig, want_seg: bool,
     seg = clf = None
     if want_seg:
         with task("filter: train segmenter (real train split)", f.segmenter.steps) as update:
-            seg = train_segmenter(train.images, train.masks, n_classes, f.segmenter.steps, f.segmenter.batch_size, f.segmenter.lr, cfg.seed + JUDGE_SEED, update, device=device)
+            seg = train_segmenter(train.images, train.masks, n_classes, f.segmenter.steps, f.segmenter.batch_size, f.segmenter.lr, cfg.seed + JUDGE_SEED, update,
+                                  device=device, class_weighting=f.segmenter.class_weighting)
     if want_clf:
         codes = np.array([names.index(str(r.get("label"))) for r in train.rows])
         with task("filter: train classifier (real train split)", f.classifier.steps) as update:
@@ -111,7 +122,8 @@ def _train_judges(folder: Path, data: Path, cfg: GenerateConfig, want_seg: bool,
         if model is not None:
             save_weights(model, folder / f"{name}.safetensors")
     thresholds = _thresholds(data, f, seg, clf, n_classes, names, dice_per_image)
-    write_json(folder / "done.json", {"segmenter_steps": f.segmenter.steps, "classifier_steps": f.classifier.steps, "seed": cfg.seed + JUDGE_SEED,
+    write_json(folder / "done.json", {"segmenter_steps": f.segmenter.steps, "segmenter_class_weighting": f.segmenter.class_weighting,
+                                      "classifier_steps": f.classifier.steps, "seed": cfg.seed + JUDGE_SEED,
                                       "classes": names, "thresholds": thresholds})
 
 

@@ -67,6 +67,7 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     mem = sec.memorisation(x.syn.images, x.train.images, x.test.images, feats, cfg, sources=x.src)
     mem["pairs"] = sec.closest_pairs(mem, [_path(x.synthetic, "train", r["file_name"]) for r in x.syn.rows], [_path(x.data, "train", r["file_name"]) for r in x.train.rows])
     labels = [r.get("label") for r in x.syn.rows]
+    trip = _model_round_trip(x, model, seg)
     results = {
         "plausibility": plaus,
         "generation": generation_summary(x.synthetic, seg, x.classes, plaus["dice_generated"]),
@@ -76,6 +77,7 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
             "feature_spaces": sec.fidelity(feats, x.train, labels, cfg),
         },
         "edge_fidelity": _edge_fidelity(x, regen, cfg),
+        "round_trip": trip,
         "memorisation": mem,
         "intended_class": sec.intended_class(spaces, x.syn.images, labels, cfg),
         "inputs": {"data": str(x.data.resolve()), "synthetic": str(x.synthetic.resolve()), "classes": x.classes},
@@ -108,6 +110,11 @@ def _inputs(data: Path, synthetic: Path) -> _Inputs:
 
 def _segmenter(x: _Inputs, cfg: EvaluateConfig):
     """The plausibility judge: trained on the real train split (or loaded from cfg.model_cache)."""
+    return real_segmenter(x.data, x.train, x.classes, cfg)
+
+
+def real_segmenter(data: Path, train, classes: list[str], cfg: EvaluateConfig):
+    """A segmenter trained on the real train split with cfg.segmenter's recipe (or loaded from cfg.model_cache)."""
     from synthmed.models.tasknets import build_segmenter
     from synthmed.training.cache import cached_model, data_key
     from synthmed.training.tasks import train_segmenter
@@ -115,11 +122,63 @@ def _segmenter(x: _Inputs, cfg: EvaluateConfig):
     def fit():
         s = cfg.segmenter
         with task("train segmenter (real train split)", s.steps) as update:
-            return train_segmenter(x.train.images, x.train.masks, len(x.classes), s.steps, s.batch_size, s.lr, cfg.seed,
-                                   update, device=device())
+            return train_segmenter(train.images, train.masks, len(classes), s.steps, s.batch_size, s.lr, cfg.seed,
+                                   update, device=device(), class_weighting=s.class_weighting)
 
-    key = {**data_key(x.data, x.train), "steps": cfg.segmenter.steps, "batch_size": cfg.segmenter.batch_size, "lr": cfg.segmenter.lr, "seed": cfg.seed}
-    return cached_model(cfg.model_cache, "segmenter", key, lambda: build_segmenter(len(x.classes)), fit, device())
+    key = {**data_key(data, train), "steps": cfg.segmenter.steps, "batch_size": cfg.segmenter.batch_size, "lr": cfg.segmenter.lr, "seed": cfg.seed,
+           **({"class_weighting": cfg.segmenter.class_weighting} if cfg.segmenter.class_weighting != "none" else {})}
+    return cached_model(cfg.model_cache, "segmenter", key, lambda: build_segmenter(len(classes)), fit, device())
+
+
+def roundtrip(data: Path, backbone: str, cfg: EvaluateConfig, out: Path, split: str = "validation", judge: bool = True, grid: int = 8) -> dict:
+    """`synthmed evaluate roundtrip`: the round-trip ceiling of a backbone's autoencoder on a real split
+    (evaluation/roundtrip.py), with a segmentation judge trained on the real train split; OUT/results.json
+    and OUT/round_trip.png (originals above, round trips below)."""
+    from synthmed.data.prepared import load_split, read_card
+    from synthmed.models.backbone import load_backbone
+
+    out = Path(out)
+    check_output(out)
+    card = read_card(data)
+    part = load_split(data, split)
+    classes = list(card.get("classes") or [])
+    masks = part.masks if part.masks is not None and classes else None
+    labels = None if masks is not None else [str(r.get("label")) for r in part.rows]
+    if masks is None:
+        classes = sorted(set(labels))
+    segmenter = None
+    if judge and masks is not None:
+        segmenter = real_segmenter(Path(data), load_split(data, "train", need_masks=True), classes, cfg)
+    results = roundtrip_section(load_backbone(backbone), part, masks, classes, labels, segmenter, grid)
+    results["inputs"] = {"data": str(Path(data).resolve()), "split": split, "backbone": str(backbone)}
+    results["environment"] = environment()
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "results.json", {k: v for k, v in results.items() if k != "_grid"})
+        save_png(tmp / "round_trip.png", results.pop("_grid"))
+    return results
+
+
+def roundtrip_section(bb, part, masks, classes, labels, segmenter, grid: int = 8) -> dict:
+    """The round-trip check of one split with a loaded backbone; '_grid' holds the originals-over-round-trips image."""
+    from synthmed.evaluation.roundtrip import round_trip
+
+    res, recon = round_trip(bb, part.images, masks, classes, labels=labels, segmenter=segmenter)
+    n = min(grid, len(part))
+    res["_grid"] = np.concatenate([np.concatenate(list(part.images[:n]), axis=1), np.concatenate(list(recon[:n]), axis=1)], axis=0)
+    return res
+
+
+def _model_round_trip(x: _Inputs, model: Path | None, seg) -> dict | None:
+    """The round-trip ceiling of the model's backbone on the real test split, judged by the plausibility segmenter
+    (the same judge and split as the real-test reference Dice): no generator on that backbone can beat it."""
+    if model is None:
+        return None
+    from synthmed.models.backbone import load_backbone
+    from synthmed.models.trained import read_training
+
+    res = roundtrip_section(load_backbone(read_training(Path(model))["backbone"]), x.test, x.test.masks, x.classes, None, seg)
+    res.pop("_grid")
+    return res
 
 
 def _edge_fidelity(x: _Inputs, regen, cfg) -> dict | None:

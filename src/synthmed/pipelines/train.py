@@ -49,12 +49,29 @@ def train_backbone(data: Path, cfg: BackboneConfig, out: Path, resume: bool = Fa
             "final_vae_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]),
             "final_unet_loss": sum(unet_losses[-50:]) / len(unet_losses[-50:]),
             "seconds": round(time.time() - started, 1),
+            "round_trip": _round_trip(backbone, data),
             "environment": environment(),
         }
         backbone.save(tmp, recipe)
         save_config(cfg, tmp / "train_config.yaml")
     shutil.rmtree(state, ignore_errors=True)
     return out
+
+
+def _round_trip(backbone, data: Path) -> dict | None:
+    """Per-class reconstruction error of the new VAE on the labelled validation split, where there is one with masks
+    (`synthmed evaluate roundtrip` adds a judge's Dice)."""
+    from synthmed.data.prepared import load_split, read_card
+    from synthmed.evaluation.roundtrip import round_trip
+
+    card = read_card(data)
+    if "validation" not in card.get("splits", {}) or not card.get("classes"):
+        return None
+    val = load_split(data, "validation")
+    if val.masks is None:
+        return None
+    res, _ = round_trip(backbone, val.images, val.masks, list(card["classes"]))
+    return {"split": "validation", **res}
 
 
 def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool | str = False) -> Path:

@@ -227,6 +227,19 @@ def _generation_section(g: dict) -> list[str]:
     return out
 
 
+def round_trip_section(rt: dict) -> list[str]:
+    """The backbone's round-trip ceiling: per-class reconstruction error and the judge's Dice on round trips."""
+    judge = rt.get("judge") or {}
+    out = ["<h3>Round-trip ceiling of the backbone</h3>",
+           f"<p>Real {rt['n_images']} images encoded and decoded by the backbone's VAE: no generator on this backbone can draw what the "
+           f"round trip loses. Rare class <b>{html.escape(rt['rare_class'])}</b>: error {fmt(rt['rare_vs_other_classes'])}x that of the other classes.</p>",
+           "<table><tr><th>class</th><th>error (grey levels, 0-255)</th><th>judge Dice, originals</th><th>judge Dice, round trips</th><th>ratio</th></tr>"]
+    for c, e in rt["mae"].items():
+        j = judge.get(c) or {}
+        out.append(f"<tr><td>{html.escape(c)}</td><td>{fmt(e['mae'])}</td><td>{fmt(j.get('dice_original'))}</td><td>{fmt(j.get('dice_round_trip'))}</td><td>{fmt(j.get('ratio'))}</td></tr>")
+    return out + ["</table>"]
+
+
 def render_report(results: dict, title: str = "synthmed report") -> str:
     """The HTML text of a report for one evaluation's results."""
     try:
@@ -267,6 +280,8 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
         parts.extend(_feature_space_section(f["feature_spaces"]))
     if results.get("edge_fidelity"):
         parts.extend(_edge_section(results["edge_fidelity"]))
+    if results.get("round_trip"):
+        parts.extend(round_trip_section(results["round_trip"]))
     if results.get("memorisation"):
         parts.extend(_memorisation_section(results["memorisation"]))
     if results.get("intended_class"):

@@ -15,7 +15,9 @@ import numpy as np
 from synthmed.core.io import load_png
 from synthmed.report.html import CSS, ci, fmt, rgb
 
-ARM_COLOURS = {"real": "#37c", "real+synthetic": "#2a7", "synthetic-only": "#c73", "real+classic": "#888", "real+synthetic+classic": "#7a3"}
+ARM_COLOURS = {"real": "#37c", "real+synthetic": "#2a7", "synthetic-only": "#c73", "real+classic": "#888", "real+classic+synthetic": "#7a3",
+               "synthetic-pretrain": "#a5c", "real+heldout": "#9cd", "real+classic+heldout": "#cb8", "real+oracle": "#6ad", "real+classic+oracle": "#da6"}
+CEILINGS = ("real+heldout", "real+classic+heldout", "real+oracle", "real+classic+oracle")
 
 
 def _plt():
@@ -51,6 +53,10 @@ def metric_vs_fraction(res: dict, folder: Path) -> str:
             low = np.array([np.nan if r.get("low") is None else r["low"] for r in rows])
             high = np.array([np.nan if r.get("high") is None else r["high"] for r in rows])
             colour = ARM_COLOURS.get(arm, "#000")
+            if arm in CEILINGS:  # the ceiling (real samples instead of synthetic ones) as a band: what the synthetic curve could reach
+                ax.plot(fracs, mean, "--", color=colour, label=arm + " (ceiling)", lw=1.2)
+                ax.fill_between(fracs, low, high, color=colour, alpha=0.3, lw=0)
+                continue
             ax.plot(fracs, mean, "o-", color=colour, label=arm, lw=1.5, ms=4)
             ax.fill_between(fracs, low, high, color=colour, alpha=0.15, lw=0)
         ax.set_xscale("log")
@@ -78,7 +84,7 @@ def per_class_bars(res: dict, fk: str, folder: Path) -> str:
     ax.set_xticks(np.arange(len(classes)), [c + (" (rare)" if c == res["rare_class"] else "") for c in classes], fontsize=8)
     ax.set_ylabel(f"test {res['per_class_metric']}")
     ax.set_ylim(0, 1)
-    ax.legend(frameon=False, fontsize=7, ncol=len(arms))
+    ax.legend(frameon=False, fontsize=6, ncol=min(4, len(arms)))
     return _save(fig, folder / f"per_class_{fk}.png")
 
 
@@ -142,7 +148,12 @@ def answer(res: dict) -> list[str]:
     out = [f"<h2>The answer at the lowest real fraction ({frac['fraction']:.0%}: {frac['n_real']} real training samples, {frac['n_patients']} patients)</h2><ul>"]
     mean_metric = res["metrics"][0]
     rare_metric = next(m for m in res["metrics"] if res["rare_class"] in m)
-    for name, comp in res["comparisons"].get(fk, {}).items():
+    comps = res["comparisons"].get(fk, {})
+    headline = [n for n in res.get("headline", []) if n in comps]
+    if headline:
+        out.append("<li>The practitioner's comparison first: every augmented arm against real+classic (classic augmentation, the baseline a "
+                   "synthetic-data method has to beat), then the rest against their own baselines.</li>")
+    for name, comp in [(n, comps[n]) for n in headline] + [(n, c) for n, c in comps.items() if n not in headline]:
         for m in (mean_metric, rare_metric):
             c = comp.get(m) or {}
             verdict = "no paired result"
@@ -150,11 +161,40 @@ def answer(res: dict) -> list[str]:
                 verdict = "better (95% CI above 0)" if c["low"] > 0 else "worse (95% CI below 0)" if c["high"] < 0 else "no clear difference (95% CI spans 0)"
             out.append(f"<li><b>{html.escape(name)}</b>, {html.escape(m)}: {_diff(c)}: <b>{verdict}</b></li>")
     out.append("</ul>")
+    out += _utility(res, fk, mean_metric, rare_metric)
     if res.get("low_data_vs_full"):
         out.append("<p>Against all real data alone (the published pattern: Nudiff, MICCAI 2023, 10% real + synthetic comparable to 100% real), as a ratio of means:</p><ul>")
         for name, ratios in res["low_data_vs_full"].items():
             out.append(f"<li>{html.escape(name)}: " + ", ".join(f"{html.escape(m)} {fmt(v)}" for m, v in ratios.items()) + "</li>")
         out.append("</ul>")
+    return out
+
+
+def _utility(res: dict, fk: str, mean_metric: str, rare_metric: str) -> list[str]:
+    """Synthetic utility (gain of synthetic / gain of the ceiling) and what an extra sample is worth in real samples."""
+    out = []
+    util = (res.get("synthetic_utility") or {}).get(fk) or {}
+    if util:
+        out.append("<p><b>Synthetic utility</b>: the gain of a synthetic arm over its baseline divided by the gain of the ceiling arm (the same "
+                   "number of real samples instead) over the same baseline, paired by seed; 1 means as good as real extra data, 0 no gain; "
+                   "95% bootstrap interval over seeds.</p><table><tr><th>synthetic / ceiling</th>"
+                   + "".join(f"<th>{html.escape(m)}</th>" for m in (mean_metric, rare_metric)) + "</tr>")
+        for name, row in util.items():
+            cells = []
+            for m in (mean_metric, rare_metric):
+                u = row.get(m) or {}
+                if u.get("utility") is None:
+                    cells.append(f"n/a ({html.escape(u.get('why_none', 'no paired seeds'))})" if u.get("n") else "n/a")
+                else:
+                    band = f" [{fmt(u['low'])}, {fmt(u['high'])}]" if u.get("low") is not None else ""
+                    cells.append(f"{fmt(u['utility'])}{band} (gains {u['gain_synthetic']:+.3f} / {u['gain_ceiling']:+.3f}, n = {u['n']})")
+            out.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        out.append("</table>")
+    worth = (res.get("worth_in_real_samples") or {}).get(fk) or {}
+    if worth:
+        out.append("<p>What one extra sample is worth, in real training samples (the arm's mean placed on its baseline's curve over the fractions): "
+                   + "; ".join(html.escape(f"{arm}, {m}: {w['per_extra_sample']:.2f}") for arm, row in worth.items() for m, w in row.items()
+                               if m in (mean_metric, rare_metric)) + ".</p>")
     return out
 
 
@@ -180,7 +220,7 @@ def render_study(res: dict, folder: Path, title: str, config_text: str | None = 
             parts.append(f"<tr><td>{html.escape(arm)}</td>" + "".join(f"<td>{_ci(res['summary'][fk][arm][m])}</td>" for m in res["metrics"]) + "</tr>")
         parts.append("</table>")
         if res["comparisons"].get(fk):
-            parts.append("<table><tr><th>paired with real (same seed, same subset)</th>" + "".join(f"<th>{html.escape(m)}: difference [95% CI]</th>" for m in res["metrics"]) + "</tr>")
+            parts.append("<table><tr><th>paired with its baseline (same seed, same subset)</th>" + "".join(f"<th>{html.escape(m)}: difference [95% CI]</th>" for m in res["metrics"]) + "</tr>")
             for name, comp in res["comparisons"][fk].items():
                 parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_diff(comp.get(m), m)}</td>" for m in res["metrics"]) + "</tr>")
             parts.append("</table>")
@@ -191,6 +231,8 @@ def render_study(res: dict, folder: Path, title: str, config_text: str | None = 
             if grid:
                 parts.append(f"<p>Synthetic samples for this fraction (conditioning above, image below), from a ControlNet trained on these {frac['n_real']} samples only:</p>"
                              f"<img class='grid' alt='samples {fk}' src='{grid}'>")
+    if res.get("skipped_arms"):
+        parts.append("<p class='note'>Arms that do not apply: " + "; ".join(html.escape(f"{x['arm']} at {x['fraction']:.0%}: {x['why']}") for x in res["skipped_arms"]) + "</p>")
     parts += _edges(res.get("edge_fidelity") or {}, res["fractions"])
     parts += _steering(res.get("steering") or {}, res["fractions"], folder)
     parts.append("<h2>Protocol</h2><ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in res["protocol"].items()) + "</ul>")

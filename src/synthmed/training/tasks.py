@@ -22,13 +22,26 @@ def _seg_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * scale + shift).clamp(0, 1)
 
 
-def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps: int, batch_size: int, lr: float, seed: int, progress=None, device: str = "cpu") -> UNet:
-    """Train on (N, H, W, 3) uint8 images and (N, H, W) codes with Dice + cross-entropy."""
+def class_weights(masks: np.ndarray, n_classes: int, cap: float = 10.0) -> torch.Tensor:
+    """Median-frequency balancing (Eigen & Fergus 2015): weight_c = median(freq) / freq_c over the classes present
+    (background included), square-rooted and capped, so a class 100x rarer than the median weighs 10x; absent classes 1."""
+    counts = np.bincount(masks.ravel(), minlength=n_classes + 1)[: n_classes + 1].astype(np.float64)
+    present = counts > 0
+    w = np.ones(n_classes + 1)
+    w[present] = np.sqrt(np.median(counts[present]) / counts[present])
+    return torch.tensor(np.clip(w, 1.0 / cap, cap), dtype=torch.float32)
+
+
+def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps: int, batch_size: int, lr: float, seed: int, progress=None,
+                    device: str = "cpu", class_weighting: str = "none") -> UNet:
+    """Train on (N, H, W, 3) uint8 images and (N, H, W) codes with Dice + cross-entropy; class_weighting
+    "median_frequency" weights the cross-entropy by `class_weights` (a judge that sees a rare class)."""
     torch.manual_seed(seed)
     model = build_segmenter(n_classes, images.shape[-1]).to(device)
     x_all = to_unit_range(images)  # (N, 3, H, W)
     y_all = torch.from_numpy(masks.astype(np.int64))[:, None]  # (N, 1, H, W)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    weight = class_weights(masks, n_classes).to(device) if class_weighting == "median_frequency" else None
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = warmup_cosine(opt, steps, warmup_fraction=0.1, floor=0.02)
     model.train()

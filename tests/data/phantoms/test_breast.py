@@ -195,3 +195,26 @@ def test_breast_edge_settings_default_per_source_and_config_overrides_them(tmp_p
     # speckle: the general settings mark far more ultrasound pixels as edges than the source's own
     general = (canny_edges(image, ConditioningSpec(("canny",), 1.5, 0.05, 0.15)) > 0).mean()
     assert (cond[..., 0] > 0).mean() < general
+
+
+def test_oracle_samples_of_the_breast_phantom_come_from_new_patients(tmp_path):
+    """The breast oracle: fresh patients after every labelled and unlabelled one, chosen to a class target, as a classification pool."""
+    import json
+
+    from synthmed import pipelines
+    from synthmed.config import DownstreamConfig, PrepareConfig
+    from synthmed.data.phantoms.oracle import fresh_samples
+    from synthmed.evaluation.study import RealData
+
+    data = tmp_path / "breast"
+    pipelines.prepare(PrepareConfig(source="phantom-breast", options={"n_patients": 20, "images_per_patient": 2, "n_unlabelled_patients": 3}, workers=1), data)
+    card = json.loads((data / "dataset.json").read_text())
+    fresh = fresh_samples(card, 6)
+    held = {json.loads(x)["patient_id"] for s in card["splits"] for x in (data / s / "metadata.jsonl").read_text().splitlines()}
+    assert len(fresh) == 6 and all(s.patient_id.startswith("O") and s.patient_id not in held for s in fresh)
+    assert fresh_samples(card, 6)[0].image.tobytes() == fresh[0].image.tobytes()  # reproducible
+    real = RealData(data, DownstreamConfig(task="classification", label_field="cancer"), card)
+    ids = [r["id"] for r in real.train.rows]
+    pool, chosen = real.oracle_pool(card, ids, None, seed=0)
+    assert pool.images.shape[1:] == real.train.images.shape[1:] and len(chosen) == len(ids)
+    assert set(pool.targets.tolist()) <= {0, 1} and (pool.targets == real.classes.index("cancerous")).any()  # balance: the rare class added

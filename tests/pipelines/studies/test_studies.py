@@ -85,15 +85,25 @@ def test_data_augmentation_quick_study_end_to_end(tmp_path):
     proc = run_cli("run", "experiments/data_augmentation.yaml", "--quick", "--out", str(out), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "downstream" / "results.json").read_text())
-    assert res["task"] == "segmentation" and res["n_finished"] == res["n_cells"] == 2 * 4 * 2 and not res["errors"]
+    skipped = {(x["fraction"], x["arm"]) for x in res["skipped_arms"]}
+    assert skipped == {(1.0, a) for a in ("real+synthetic", "real+classic+synthetic", "synthetic-pretrain", "real+classic+heldout")}
+    assert res["task"] == "segmentation" and res["n_finished"] == 2 * 7 + 2 * 3 and not res["errors"]
     for fk, frac in res["fractions"].items():
-        model = json.loads((out / "fractions" / fk / "controlnet" / "training.json").read_text())
-        assert len(model["train_ids"]) == frac["n_real"]  # each fraction's ControlNet saw that fraction only
+        if frac["synthetic_arms"]:
+            model = json.loads((out / "fractions" / fk / "controlnet" / "training.json").read_text())
+            assert len(model["train_ids"]) == frac["n_real"]  # each fraction's ControlNet saw that fraction only
+        else:
+            assert not (out / "fractions" / fk).exists()  # no ControlNet where no synthetic arm runs
         for arm in res["arms"]:
             s = res["summary"][fk][arm]
+            if (frac["fraction"], arm) in skipped:
+                assert s["n_seeds"] == 0
+                continue
             assert s["n_seeds"] == 2 and 0 <= s["dice"]["mean"] <= 1 and s["dice"]["low"] <= s["dice"]["mean"] <= s["dice"]["high"]
             assert set(s["per_class"]) == set(res["classes"])
-        assert set(res["comparisons"][fk]) == {"real+synthetic vs real", "synthetic-only vs real", "real+classic vs real"}
+    assert set(res["comparisons"]["f0.50"]) == {"real+classic vs real", "real+synthetic vs real", "real+classic+synthetic vs real+classic",
+                                                "synthetic-pretrain vs real+classic", "real+classic+heldout vs real+classic", "real+classic+oracle vs real+classic"}
+    assert set(res["synthetic_utility"]["f0.50"]) == {"real+classic+synthetic / real+classic+heldout", "real+classic+synthetic / real+classic+oracle"}
     low, high = res["fractions"]["f0.50"], res["fractions"]["f1.00"]
     assert low["n_real"] < high["n_real"]
     text = (out / "report.html").read_text()
@@ -237,3 +247,72 @@ def test_real_breast_configs_run_once_pointed_at_a_local_copy(tmp_path, name, wr
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "downstream" / "results.json").read_text())
     assert res["classes"] == ["cancerous", "non-cancerous"] and res["n_finished"] == res["n_cells"] and res["steering"] and res["edge_fidelity"]
+
+
+def test_every_arm_runs_and_the_ceilings_are_clean(phantom_data, tmp_path):
+    """All arms at 50% and 100%: held-out samples come only from training patients wholly outside the
+    fraction (never validation/test), oracle samples from slides no split holds; the held-out arm does not
+    apply at 100%; comparisons are against each arm's baseline; utility and worth are reported."""
+    from synthmed.evaluation.downstream import ARMS
+
+    rows = [json.loads(x) for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    half = nested_fractions(rows, [0.5], 0)[0.5]
+    syn = _fake_synthetic(phantom_data, tmp_path / "syn", half[:2], half)
+    cfg = DownstreamConfig(arms=list(ARMS), fractions=[0.5, 1.0], seeds=[0], seeds_at_lowest=[0, 1], max_steps=4, eval_every=2, patience=1,
+                           batch_size=4, pretrain_steps=2, mix=[0.25, 0.5], synthetic_count=6)
+    res = pipelines.downstream(phantom_data, cfg, tmp_path / "study", {0.5: syn, 1.0: syn})
+    assert not res["errors"]
+    assert res["skipped_arms"] == [{"fraction": 1.0, "arm": a, "why": "no training patient lies outside this fraction"}
+                                   for a in ("real+heldout", "real+classic+heldout")]
+    assert res["n_finished"] == len(ARMS) * 2 + (len(ARMS) - 2) * 1  # 2 seeds at the lowest fraction, 1 above
+    low = res["fractions"]["f0.50"]
+    patient = {r["id"]: r["patient_id"] for r in rows}
+    inside = {patient[i] for i in half}
+    held_patients = set(low["heldout"]["patients"])
+    assert held_patients and not held_patients & inside and held_patients <= set(patient.values())  # train patients outside the fraction
+    held_out_split = {json.loads(x)["patient_id"] for s in ("validation", "test", "unlabelled") for x in (phantom_data / s / "metadata.jsonl").read_text().splitlines()}
+    assert not held_patients & held_out_split
+    every_patient = held_out_split | set(patient.values())
+    for fk in ("f0.50", "f1.00"):
+        oracle = res["fractions"][fk]["oracle"]
+        assert oracle["n"] == 6 and oracle["patients"] and not set(oracle["patients"]) & every_patient  # slides no split holds
+    cell = json.loads((tmp_path / "study" / "cells" / "f0.50" / "real+classic+heldout" / "seed1" / "result.json").read_text())
+    assert cell["extra"] == "heldout" and cell["n_extra"] == 6 and cell["classic_augmentation"] and cell["training"]["mix"] in (0.25, 0.5)
+    assert set(cell["training"]["mix_chosen_on_validation"]) == {"0.25", "0.5"}
+    pre = json.loads((tmp_path / "study" / "cells" / "f0.50" / "synthetic-pretrain" / "seed0" / "result.json").read_text())
+    assert pre["training"]["pretrain_steps"] == 2 and pre["n_real"] == len(half)
+    comps = res["comparisons"]["f0.50"]
+    assert "real+classic+synthetic vs real+classic" in comps and "real+classic+oracle vs real+classic" in comps and "real+oracle vs real" in comps
+    assert comps["real+classic+synthetic vs real+classic"]["dice"]["n"] == 2 and set(comps["real+classic vs real"]["per_class"]) == set(res["classes"])
+    assert res["headline"][0] == "real+classic+synthetic vs real+classic"
+    util = res["synthetic_utility"]["f0.50"]
+    assert {"real+classic+synthetic / real+classic+oracle", "real+classic+synthetic / real+classic+heldout", "real+synthetic / real+oracle"} <= set(util)
+    assert util["real+synthetic / real+oracle"]["dice"]["n"] == 2 and "dice dead" in util["real+synthetic / real+oracle"]
+    assert "real+classic+heldout / " not in " ".join(res["synthetic_utility"]["f1.00"])
+    page = pipelines.study_report(tmp_path / "study" / "results.json", tmp_path / "report" / "report.html").read_text()
+    assert "Synthetic utility" in page and "real+classic+oracle (ceiling)" not in page  # the legend is in the figure, the table in the page
+    assert page.index("real+classic+synthetic vs real+classic") < page.index("real+synthetic vs real")  # the practitioner's comparison first
+    assert "real+heldout at 100%: no training patient lies outside this fraction" in page
+
+
+def test_heldout_selection_meets_the_rare_class_first():
+    import numpy as np
+
+    from synthmed.data.subsets import outside_patients, select_to_targets
+
+    counts = np.array([[100, 0], [90, 0], [80, 0], [10, 5], [0, 3], [120, 0]])
+    pick = select_to_targets(counts, np.array([100, 8]), 3, seed=0)
+    assert {3, 4} <= set(pick.tolist())  # both samples of the rare class before any common-only one
+    assert select_to_targets(counts, np.array([0, 0]), 10, seed=0).tolist() == list(range(6))  # fewer candidates than asked: all
+    rows = [{"id": "a", "patient_id": "p"}, {"id": "b", "patient_id": "p"}, {"id": "c", "patient_id": "q"}, {"id": "d"}]
+    assert outside_patients(rows, ["a"]) == [2, 3]  # b shares a's patient
+
+
+def test_synthetic_arms_only_where_a_synthetic_set_is_planned(phantom_data, tmp_path):
+    rows = [json.loads(x) for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    half = nested_fractions(rows, [0.5], 0)[0.5]
+    syn = _fake_synthetic(phantom_data, tmp_path / "syn", half[:2], half)
+    cfg = CFG.model_copy(update={"synthetic_fractions": [0.5], "max_steps": 2})
+    res = pipelines.downstream(phantom_data, cfg, tmp_path / "study", {0.5: syn})
+    assert res["n_finished"] == 3 and res["skipped_arms"] == [{"fraction": 1.0, "arm": "real+synthetic", "why": "no synthetic set at this fraction (synthetic_fractions)"}]
+    assert res["fractions"]["f1.00"]["synthetic_arms"] is False and res["fractions"]["f0.50"]["synthetic"] == str(syn.resolve())

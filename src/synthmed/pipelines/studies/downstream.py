@@ -11,7 +11,7 @@ from synthmed.config import DownstreamConfig, RunConfig, save_config
 from synthmed.core.device import device
 from synthmed.core.io import SynthmedError, read_json, read_jsonl, write_json
 from synthmed.core.outputs import open_output
-from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, fraction_key, run_cell
+from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, fraction_key, run_cell, seeds_of
 
 
 def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | None = None) -> dict:
@@ -29,23 +29,62 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
     subsets = nested_fractions(real.train.rows, cfg.fractions, cfg.subset_seed)
     synthetic = synthetic or {}
     need = any(a in SYNTHETIC_ARMS for a in cfg.arms)
-    pools, sources = {}, {}
+    extras, sources, ceilings, skipped = {}, {}, {}, []
     for f in cfg.fractions:
         path = synthetic.get(f, synthetic.get(None))
-        if need and path is None:
+        if need and not _gets_synthetic(cfg, f):
+            skipped += [{"fraction": f, "arm": a, "why": "no synthetic set at this fraction (synthetic_fractions)"} for a in cfg.arms if a in SYNTHETIC_ARMS]
+            path = None
+        elif need and path is None:
             raise SynthmedError(f"{data}: arms {[a for a in cfg.arms if a in SYNTHETIC_ARMS]} need a synthetic set for fraction {f} (none given)")
+        extras[f] = {}
         if path is not None and need:
-            pools[f] = real.synthetic_pool(Path(path), f, set(subsets[f]), cfg)
+            extras[f]["synthetic"] = real.synthetic_pool(Path(path), f, set(subsets[f]), cfg)
             sources[f] = str(Path(path).resolve())
-    cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in cfg.seeds]
+        extras[f], ceilings[f], why = _ceiling_pools(real, card, f, subsets[f], extras[f], cfg)
+        ceilings[f]["synthetic_arms"] = _gets_synthetic(cfg, f)
+        skipped += [{"fraction": f, "arm": a, "why": w} for a, w in why.items()]
+    cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in seeds_of(cfg, f)
+             if not any(s["fraction"] == f and s["arm"] == arm for s in skipped)]
     started = time.time()
     for i, (f, arm, seed) in enumerate(cells):
-        run_cell(out / "cells" / fraction_key(f) / arm / f"seed{seed}", real, f, subsets[f], arm, seed, pools.get(f), cfg,
+        run_cell(out / "cells" / fraction_key(f) / arm / f"seed{seed}", real, f, subsets[f], arm, seed, extras[f], cfg,
                  label=f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}")
-    results = aggregate(out, real, cfg, subsets, sources)
+    results = aggregate(out, real, cfg, subsets, sources, ceilings)
+    results["skipped_arms"] = skipped
     results["seconds_this_invocation"] = round(time.time() - started, 1)
     write_json(out / "results.json", results)
     return results
+
+
+def _gets_synthetic(cfg: DownstreamConfig, f: float) -> bool:
+    """Whether fraction f has a synthetic set (and its synthetic arms)."""
+    return cfg.synthetic_fractions is None or any(abs(f - g) < 1e-9 for g in cfg.synthetic_fractions)
+
+
+def _ceiling_pools(real: RealData, card: dict, f: float, ids: list[str], extras: dict, cfg: DownstreamConfig) -> tuple[dict, dict, dict]:
+    """The held-out and oracle pools a fraction's arms need (chosen to its synthetic set's class composition),
+    what they hold (for results.json), and why an arm does not apply (no patient outside 100%, data not generated)."""
+    from synthmed.evaluation.downstream import arm_of
+
+    wanted = {arm_of(a).extra for a in cfg.arms} & {"heldout", "oracle"}
+    info, why = {}, {}
+    for source in sorted(wanted):
+        if source == "heldout":
+            pool, ids_ = real.heldout_pool(ids, extras.get("synthetic"), cfg.subset_seed)
+            reason = "no training patient lies outside this fraction"
+        else:
+            pool, ids_ = real.oracle_pool(card, ids, extras.get("synthetic"), cfg.subset_seed)
+            reason = f"{card.get('name')!r} is not a generated data set (oracle samples exist for phantoms only)"
+        if pool is None or not len(pool):
+            why.update({a: reason for a in cfg.arms if arm_of(a).extra == source})
+            continue
+        extras[source] = pool
+        patients = sorted({i.rsplit("_", 1)[0] for i in ids_}) if source == "oracle" else \
+            sorted({str(real.train.rows[real.index[i]].get("patient_id") or i) for i in ids_})
+        info[source] = {"n": len(pool), "n_patients": len(patients), "patients": patients[:50],
+                        "composition": dict(zip(real.classes, (int(v) for v in real.composition(pool).sum(0))))}
+    return extras, info, why
 
 
 def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
@@ -61,7 +100,7 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
     if any(a in SYNTHETIC_ARMS for a in d.arms):
         rows = read_jsonl(data / "train" / "metadata.jsonl")
         subsets = nested_fractions(rows, d.fractions, d.subset_seed)
-        for f in d.fractions:
+        for f in (f for f in d.fractions if _gets_synthetic(d, f)):
             base = out / "fractions" / fraction_key(f)
             sub, model, syn = base / "data", base / "controlnet", base / "synthetic"
             if not (sub / "dataset.json").is_file():
