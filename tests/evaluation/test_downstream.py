@@ -35,6 +35,7 @@ def test_arms_draw_from_the_right_pools():
     assert ds.arm_pools("real+classic+heldout", real, extras) == ([real, held], True)
     assert ds.arm_pools("real+classic+oracle", real, extras) == ([real, oracle], True)
     assert ds.arm_pools("synthetic-pretrain", real, extras) == ([real], True)  # fine-tuning pools; pre-training is on syn
+    assert ds.arm_pools("real-pretrain", real, extras) == ([real], True) and ds.arm_of("real-pretrain").pretrain
     with pytest.raises(ValueError, match="synthetic pool"):
         ds.arm_pools("real+synthetic", real, None)
     with pytest.raises(ValueError, match="oracle pool"):

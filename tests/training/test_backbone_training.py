@@ -12,6 +12,8 @@ def test_train_backbone_writes_a_loadable_folder_with_its_recipe(phantom_data, t
     out = pipelines.train_backbone(phantom_data, cfg, tmp_path / "bb")
     recipe = read_recipe(out)
     assert recipe["config"]["vae_steps"] == 2 and recipe["data"]["split"] == "unlabelled"
+    rt = recipe["round_trip"]  # what the new VAE keeps of each class, on the labelled validation split
+    assert rt["split"] == "validation" and rt["unit"] == "pixels" and set(rt["mae"]) >= {"background", "dead"} and rt["rare_class"]
     loaded = load_backbone(out)
     assert loaded.vae.config.scaling_factor != 0.18215  # fitted to the data's latent spread
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -81,7 +81,7 @@ def evaluate_downstream(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML of study settings (the `downstream:` section of a run config)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE, e.g. -s fractions=[0.1,1.0] -s seeds=[0,1,2] -s arms=[real,real+classic]"),
 ):
-    """Train MONAI models on real / real+synthetic / synthetic-only / real+classic arms per real fraction and seed; CIs and paired tests."""
+    """Train MONAI models per arm (real, real+classic, +synthetic, synthetic-pretrain, the held-out/oracle ceilings) per real fraction and seed; CIs, paired tests, synthetic utility."""
     from synthmed.config import DownstreamConfig, load_yaml_config, overrides
 
     cfg = overrides(DownstreamConfig, load_yaml_config(config, DownstreamConfig).model_dump() if config else {}, set_)

@@ -64,5 +64,18 @@ def _summary(results: dict, out: Path) -> None:
     p = results["plausibility"]
     typer.echo(
         f"dice generated {p['dice_generated']:.3f} | shuffled {p['dice_shuffled']:.3f} | real test {p['dice_real_test']:.3f} | "
-        f"ssim {num(results['fidelity']['ssim'])}\nreport: {Path(out) / 'report.html'}"
+        f"ssim {num(results['fidelity']['ssim'])}" + _rare_line(results) + f"\nreport: {Path(out) / 'report.html'}"
     )
+
+
+def _rare_line(results: dict) -> str:
+    """The rare class's plausibility (generated vs real test Dice) and what the backbone's round trip leaves of it."""
+    rt = results.get("round_trip") or {}
+    rare = rt.get("rare_class")
+    per_class = results["plausibility"].get("per_class") or {}
+    if not rare or rare not in per_class.get("generated", {}):
+        return ""
+    gen, real = per_class["generated"][rare]["dice"], per_class["real_test"][rare]["dice"]
+    judge = (rt.get("judge") or {}).get(rare) or {}
+    return (f"\n{rare} (rare): dice generated {num(gen)} | real test {num(real)} | real test round-tripped through the VAE "
+            f"{num(judge.get('dice_round_trip'))} (reconstruction error x{num(rt.get('rare_vs_other_classes'))} the other classes')")

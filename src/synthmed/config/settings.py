@@ -254,7 +254,7 @@ class EvaluateConfig(_Strict):
             "segmenter_lr": (("segmenter",), "lr"), "domain_steps": (("domain",), "steps")})
 
 
-DOWNSTREAM_ARMS = ("real", "real+classic", "real+synthetic", "real+classic+synthetic", "synthetic-only", "synthetic-pretrain",
+DOWNSTREAM_ARMS = ("real", "real+classic", "real+synthetic", "real+classic+synthetic", "synthetic-only", "synthetic-pretrain", "real-pretrain",
                    "real+heldout", "real+classic+heldout", "real+oracle", "real+classic+oracle")
 ARM_ALIASES = {"real+synthetic+classic": "real+classic+synthetic"}
 
@@ -266,7 +266,7 @@ class DownstreamConfig(_Strict):
     arms: list[Literal[DOWNSTREAM_ARMS]] = Field(
         default_factory=lambda: ["real", "real+classic", "real+synthetic", "real+classic+synthetic", "real+classic+heldout", "real+classic+oracle"],
         description="real, real+classic (the practitioner's baseline), real+synthetic, real+classic+synthetic, synthetic-only, "
-                    "synthetic-pretrain (synthetic pre-training, real fine-tuning), and the ceilings real+heldout, real+classic+heldout "
+                    "synthetic-pretrain (synthetic pre-training, real fine-tuning), real-pretrain (its control: the same two phases on the real subset), and the ceilings real+heldout, real+classic+heldout "
                     "(real samples of patients outside the fraction; none at 100%), real+oracle, real+classic+oracle (fresh samples of a phantom; "
                     "phantom data sets only). An arm that does not apply to a fraction or data set is skipped and listed as such")
     fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 1.0], description="nested shares of the labelled train split, by patient")

@@ -101,11 +101,12 @@ def outside_patients(rows: list[dict], ids: list[str]) -> list[int]:
 
 
 def select_to_targets(counts: np.ndarray, targets: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """n row indices of `counts` (N, K: per-sample amount of each class) chosen greedily to meet `targets` (K,).
+    """n row indices of `counts` (N, K: per-sample amount of each class) chosen to meet `targets` (K,), rarest class first.
 
-    Each pick takes the sample that covers most of what is still missing, each class's share counted
-    relative to its target (so a rare class's few pixels weigh as much as a common class's many); ties
-    and picks after every target is met go in a seeded random order. Fewer than n candidates: all of them."""
+    Classes are served in order of how little of them the candidates hold: for each, the samples holding most
+    of it are taken until its target is met (counting what earlier picks already brought) or none holds any;
+    then the rest of the n come in a seeded random order. Ties go in that seeded order too. Fewer than n
+    candidates: all of them."""
     counts = np.asarray(counts, dtype=np.float64)
     targets = np.maximum(np.asarray(targets, dtype=np.float64), 0)
     if counts.ndim != 2 or counts.shape[1] != len(targets):
@@ -113,13 +114,15 @@ def select_to_targets(counts: np.ndarray, targets: np.ndarray, n: int, seed: int
     n = min(n, len(counts))
     order = np.random.default_rng(seed).permutation(len(counts))
     counts, left = counts[order], targets.copy()
-    weight = np.where(targets > 0, 1.0 / np.maximum(targets, 1), 0.0)
     free = np.ones(len(counts), bool)
-    picked = []
-    for _ in range(n):
-        gain = np.where(free, (np.minimum(counts, left) * weight).sum(1), -1.0)
-        j = int(np.argmax(gain))  # the first of equals in the seeded order
-        picked.append(j)
-        free[j] = False
-        left = np.maximum(left - counts[j], 0)
+    picked: list[int] = []
+    for k in np.argsort(counts.sum(0), kind="stable"):  # the scarcest class first
+        while left[k] > 0 and len(picked) < n:
+            j = int(np.argmax(np.where(free, counts[:, k], -1.0)))  # the first of equals in the seeded order
+            if not free[j] or counts[j, k] <= 0:
+                break
+            picked.append(j)
+            free[j] = False
+            left = np.maximum(left - counts[j], 0)
+    picked += [int(j) for j in np.flatnonzero(free)[: n - len(picked)]]
     return np.sort(order[picked])

@@ -9,7 +9,8 @@ Arms differ only in what the batches are drawn from and how they are augmented:
   synthetic pool (the second without, the first with classic augmentation on both);
 - synthetic-only: the synthetic pool alone (validation and test stay real);
 - synthetic-pretrain: pre-trained on the synthetic pool, then fine-tuned on the real subset (both with
-  classic augmentation);
+  classic augmentation); real-pretrain, its control, runs the same two phases on the real subset alone
+  (same steps and schedules: a gain of synthetic-pretrain over it is the synthetic data's, not the schedule's);
 - the ceilings, the same number of *real* samples instead of synthetic ones: real+heldout,
   real+classic+heldout (training samples of patients outside the fraction) and real+oracle,
   real+classic+oracle (fresh samples of a generated data set from slides/patients no split holds).
@@ -66,6 +67,8 @@ def arm_of(name: str) -> Arm:
         return Arm(name, "synthetic", False, real=False)
     if name == "synthetic-pretrain":
         return Arm(name, "synthetic", True, pretrain=True)
+    if name == "real-pretrain":  # synthetic-pretrain's control: the same two phases and steps, the real subset in both
+        return Arm(name, None, True, pretrain=True)
     parts = name.split("+")
     extra = next((p for p in parts if p in EXTRA_SOURCES), None)
     return Arm(name, extra, "classic" in parts)

@@ -200,7 +200,7 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
                                         mix, cfg.arch, pretrain_steps=cfg.pretrain_steps, class_weights=weights)
             with task(label + (f", mix {mix}" if len(mixes) > 1 and len(pools) == 2 else ""), cfg.training.steps) as update:
                 model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), settings, seed, update,
-                                              pretrain=extra if spec.pretrain else None)
+                                              pretrain=(extra if spec.extra else pools[0]) if spec.pretrain else None)
             tried.append((record["best_val_score"], mix, model, record))
         best = max(range(len(tried)), key=lambda i: tried[i][0])  # the first of equal scores
         _, mix, model, record = tried[best]
@@ -271,8 +271,10 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
             }
         comparisons[fk], utility[fk] = {}, {}
         values = lambda arm, path: [_get(c["test"], path) if c else None for c in (cells.get((f, arm, s)) for s in seeds)]  # noqa: E731
-        for arm in cfg.arms:
-            base = arm_of(arm).baseline
+        pairs_to_compare = [(arm, arm_of(arm).baseline) for arm in cfg.arms]
+        if "synthetic-pretrain" in cfg.arms and "real-pretrain" in cfg.arms:
+            pairs_to_compare.append(("synthetic-pretrain", "real-pretrain"))  # the same schedule: the synthetic data's own effect
+        for arm, base in pairs_to_compare:
             if base is None or base not in cfg.arms:
                 continue
             pairs = [(cells.get((f, base, s)), cells.get((f, arm, s))) for s in seeds]
@@ -324,7 +326,8 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
 
 def _headline(cfg: DownstreamConfig) -> list[str]:
     """The comparisons a practitioner reads first: synthetic and the ceilings on top of classic augmentation."""
-    wanted = ["real+classic+synthetic vs real+classic", "synthetic-pretrain vs real+classic", "real+classic+oracle vs real+classic",
+    wanted = ["real+classic+synthetic vs real+classic", "synthetic-pretrain vs real+classic", "synthetic-pretrain vs real-pretrain",
+              "real-pretrain vs real+classic", "real+classic+oracle vs real+classic",
               "real+classic+heldout vs real+classic", "real+classic vs real"]
     return [w for w in wanted if w.split(" vs ")[0] in cfg.arms and w.split(" vs ")[1] in cfg.arms]
 

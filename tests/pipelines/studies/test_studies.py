@@ -87,7 +87,7 @@ def test_data_augmentation_quick_study_end_to_end(tmp_path):
     res = json.loads((out / "downstream" / "results.json").read_text())
     skipped = {(x["fraction"], x["arm"]) for x in res["skipped_arms"]}
     assert skipped == {(1.0, a) for a in ("real+synthetic", "real+classic+synthetic", "synthetic-pretrain", "real+classic+heldout")}
-    assert res["task"] == "segmentation" and res["n_finished"] == 2 * 7 + 2 * 3 and not res["errors"]
+    assert res["task"] == "segmentation" and res["n_finished"] == 2 * 8 + 2 * 4 and not res["errors"]
     for fk, frac in res["fractions"].items():
         if frac["synthetic_arms"]:
             model = json.loads((out / "fractions" / fk / "controlnet" / "training.json").read_text())
@@ -102,8 +102,9 @@ def test_data_augmentation_quick_study_end_to_end(tmp_path):
             assert s["n_seeds"] == 2 and 0 <= s["dice"]["mean"] <= 1 and s["dice"]["low"] <= s["dice"]["mean"] <= s["dice"]["high"]
             assert set(s["per_class"]) == set(res["classes"])
     assert set(res["comparisons"]["f0.50"]) == {"real+classic vs real", "real+synthetic vs real", "real+classic+synthetic vs real+classic",
-                                                "synthetic-pretrain vs real+classic", "real+classic+heldout vs real+classic", "real+classic+oracle vs real+classic"}
-    assert set(res["synthetic_utility"]["f0.50"]) == {"real+classic+synthetic / real+classic+heldout", "real+classic+synthetic / real+classic+oracle"}
+                                                "synthetic-pretrain vs real+classic", "real-pretrain vs real+classic", "synthetic-pretrain vs real-pretrain",
+                                                "real+classic+heldout vs real+classic", "real+classic+oracle vs real+classic"}
+    assert set(res["synthetic_utility"]["f0.50"]) == {f"{a} / real+classic+{c}" for a in ("real+classic+synthetic", "synthetic-pretrain") for c in ("heldout", "oracle")}
     low, high = res["fractions"]["f0.50"], res["fractions"]["f1.00"]
     assert low["n_real"] < high["n_real"]
     text = (out / "report.html").read_text()
@@ -281,8 +282,11 @@ def test_every_arm_runs_and_the_ceilings_are_clean(phantom_data, tmp_path):
     assert set(cell["training"]["mix_chosen_on_validation"]) == {"0.25", "0.5"}
     pre = json.loads((tmp_path / "study" / "cells" / "f0.50" / "synthetic-pretrain" / "seed0" / "result.json").read_text())
     assert pre["training"]["pretrain_steps"] == 2 and pre["n_real"] == len(half)
+    control = json.loads((tmp_path / "study" / "cells" / "f0.50" / "real-pretrain" / "seed0" / "result.json").read_text())
+    assert control["training"]["pretrain_steps"] == 2 and control["extra"] is None and control["n_extra"] == 0
     comps = res["comparisons"]["f0.50"]
     assert "real+classic+synthetic vs real+classic" in comps and "real+classic+oracle vs real+classic" in comps and "real+oracle vs real" in comps
+    assert "synthetic-pretrain vs real-pretrain" in comps  # the same schedule: the synthetic data's own effect
     assert comps["real+classic+synthetic vs real+classic"]["dice"]["n"] == 2 and set(comps["real+classic vs real"]["per_class"]) == set(res["classes"])
     assert res["headline"][0] == "real+classic+synthetic vs real+classic"
     util = res["synthetic_utility"]["f0.50"]
@@ -316,3 +320,18 @@ def test_synthetic_arms_only_where_a_synthetic_set_is_planned(phantom_data, tmp_
     res = pipelines.downstream(phantom_data, cfg, tmp_path / "study", {0.5: syn})
     assert res["n_finished"] == 3 and res["skipped_arms"] == [{"fraction": 1.0, "arm": "real+synthetic", "why": "no synthetic set at this fraction (synthetic_fractions)"}]
     assert res["fractions"]["f1.00"]["synthetic_arms"] is False and res["fractions"]["f0.50"]["synthetic"] == str(syn.resolve())
+
+
+def test_selection_serves_the_scarcest_class_before_bulk():
+    import numpy as np
+
+    from synthmed.data.subsets import select_to_targets
+
+    rng = np.random.default_rng(0)
+    common = rng.integers(300, 600, (60, 1))
+    rare = np.where(rng.random((60, 1)) < 0.3, rng.integers(10, 30, (60, 1)), 0)  # a few pixels, in 30% of the samples
+    counts = np.concatenate([common, rare], axis=1)
+    pick = select_to_targets(counts, np.array([5000, 400]), 20, seed=1)
+    with_rare = int((counts[:, 1] > 0).sum())
+    assert len(pick) == 20 and (counts[pick, 1] > 0).sum() == min(20, with_rare)  # every pick it can make holds the rare class
+    assert counts[pick, 1].sum() >= min(400, counts[:, 1].sum()) or (counts[pick, 1] > 0).all()
