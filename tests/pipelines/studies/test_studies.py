@@ -86,8 +86,8 @@ def test_data_augmentation_quick_study_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "downstream" / "results.json").read_text())
     skipped = {(x["fraction"], x["arm"]) for x in res["skipped_arms"]}
-    assert skipped == {(1.0, a) for a in ("real+synthetic", "real+classic+synthetic", "synthetic-pretrain", "real+classic+heldout")}
-    assert res["task"] == "segmentation" and res["n_finished"] == 2 * 8 + 2 * 4 and not res["errors"]
+    assert skipped == {(1.0, a) for a in ("real+synthetic", "real+classic+synthetic", "synthetic-pretrain", "real-pretrain", "real+classic+heldout")}
+    assert res["task"] == "segmentation" and res["n_finished"] == 2 * 8 + 2 * 3 and not res["errors"]
     for fk, frac in res["fractions"].items():
         if frac["synthetic_arms"]:
             model = json.loads((out / "fractions" / fk / "controlnet" / "training.json").read_text())

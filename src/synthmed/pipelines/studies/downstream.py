@@ -34,6 +34,8 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
         path = synthetic.get(f, synthetic.get(None))
         if need and not _gets_synthetic(cfg, f):
             skipped += [{"fraction": f, "arm": a, "why": "no synthetic set at this fraction (synthetic_fractions)"} for a in cfg.arms if a in SYNTHETIC_ARMS]
+            if "real-pretrain" in cfg.arms:
+                skipped.append({"fraction": f, "arm": "real-pretrain", "why": "synthetic-pretrain's control runs where synthetic-pretrain does"})
             path = None
         elif need and path is None:
             raise SynthmedError(f"{data}: arms {[a for a in cfg.arms if a in SYNTHETIC_ARMS]} need a synthetic set for fraction {f} (none given)")
