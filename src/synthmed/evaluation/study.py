@@ -277,11 +277,11 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
         for arm, base in pairs_to_compare:
             if base is None or base not in cfg.arms:
                 continue
-            pairs = [(cells.get((f, base, s)), cells.get((f, arm, s))) for s in seeds]
-            both = lambda path, i: [_get(p[i]["test"], path) if p[0] and p[1] else None for p in pairs]  # noqa: E731
+            # paired_comparison drops the seeds where either arm has no value
             comparisons[fk][f"{arm} vs {base}"] = {
-                **{m: paired_comparison(both(p, 0), both(p, 1)) for m, p in metrics.items()},
-                "per_class": {c: paired_comparison(both(("per_class", c, per_class_metric), 0), both(("per_class", c, per_class_metric), 1)) for c in real.classes}}
+                **{m: paired_comparison(values(base, p), values(arm, p)) for m, p in metrics.items()},
+                "per_class": {c: paired_comparison(values(base, ("per_class", c, per_class_metric)), values(arm, ("per_class", c, per_class_metric)))
+                              for c in real.classes}}
         for syn in (a for a in cfg.arms if arm_of(a).extra == "synthetic" and arm_of(a).real):
             base = arm_of(syn).baseline
             for ceiling in (a for a in cfg.arms if arm_of(a).extra in ("heldout", "oracle") and arm_of(a).baseline == base):
