@@ -195,3 +195,26 @@ def test_inference_rejects_bad_arguments(model):
         intended_class_confidence(np.full((2, 3), 1 / 3), np.array([0, 3]))
     with pytest.raises(ValueError, match="expects .*labels with N = 2, but got"):
         intended_class_confidence(np.full((2, 3), 1 / 3), np.array([0]))
+
+
+def test_a_vae_encoder_trunk_stays_frozen_and_its_head_learns(tiny_backbone_dir, tmp_path):
+    """vae-encoder:BACKBONE: the backbone's VAE encoder as a frozen trunk (grey images as R = G = B) and a trained head
+    that learns the shapes; weights round-trip through safetensors like the other classifiers."""
+    from synthmed.models.backbone import load_backbone
+    from synthmed.models.tasknets import EncoderClassifier, load_weights, save_weights
+
+    arch = f"vae-encoder:{tiny_backbone_dir}"
+    x, y = shapes(48, seed=4, size=32, channels=1)
+    m = train(x, y, steps=40, arch=arch)
+    assert isinstance(m, EncoderClassifier) and m.in_channels == 1
+    encoder = load_backbone(tiny_backbone_dir).vae.encoder.state_dict()
+    assert all(torch.equal(v, encoder[k]) for k, v in m.encoder.state_dict().items())  # the trunk did not move
+    assert not any(p.requires_grad for p in m.encoder.parameters()) and all(p.requires_grad for p in m.head.parameters())
+    x_test, y_test = shapes(30, seed=5, size=32, channels=1)
+    assert (predict_proba(m, x_test).argmax(1) == y_test).mean() > 0.6  # chance is 1/3
+    assert features(m, x_test).shape == (30, feature_dim(m))
+    save_weights(m, tmp_path / "m.safetensors")
+    again = load_weights(build_classifier(N_CLASSES, 1, arch), tmp_path / "m.safetensors")
+    np.testing.assert_allclose(predict_proba(again, x_test), predict_proba(m, x_test), atol=1e-6)
+    with pytest.raises(ValueError, match="arch"):
+        build_classifier(N_CLASSES, 1, "vae-encoder:")

@@ -127,3 +127,25 @@ def test_generation_uses_the_prompts_the_model_was_trained_with(tiny_backbone_di
     run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, steps=1, conditioning_mode="mask"), tmp_path / "mask")
     syn = load_split(pipelines.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=1, batch_size=2), tmp_path / "syn2"), "train")
     assert [r["provenance"]["prompt"] for r in syn.rows] == ["", ""]
+
+
+def test_a_fine_tuned_decoder_is_saved_and_is_what_sampling_and_the_round_trip_use(tiny_backbone_dir, phantom_data, tmp_path):
+    from synthmed.config import EvaluateConfig
+    from synthmed.models.trained import load_trained, read_training
+
+    cfg = _cfg(tiny_backbone_dir, decoder={"steps": 2, "batch_size": 4, "crop": 16, "lr": 1e-2, "class_weights": {"dead": 20.0}})
+    run = pipelines.train_controlnet(phantom_data, cfg, tmp_path / "run")
+    training = read_training(run)
+    assert training["outputs"]["vae"] == "vae" and training["output_hashes"]["vae"]
+    assert training["decoder"]["steps"] == 2 and training["decoder"]["class_weights"] == {"dead": 20.0}
+    bb, _, _ = load_trained(run, training)
+    plain = load_backbone(tiny_backbone_dir)
+    assert torch.equal(bb.vae.encoder.conv_in.weight, plain.vae.encoder.conv_in.weight)
+    assert not torch.equal(bb.vae.decoder.conv_out.weight, plain.vae.decoder.conv_out.weight)
+    base = pipelines.roundtrip(phantom_data, str(tiny_backbone_dir), EvaluateConfig(), tmp_path / "rt0", judge=False)
+    tuned = pipelines.roundtrip(phantom_data, str(tiny_backbone_dir), EvaluateConfig(), tmp_path / "rt1", judge=False, model=run)
+    assert tuned["inputs"]["model"] == str(run.resolve()) and tuned["mae"] != base["mae"]
+    with pytest.raises(SynthmedError, match="necrosis"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, decoder={"steps": 1, "class_weights": {"necrosis": 3}}), tmp_path / "bad")
+    with pytest.raises(SynthmedError, match="decoder.steps"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, conditioning_mode="text", decoder={"steps": 1}), tmp_path / "text")

@@ -53,6 +53,7 @@ def evaluate_roundtrip(
     backbone: str = typer.Option("tiny", "--backbone", help="preset with shipped weights, diffusers folder, single-file .safetensors or hub id (local cache)"),
     out: Path = typer.Option(..., "--out", help="output folder for results.json and round_trip.png"),
     split: str = typer.Option("validation", "--split", help="the real split to round-trip"),
+    model: Optional[Path] = typer.Option(None, "--model", help="a `train controlnet` folder: its backbone with the VAE decoder it fine-tuned (controlnet.decoder)"),
     judge: bool = typer.Option(True, "--judge/--no-judge", help="train a segmenter on the real train split and compare its Dice on originals and round trips"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML of evaluation settings (segmenter recipe, model_cache)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="any evaluation setting KEY=VALUE, e.g. -s segmenter.steps=600"),
@@ -62,7 +63,7 @@ def evaluate_roundtrip(
     from synthmed.pipelines import roundtrip
 
     cfg = overrides(EvaluateConfig, load_yaml_config(config, EvaluateConfig).model_dump() if config else {}, set_)
-    res = roundtrip(data, backbone, cfg, out, split=split, judge=judge)
+    res = roundtrip(data, backbone, cfg, out, split=split, judge=judge, model=model)
     rare = res["rare_class"]
     errs = ", ".join(f"{c} {num(v['mae'])}" for c, v in res["mae"].items())
     line = f"round trip of {res['n_images']} {split} images: error (grey levels) {errs}; {rare} vs other classes x{num(res['rare_vs_other_classes'])}"

@@ -8,6 +8,7 @@ from synthmed.config.settings import (  # noqa: F401
     BackboneConfig,
     LoraConfig,
     AugmentConfig,
+    DecoderConfig,
     ControlNetConfig,
     PlanConfig,
     LayoutConfig,

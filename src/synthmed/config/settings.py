@@ -117,6 +117,18 @@ class AugmentConfig(_Strict):
     scale: tuple[float, float] = Field((1.0, 1.0), description="random rescale range before the crop; other than (1, 1) needs cache_latents false")
 
 
+class DecoderConfig(_Strict):
+    """Fine-tuning the VAE decoder on the training split before the ControlNet (the encoder and latents stay as they are)."""
+
+    steps: int = Field(0, ge=0, description="0: the backbone's decoder as it is")
+    batch_size: int = Field(32, ge=1)
+    crop: int = Field(32, ge=8, description="square crops in pixels (the VAE is convolutional)")
+    lr: float = Field(5e-4, gt=0)
+    class_weights: dict[str, float] | None = Field(None, description="reconstruction-loss weight per mask class name (others 1), per pixel")
+    focus_share: float = Field(0.4, ge=0, le=1, description="share of each batch's crops centred on a class weighted above 1")
+    checkpoint_every: int = Field(100, ge=1)
+
+
 class ControlNetConfig(_Strict):
     """`synthmed train controlnet`: a ControlNet from the frozen backbone's UNet (or, mode text, the UNet alone)."""
 
@@ -137,6 +149,7 @@ class ControlNetConfig(_Strict):
     unet_lr: float | None = Field(None, gt=0, description="text mode without LoRA: learning rate of the full UNet (default: lr)")
     unet_decoder_lr: float | None = Field(None, gt=0, description="also train the UNet decoder (up blocks) at this lower rate")
     class_weights: dict[str, float] | None = Field(None, description="loss weight per mask class name (others 1), on the latent grid")
+    decoder: DecoderConfig = Field(DecoderConfig(), description="fine-tune the VAE decoder first, weighted to rare classes (saved as vae/)")
     augment: AugmentConfig = AugmentConfig()
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="frozen backbone in this precision; trained weights stay fp32")
     gradient_checkpointing: bool = False
@@ -282,13 +295,17 @@ class DownstreamConfig(_Strict):
     training: TaskTrainingConfig = Field(TaskTrainingConfig(steps=1500), description="each cell's model: steps is the most, with early stopping")
     eval_every: int = Field(100, ge=1, description="validation (real validation split) every this many steps")
     patience: int = Field(4, ge=1, description="early stopping: evaluations without improvement")
-    arch: Literal["resnet", "densenet"] = Field("resnet", description="classification network (MONAI)")
+    arch: str = Field("resnet", pattern=r"^(resnet|densenet|vae-encoder:.+)$",
+                      description="classification network: resnet, densenet (MONAI, from scratch) or vae-encoder:BACKBONE (a small head on "
+                                  "that backbone's frozen, pretrained VAE encoder, e.g. vae-encoder:tiny-breast)")
     rare_class: str | None = Field(None, description="the class reported on its own (default: the rarest in the train split)")
     label_field: str = Field("label", description="classification: the metadata column that is the target (e.g. cancer: cancerous / non-cancerous)")
     label_map: dict[str, str] | None = Field(None, description="classification: values of label_field merged into targets, e.g. {malignant: cancerous, "
                                                                "benign: non-cancerous, normal: non-cancerous}; unmapped values are kept")
     positive_class: str | None = Field(None, description="binary classification: the class whose probability gives AUC and sensitivity at 90% "
                                                          "specificity (default: the rare class)")
+    mask_classes: dict[str, str] | None = Field(None, description="segmentation: mask classes merged into the classes the model learns, e.g. "
+                                                                 "{benign: lesion, malignant: lesion} for lesion segmentation; unmapped classes are kept")
 
     @model_validator(mode="before")
     @classmethod

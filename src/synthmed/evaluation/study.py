@@ -44,8 +44,9 @@ class RealData:
         seg = self.task == "segmentation"
         self.field, self.label_map = cfg.label_field, cfg.label_map or {}
         self.train, self.val, self.test = (load_split(data, s, need_masks=seg) for s in ("train", "validation", "test"))
+        self.lut = None
         if seg:
-            self.classes = list(card.get("classes") or [])
+            self.classes = self._merged_classes(list(card.get("classes") or []), cfg.mask_classes or {}, data)
         else:
             rows = self.train.rows + self.val.rows + self.test.rows
             missing = next((r["id"] for r in rows if self.target_of(r) is None), None)
@@ -65,6 +66,25 @@ class RealData:
             if self.positive not in self.classes:
                 raise SynthmedError(f"{data}: positive_class {self.positive!r} is not one of {self.classes}")
 
+    def _merged_classes(self, names: list[str], merge: dict[str, str], data: Path) -> list[str]:
+        """The classes the model learns, and (self.lut) the mask code of each card class among them."""
+        unknown = sorted(set(merge) - set(names))
+        if unknown:
+            raise SynthmedError(f"{data}: mask_classes names {unknown}, which the data set does not have (classes: {', '.join(names)})")
+        if not merge:
+            return names
+        merged = list(dict.fromkeys(merge.get(n, n) for n in names))
+        self.lut = np.array([0] + [merged.index(merge.get(n, n)) + 1 for n in names], np.uint8)
+        return merged
+
+    def masks_of(self, masks: np.ndarray, where: str) -> np.ndarray:
+        """Mask codes of the card's classes as codes of the classes the model learns (mask_classes)."""
+        if self.lut is None:
+            return masks
+        if masks.size and int(masks.max()) >= len(self.lut):
+            raise SynthmedError(f"{where}: mask code {int(masks.max())} is beyond the data set's {len(self.lut) - 1} classes")
+        return self.lut[masks]
+
     def target_of(self, row: dict) -> str | None:
         """A row's classification target: its label_field value, through label_map."""
         from synthmed.data.prepared import label_target
@@ -74,7 +94,7 @@ class RealData:
     def targets(self, split, where: str):
         """Masks (N, H, W) or label codes (N,) of a split."""
         if self.task == "segmentation":
-            return split.masks
+            return self.masks_of(split.masks, where)
         try:
             return np.array([self.classes.index(self.target_of(r)) for r in split.rows])
         except ValueError:
@@ -82,7 +102,8 @@ class RealData:
 
     def _rarest(self) -> str:
         if self.task == "segmentation":
-            counts = [(int((self.train.masks == k).sum()), c) for k, c in enumerate(self.classes, 1)]
+            masks = self.targets(self.train, str(self.root))
+            counts = [(int((masks == k).sum()), c) for k, c in enumerate(self.classes, 1)]
         else:
             labels = [self.target_of(r) for r in self.train.rows]
             counts = [(labels.count(c), c) for c in self.classes if c in labels]
@@ -140,7 +161,7 @@ class RealData:
         if images.shape[1:3] != self.train.images.shape[1:3]:
             raise SynthmedError(f"{self.root}: fresh phantom samples are {images.shape[1:3]}, the prepared set {self.train.images.shape[1:3]}")
         if self.task == "segmentation":
-            labels = np.stack([s.mask for s in samples])
+            labels = self.masks_of(np.stack([s.mask for s in samples]), "fresh phantom samples")
         else:
             rows = [{"id": s.id, "label": s.label, **s.extra} for s in samples]
             labels = np.array([self.classes.index(self.target_of(r)) for r in rows])
@@ -295,6 +316,8 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
         "label_field": real.field if real.task == "classification" else None,
         "label_map": real.label_map or None,
         "positive_class": real.positive,
+        "arch": cfg.arch if real.task == "classification" else "unet",
+        "mask_classes": cfg.mask_classes if real.task == "segmentation" else None,
         "classes_absent_from_train": real.absent_from_train,
         "metrics": list(metrics),
         "per_class_metric": per_class_metric,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import DenseNet121, ResNet, UNet
 
-ARCHS = ("resnet", "densenet")
+ARCHS = ("resnet", "densenet", "vae-encoder:<backbone>")
 RESNET_WIDTHS = (32, 64, 128, 256)  # half of ResNet-18's (64, ..., 512): ~2.8M parameters, features D = 256
 DENSENET_MIN_SIZE = 32  # DenseNet121 downsamples by 32; smaller inputs would pool to 0 x 0
 
@@ -41,6 +41,8 @@ def build_classifier(n_classes: int, in_channels: int = 3, arch: str = "resnet")
     3x3 stride-1 stem + max-pool (total stride 16) so 28 px images keep a 2 x 2 final map.
     "densenet": the stock monai DenseNet121 (features D = 1024); inputs under 32 px are upsampled by a
     forward pre-hook, so any caller (also `model(x)` directly) can give it 28 px images.
+    "vae-encoder:BACKBONE": EncoderClassifier on that backbone's VAE encoder (a preset with shipped weights,
+    a diffusers folder, ...): a trunk that starts from the domain's images, for the low-data fractions.
     """
     if n_classes < 2:
         raise ValueError(f"build_classifier expects n_classes >= 2, but got {n_classes}")
@@ -52,7 +54,51 @@ def build_classifier(n_classes: int, in_channels: int = 3, arch: str = "resnet")
         model = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=n_classes)
         model.register_forward_pre_hook(_upsample_small_inputs)
         return model
+    if arch.startswith("vae-encoder:") and arch.split(":", 1)[1]:
+        from synthmed.models.backbone import load_backbone
+
+        return EncoderClassifier(load_backbone(arch.split(":", 1)[1]).vae.encoder, in_channels, n_classes)
     raise ValueError(f"build_classifier expects arch in {ARCHS}, but got {arch!r}")
+
+
+class EncoderClassifier(torch.nn.Module):
+    """A classifier whose trunk is a pretrained, frozen Stable Diffusion VAE encoder (trained without labels on
+    images of the domain: the shipped tiny backbones on unlabelled phantom patients, SD's on LAION), with a
+    small trained head: two 3x3 convolutions on the encoder's last feature map (before its latent projection),
+    global average pooling and a linear layer. Grey inputs enter the encoder as R = G = B, as in training."""
+
+    def __init__(self, encoder: torch.nn.Module, in_channels: int, n_classes: int, width: int = 64):
+        super().__init__()
+        self.in_channels = in_channels
+        self.encoder = encoder.requires_grad_(False).eval()
+        ch = encoder.conv_out.in_channels
+        groups = 8 if width % 8 == 0 else 1
+        self.head = torch.nn.Sequential(
+            torch.nn.Conv2d(ch, width, 3, padding=1), torch.nn.GroupNorm(groups, width), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, width, 3, stride=2, padding=1), torch.nn.GroupNorm(groups, width), torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(width, n_classes)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: no dropout, whatever the head does
+        return self
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> the encoder's last feature map (B, ch, H / f, W / f)."""
+        e = self.encoder
+        x = x * 2 - 1
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            h = e.conv_in(x)
+            for block in e.down_blocks:
+                h = block(h)
+            h = e.mid_block(h)
+            return e.conv_act(e.conv_norm_out(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head(self.trunk(x)))
 
 
 def _upsample_small_inputs(module, args):
@@ -68,7 +114,7 @@ def _upsample_small_inputs(module, args):
 
 def _head(model: torch.nn.Module) -> torch.nn.Linear:
     """The final linear layer: `fc` of a monai ResNet, `class_layers.out` of a monai DenseNet."""
-    return model.fc if isinstance(model, ResNet) else model.class_layers.out
+    return model.fc if isinstance(model, (ResNet, EncoderClassifier)) else model.class_layers.out
 
 
 def feature_dim(model: torch.nn.Module) -> int:
@@ -95,7 +141,7 @@ def _check_labels(name: str, labels: np.ndarray, n: int, n_classes: int) -> None
 def _batched(model: torch.nn.Module, images: np.ndarray, batch_size: int, name: str):
     """Yield model inputs (B, C, H, W) on the model's device, checked against its input channels."""
     _check_images(name, images)
-    in_channels = (model.conv1 if isinstance(model, ResNet) else model.features.conv0).in_channels
+    in_channels = model.in_channels if isinstance(model, EncoderClassifier) else (model.conv1 if isinstance(model, ResNet) else model.features.conv0).in_channels
     if images.shape[-1] != in_channels:
         raise ValueError(f"{name} expects images with {in_channels} channels, but got {images.shape[-1]}")
     device = next(model.parameters()).device

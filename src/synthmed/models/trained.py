@@ -2,7 +2,7 @@
 
 MODEL/training.json (written last: its presence means complete) lists the trained parts in `outputs`:
 `controlnet/` (diffusers ControlNetModel), `unet_lora/` (diffusers LoRA format), `unet/` (a trained
-UNet decoder) or, for conditioning_mode text, `backbone/` (a whole pipeline folder), each with
+UNet decoder), `vae/` (the VAE with a fine-tuned decoder, `controlnet.decoder`) or, for conditioning_mode text, `backbone/` (a whole pipeline folder), each with
 safetensors weights and its content hash in `output_hashes`.
 """
 
@@ -60,8 +60,8 @@ def backbone_hash(bb, name: str) -> str | None:
 
 
 def trained_backbone(bb, model: Path, training: dict):
-    """The backbone as training left it: UNet LoRA fused in, or the unlocked UNet decoder."""
-    from diffusers import UNet2DConditionModel
+    """The backbone as training left it: UNet LoRA fused in, or the unlocked UNet decoder; a fine-tuned VAE decoder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from synthmed.models.lora import load_lora
 
@@ -70,6 +70,8 @@ def trained_backbone(bb, model: Path, training: dict):
         bb.unet = UNet2DConditionModel.from_pretrained(Path(model) / outputs["unet"], use_safetensors=True)
     if "unet_lora" in outputs:
         load_lora(bb.unet, Path(model) / outputs["unet_lora"])
+    if "vae" in outputs:
+        bb.vae = AutoencoderKL.from_pretrained(Path(model) / outputs["vae"], use_safetensors=True)
     return bb
 
 
@@ -121,6 +123,10 @@ def save_trained(model, backbone, cfg, out: Path) -> dict:
         with atomic_dir(out / "unet") as tmp:
             cast(model.unet, dtype=torch.float32).save_pretrained(tmp, safe_serialization=True)
         saved["unet"] = "unet"
+    if cfg.decoder.steps and cfg.conditioning_mode != "text":  # the whole VAE: its encoder is the backbone's, unchanged
+        with atomic_dir(out / "vae") as tmp:
+            cast(backbone.vae, dtype=torch.float32).save_pretrained(tmp, safe_serialization=True)
+        saved["vae"] = "vae"
     return saved
 
 

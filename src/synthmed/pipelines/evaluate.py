@@ -130,12 +130,13 @@ def real_segmenter(data: Path, train, classes: list[str], cfg: EvaluateConfig):
     return cached_model(cfg.model_cache, "segmenter", key, lambda: build_segmenter(len(classes)), fit, device())
 
 
-def roundtrip(data: Path, backbone: str, cfg: EvaluateConfig, out: Path, split: str = "validation", judge: bool = True, grid: int = 8) -> dict:
+def roundtrip(data: Path, backbone: str, cfg: EvaluateConfig, out: Path, split: str = "validation", judge: bool = True, grid: int = 8,
+              model: Path | None = None) -> dict:
     """`synthmed evaluate roundtrip`: the round-trip ceiling of a backbone's autoencoder on a real split
     (evaluation/roundtrip.py), with a segmentation judge trained on the real train split; OUT/results.json
-    and OUT/round_trip.png (originals above, round trips below)."""
+    and OUT/round_trip.png (originals above, round trips below). With `model` (a `train controlnet` folder),
+    the autoencoder as that training left it (its fine-tuned decoder, if any) on the model's backbone."""
     from synthmed.data.prepared import load_split, read_card
-    from synthmed.models.backbone import load_backbone
 
     out = Path(out)
     check_output(out)
@@ -149,8 +150,10 @@ def roundtrip(data: Path, backbone: str, cfg: EvaluateConfig, out: Path, split: 
     segmenter = None
     if judge and masks is not None:
         segmenter = real_segmenter(Path(data), load_split(data, "train", need_masks=True), classes, cfg)
-    results = roundtrip_section(load_backbone(backbone), part, masks, classes, labels, segmenter, grid)
-    results["inputs"] = {"data": str(Path(data).resolve()), "split": split, "backbone": str(backbone)}
+    bb = _backbone_of(model) if model is not None else _plain_backbone(backbone)
+    results = roundtrip_section(bb, part, masks, classes, labels, segmenter, grid)
+    results["inputs"] = {"data": str(Path(data).resolve()), "split": split, "backbone": str(backbone) if model is None else bb.source,
+                         "model": None if model is None else str(Path(model).resolve())}
     results["environment"] = environment()
     with atomic_dir(out) as tmp:
         write_json(tmp / "results.json", {k: v for k, v in results.items() if k != "_grid"})
@@ -173,12 +176,23 @@ def _model_round_trip(x: _Inputs, model: Path | None, seg) -> dict | None:
     (the same judge and split as the real-test reference Dice): no generator on that backbone can beat it."""
     if model is None:
         return None
-    from synthmed.models.backbone import load_backbone
-    from synthmed.models.trained import read_training
-
-    res = roundtrip_section(load_backbone(read_training(Path(model))["backbone"]), x.test, x.test.masks, x.classes, None, seg)
+    res = roundtrip_section(_backbone_of(model), x.test, x.test.masks, x.classes, None, seg)
     res.pop("_grid")
     return res
+
+
+def _plain_backbone(name: str):
+    from synthmed.models.backbone import load_backbone
+
+    return load_backbone(name)
+
+
+def _backbone_of(model: Path):
+    """A trained model's backbone as its training left it (a fine-tuned VAE decoder included)."""
+    from synthmed.models.trained import read_training, trained_backbone
+
+    training = read_training(Path(model))
+    return trained_backbone(_plain_backbone(training["backbone"]), Path(model), training)
 
 
 def _edge_fidelity(x: _Inputs, regen, cfg) -> dict | None:

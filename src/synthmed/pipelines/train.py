@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from synthmed.config import BackboneConfig, ControlNetConfig, LoraConfig, save_config
+from synthmed.config import BackboneConfig, ControlNetConfig, DecoderConfig, LoraConfig, save_config
 from synthmed.core.environment import environment
 from synthmed.core.io import SynthmedError, atomic_dir
 from synthmed.core.outputs import check_output, mark_output
@@ -99,7 +99,8 @@ def _lora_stage_first(data: Path, cfg: ControlNetConfig, out: Path, resume: bool
     stage = out / "lora-stage"
     if not is_complete(stage):
         first = cfg.model_copy(update={"conditioning_mode": "text", "steps": cfg.lora.steps or cfg.steps, "lora": cfg.lora.model_copy(update={"stage": "joint"}),
-                                       "controlnet_init": None, "unet_decoder_lr": None, "class_weights": None})
+                                       "controlnet_init": None, "unet_decoder_lr": None, "class_weights": None,
+                                       "decoder": DecoderConfig()})
         _train(data, first, stage, resume=True)
     return cfg.model_copy(update={"backbone": str((stage / "backbone").resolve()), "lora": LoraConfig()})
 
@@ -130,6 +131,12 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
     attention = setup.set_attention(backbone, cfg.attention, accelerator.device)
     torch.manual_seed(cfg.seed)
     started = time.time()
+    decoder = None
+    if accelerator.is_main_process:  # before any latent is encoded or decoded; the encoder does not change
+        decoder = setup.tune_decoder(backbone, split, data, cfg, out / "decoder-state")
+    accelerator.wait_for_everyone()
+    if cfg.decoder.steps and not accelerator.is_main_process:  # the others decode validation grids with it too
+        setup.load_tuned_decoder(backbone, out / "decoder-state")
     controlnet = None if cond is None else setup.controlnet_for(backbone, cfg, cond.shape[-1])  # cond: (N, H, W, C)
     setup.cast_frozen(backbone, cfg.mixed_precision, accelerator.device)
     data_t = setup.training_data(backbone, split, prompts, cond, cfg)
@@ -147,6 +154,7 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
     if accelerator.is_main_process:
         saved = save_trained(accelerator.unwrap_model(model).eval(), backbone, cfg, out)
         record = setup.training_record(cfg, data, split, backbone, data_t, saved, losses, started, accelerator, attention)
+        record["decoder"] = decoder
         write_record(out, record, saved, {"environment": environment()})
     accelerator.wait_for_everyone()
     accelerator.end_training()  # after the last barrier: it closes the process group

@@ -24,7 +24,7 @@ def _one_cycle(opt, lr: float, steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
 
 
-def _gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """L1 between image gradients: penalises the blur that plain L1 tolerates."""
     dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
     dy = lambda x: x[..., 1:, :] - x[..., :-1, :]  # noqa: E731
@@ -58,7 +58,7 @@ def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None, state_
         x = _random_crops(data, batch_indices(len(data), cfg.vae_batch_size, step, cfg.seed), crop, g)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
-        loss = F.l1_loss(rec, x) + 0.5 * _gradient_l1(rec, x) + cfg.kl_weight * post.kl().mean()
+        loss = F.l1_loss(rec, x) + 0.5 * gradient_l1(rec, x) + cfg.kl_weight * post.kl().mean()
         optimiser_step(loss, vae.parameters(), opt, sched)
         losses.append(loss.item())
         ckpt.maybe_save(step + 1, cfg.vae_steps, vae, opt, sched, losses)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from synthmed.config import ControlNetConfig
 from synthmed.core.io import SynthmedError
@@ -21,7 +22,8 @@ def load_inputs(data: Path, cfg: ControlNetConfig, text_mode: bool):
     """The train split, its prompts as the model trains on them, and conditioning (None in text mode)."""
     from synthmed.data.prepared import load_conditioning, load_split
 
-    split = load_split(data, "train", need_masks=cfg.class_weights is not None)  # class weights act through the masks
+    weighted = cfg.class_weights is not None or (cfg.decoder.steps and cfg.decoder.class_weights is not None)
+    split = load_split(data, "train", need_masks=bool(weighted))  # class weights act through the masks
     cond = None if text_mode else load_conditioning(split)
     return split, trained_prompts(split, cfg.conditioning_mode, cfg.prompt_source, cfg.label_prompt), cond
 
@@ -61,6 +63,32 @@ def class_weights(data: Path, weights: dict | None, masks):
     if masks is not None and int(masks.max()) >= len(names):
         raise SynthmedError(f"{data}: masks hold class code {int(masks.max())}, beyond the card's {len(names) - 1} classes")
     return torch.tensor([float(weights.get(n, 1.0)) for n in names])
+
+
+def tune_decoder(backbone, split, data: Path, cfg: ControlNetConfig, state_dir: Path) -> dict | None:
+    """Fine-tune the VAE decoder on the train split (cfg.decoder), before anything is encoded; None when off."""
+    if not cfg.decoder.steps:
+        return None
+    if cfg.conditioning_mode == "text":
+        raise SynthmedError("decoder.steps: the VAE decoder is fine-tuned for ControlNet training; conditioning_mode text writes a whole backbone (set decoder.steps 0)")
+    from synthmed.training.decoder import finetune_decoder
+
+    weights = class_weights(data, cfg.decoder.class_weights, split.masks)
+    run = SimpleNamespace(**cfg.decoder.model_dump(), seed=cfg.seed)
+    with task("fine-tune VAE decoder", cfg.decoder.steps) as update:
+        losses = finetune_decoder(backbone, split.images, split.masks if weights is not None else None, weights, run, update, state_dir)
+    return {"steps": cfg.decoder.steps, "class_weights": cfg.decoder.class_weights, "final_loss": losses[-1] if losses else None,
+            "data_split": "train"}
+
+
+def load_tuned_decoder(backbone, state_dir: Path) -> None:
+    """The decoder that tune_decoder left in `state_dir` (its final checkpoint), into `backbone.vae`."""
+    import torch
+
+    from synthmed.training.decoder import DecoderParts
+
+    state = torch.load(Path(state_dir) / "decoder.pt", map_location="cpu", weights_only=True)
+    DecoderParts(backbone.vae).load_state_dict(state["model"])
 
 
 def tracker(name: str | None):

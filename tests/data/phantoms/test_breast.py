@@ -218,3 +218,32 @@ def test_oracle_samples_of_the_breast_phantom_come_from_new_patients(tmp_path):
     pool, chosen = real.oracle_pool(card, ids, None, seed=0)
     assert pool.images.shape[1:] == real.train.images.shape[1:] and len(chosen) == len(ids)
     assert set(pool.targets.tolist()) <= {0, 1} and (pool.targets == real.classes.index("cancerous")).any()  # balance: the rare class added
+
+
+def test_lesion_segmentation_merges_the_lesion_classes_in_every_pool(tmp_path):
+    """mask_classes {benign lesion: lesion, malignant lesion: lesion}: the model learns one lesion class; the real splits,
+    the oracle pool and the rare class all use the merged codes; an unknown class name is a one-line error."""
+    import json
+
+    from synthmed import pipelines
+    from synthmed.config import DownstreamConfig, PrepareConfig
+    from synthmed.core.io import SynthmedError
+    from synthmed.evaluation.study import RealData
+
+    data = tmp_path / "breast"
+    pipelines.prepare(PrepareConfig(source="phantom-breast", options={"n_patients": 20, "images_per_patient": 2}, workers=1), data)
+    card = json.loads((data / "dataset.json").read_text())
+    merge = {"benign": "lesion", "malignant": "lesion"}
+    real = RealData(data, DownstreamConfig(task="segmentation", mask_classes=merge), card)
+    assert real.classes == ["lesion"] and real.rare == "lesion"
+    masks = real.train.masks
+    assert {1, 2} <= set(np.unique(masks).tolist())  # both diagnoses are in the card's codes ...
+    merged = real.targets(real.train, "train")
+    np.testing.assert_array_equal(merged, (masks > 0).astype(np.uint8))  # ... and one lesion code in the targets
+    ids = [r["id"] for r in real.train.rows]
+    pool, _ = real.oracle_pool(card, ids, real.pool(ids), seed=0)
+    assert set(np.unique(pool.targets).tolist()) <= {0, 1} and (pool.targets == 1).any()
+    plain = RealData(data, DownstreamConfig(task="segmentation"), card)
+    assert plain.classes == ["benign", "malignant"] and plain.targets(plain.train, "train").max() == 2
+    with pytest.raises(SynthmedError, match="mask_classes names \\['tumour'\\]"):
+        RealData(data, DownstreamConfig(task="segmentation", mask_classes={"tumour": "lesion"}), card)

@@ -212,7 +212,9 @@ def test_breast_classification_quick_study_end_to_end(tmp_path):
     assert res["task"] == "classification" and res["classes"] == ["cancerous", "non-cancerous"] and res["positive_class"] == "cancerous"
     assert res["n_finished"] == res["n_cells"] and not res["errors"]
     assert {"auc", "sensitivity_at_90_specificity", "balanced_accuracy", "recall cancerous"} <= set(res["metrics"])
-    for fk in res["fractions"]:
+    assert set(res["edge_fidelity"]) == set(res["steering"]) == {"f0.50"}  # the synthetic fraction only
+    assert res["arch"] == "vae-encoder:tiny-breast"
+    for fk in res["edge_fidelity"]:
         syn = out / "fractions" / fk / "synthetic"
         rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
         assert rows and all(Image.open(syn / "train" / r["file_name"]).mode == "L" for r in rows)  # 1 channel in, 1 out
@@ -225,10 +227,32 @@ def test_breast_classification_quick_study_end_to_end(tmp_path):
         assert steer["class_to_target"] == {"malignant": "cancerous", "benign": "non-cancerous"}
         assert steer["n_trials"] == 2 * steer["n_maps"] and "agreement_conflicting" in steer and "edge_effect" in steer
         assert all(Path(v["path"]).is_file() for g in steer["grid"] for v in g["renders"].values())
+    assert {"real+classic+synthetic vs real+classic", "real+classic+oracle vs real+classic"} <= set(res["comparisons"]["f0.50"])
     text = (out / "report.html").read_text()
     assert "Edge-map fidelity" in text and "Class steering" in text and "documented failure case" in text
     for src in [s.split("'")[0] for s in text.split("src='")[1:]]:
         assert (out / src).is_file(), src
+
+
+@pytest.mark.e2e
+def test_breast_segmentation_quick_study_end_to_end(tmp_path):
+    """experiments/breast_segmentation.yaml --quick: lesion segmentation (benign and malignant merged into one lesion
+    class) per arm, lesion Dice/IoU/HD95, synthetic image-mask pairs from edge maps with their lesion masks, the ceilings."""
+    out = tmp_path / "seg"
+    proc = run_cli("run", "experiments/breast_segmentation.yaml", "--quick", "--out", str(out), timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "downstream" / "results.json").read_text())
+    assert res["task"] == "segmentation" and res["classes"] == ["lesion"] and res["rare_class"] == "lesion"
+    assert res["mask_classes"] == {"benign": "lesion", "malignant": "lesion"}
+    assert res["n_finished"] == res["n_cells"] and not res["errors"]
+    assert {"dice", "iou", "hd95", "dice lesion"} <= set(res["metrics"])
+    comps = res["comparisons"]["f0.50"]
+    assert {"real+classic vs real", "real+classic+synthetic vs real+classic", "real+classic+oracle vs real+classic"} <= set(comps)
+    syn = out / "fractions" / "f0.50" / "synthetic"
+    rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert rows and all(r.get("mask") and (syn / "train" / r["mask"]).is_file() for r in rows)  # image-mask pairs
+    assert res["edge_fidelity"]["f0.50"]["n"] == len(rows)
+    assert "steering" not in res
 
 
 @pytest.mark.e2e

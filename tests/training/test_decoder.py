@@ -1,0 +1,70 @@
+"""Fine-tuning the VAE decoder towards rare classes: the decoder learns, the encoder (and the latents) do not move."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from synthmed.training.decoder import decoder_batch, finetune_decoder, focus_pixels
+
+
+def _cfg(**kw):
+    return SimpleNamespace(**(dict(steps=3, batch_size=4, crop=16, lr=1e-3, focus_share=0.5, checkpoint_every=2, seed=0) | kw))
+
+
+def test_focused_crops_hold_the_weighted_class_and_carry_its_weights():
+    masks = np.zeros((3, 32, 32), np.uint8)
+    masks[1, 20:23, 5:8] = 4  # one small rare object in one image
+    weights = torch.tensor([1.0, 1, 1, 1, 20.0, 1])
+    focus = focus_pixels(masks, weights)
+    assert len(focus) == 1 and focus[0][0] == 20.0 and set(focus[0][1][:, 0]) == {1}
+    images = torch.zeros(3, 3, 32, 32)
+    images[1, :, 20:23, 5:8] = 1.0
+    w_all = weights[torch.from_numpy(masks.astype(np.int64))][:, None]
+    x, w = decoder_batch(images, w_all, focus, 8, 16, 0.5, np.random.default_rng(0))
+    assert x.shape == (8, 3, 16, 16) and w.shape == (8, 1, 16, 16)
+    # the first half is centred near the rare object: every one of those crops holds it, with its weight
+    assert all((w[i] == 20.0).sum() == 9 and (x[i] == 1.0).all(0).sum() == 9 for i in range(4))
+    # no weighted class: plain random crops only
+    x2, w2 = decoder_batch(images, torch.ones(3, 1, 32, 32), [], 8, 16, 0.5, np.random.default_rng(0))
+    assert (w2 == 1).all() and x2.shape == (8, 3, 16, 16)
+
+
+def test_the_decoder_learns_while_the_encoder_and_latents_stay(tiny, tmp_path):
+    load, arrays = tiny
+    bb = load()
+    before = {k: v.clone() for k, v in bb.vae.state_dict().items()}
+    x = torch.from_numpy(arrays["images"][:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z0 = bb.vae.encode(x).latent_dist.mean
+    weights = torch.tensor([1.0, 1, 1, 1, 20.0, 1])
+    losses = finetune_decoder(bb, arrays["images"], arrays["masks"], weights, _cfg(), state_dir=tmp_path / "state")
+    after = bb.vae.state_dict()
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert torch.equal(bb.vae.encode(x).latent_dist.mean, z0) and not any(p.requires_grad for p in bb.vae.parameters())
+    # resumable: the finished phase restores from its checkpoint and does not train again
+    again = load()
+    assert finetune_decoder(again, arrays["images"], arrays["masks"], weights, _cfg(), state_dir=tmp_path / "state") == losses
+    assert all(torch.equal(after[k], v) for k, v in again.vae.state_dict().items())
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path):
+    load, arrays = tiny
+    whole = load()
+    finetune_decoder(whole, arrays["images"], None, None, _cfg(steps=4))
+
+    def stop_after_two(done, total, loss):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    part = load()
+    try:
+        finetune_decoder(part, arrays["images"], None, None, _cfg(steps=4), progress=stop_after_two, state_dir=tmp_path / "s")
+    except KeyboardInterrupt:
+        pass
+    assert torch.load(tmp_path / "s" / "decoder.pt", weights_only=True)["step"] == 2
+    resumed = load()
+    finetune_decoder(resumed, arrays["images"], None, None, _cfg(steps=4), state_dir=tmp_path / "s")
+    want = whole.vae.state_dict()
+    assert all(torch.allclose(v, want[k], atol=1e-6) for k, v in resumed.vae.state_dict().items())
