@@ -54,6 +54,7 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
                  label=f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}")
     results = aggregate(out, real, cfg, subsets, sources, ceilings)
     results["skipped_arms"] = skipped
+    results["n_cells"] = len(cells)  # the grid less the arms that do not apply (listed in skipped_arms)
     results["seconds_this_invocation"] = round(time.time() - started, 1)
     write_json(out / "results.json", results)
     return results
