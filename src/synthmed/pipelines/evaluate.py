@@ -137,6 +137,7 @@ def roundtrip(data: Path, backbone: str, cfg: EvaluateConfig, out: Path, split: 
     and OUT/round_trip.png (originals above, round trips below). With `model` (a `train controlnet` folder),
     the autoencoder as that training left it (its fine-tuned decoder, if any) on the model's backbone."""
     from synthmed.data.prepared import load_split, read_card
+    from synthmed.models.backbone import load_backbone
 
     out = Path(out)
     check_output(out)
@@ -150,7 +151,7 @@ def roundtrip(data: Path, backbone: str, cfg: EvaluateConfig, out: Path, split: 
     segmenter = None
     if judge and masks is not None:
         segmenter = real_segmenter(Path(data), load_split(data, "train", need_masks=True), classes, cfg)
-    bb = _backbone_of(model) if model is not None else _plain_backbone(backbone)
+    bb = _backbone_of(model) if model is not None else load_backbone(backbone)
     results = roundtrip_section(bb, part, masks, classes, labels, segmenter, grid)
     results["inputs"] = {"data": str(Path(data).resolve()), "split": split, "backbone": str(backbone) if model is None else bb.source,
                          "model": None if model is None else str(Path(model).resolve())}
@@ -181,18 +182,13 @@ def _model_round_trip(x: _Inputs, model: Path | None, seg) -> dict | None:
     return res
 
 
-def _plain_backbone(name: str):
-    from synthmed.models.backbone import load_backbone
-
-    return load_backbone(name)
-
-
 def _backbone_of(model: Path):
     """A trained model's backbone as its training left it (a fine-tuned VAE decoder included)."""
+    from synthmed.models.backbone import load_backbone
     from synthmed.models.trained import read_training, trained_backbone
 
     training = read_training(Path(model))
-    return trained_backbone(_plain_backbone(training["backbone"]), Path(model), training)
+    return trained_backbone(load_backbone(training["backbone"]), Path(model), training)
 
 
 def _edge_fidelity(x: _Inputs, regen, cfg) -> dict | None:

@@ -117,6 +117,7 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
     split, prompts, cond = setup.load_inputs(data, cfg, text_mode)
     backbone = setup.load_checked_backbone(cfg, split, data)
     class_weights = setup.class_weights(data, cfg.class_weights, split.masks)
+    decoder_weights = setup.decoder_weights(data, cfg, split.masks)  # every process, before anything is written
     # The schedule steps once per optimiser step: the global batch is split over processes, not multiplied.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=setup.tracker(cfg.log_with), project_dir=str(out / "logs"),
                               step_scheduler_with_optimizer=False)
@@ -132,11 +133,12 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
     torch.manual_seed(cfg.seed)
     started = time.time()
     decoder = None
-    if accelerator.is_main_process:  # before any latent is encoded or decoded; the encoder does not change
-        decoder = setup.tune_decoder(backbone, split, data, cfg, out / "decoder-state")
-    accelerator.wait_for_everyone()
-    if cfg.decoder.steps and not accelerator.is_main_process:  # the others decode validation grids with it too
-        setup.load_tuned_decoder(backbone, out / "decoder-state")
+    if cfg.decoder.steps:  # before any latent is encoded or decoded; the encoder does not change
+        if accelerator.is_main_process:
+            decoder = setup.tune_decoder(backbone, split, cfg, decoder_weights, out / "decoder-state")
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:  # the others decode validation grids with it too
+            setup.load_tuned_decoder(backbone, out / "decoder-state")
     controlnet = None if cond is None else setup.controlnet_for(backbone, cfg, cond.shape[-1])  # cond: (N, H, W, C)
     setup.cast_frozen(backbone, cfg.mixed_precision, accelerator.device)
     data_t = setup.training_data(backbone, split, prompts, cond, cfg)

@@ -44,10 +44,10 @@ def decoder_batch(images: torch.Tensor, weights: torch.Tensor, focus: list, batc
     of the 8 dihedral views."""
     _, _, h, w = images.shape
     n_focus = int(round(focus_share * batch_size)) if focus else 0
+    probs = np.array([f[0] for f in focus]) / sum(f[0] for f in focus) if focus else None
     xs, ws = [], []
     for b in range(batch_size):
         if b < n_focus:
-            probs = np.array([f[0] for f in focus]) / sum(f[0] for f in focus)
             where = focus[int(rng.choice(len(focus), p=probs))][1]
             n, y, x = where[rng.integers(len(where))]
             y0, x0 = _crop_corner(y, h, crop, crop // 4, rng), _crop_corner(x, w, crop, crop // 4, rng)

@@ -65,15 +65,19 @@ def class_weights(data: Path, weights: dict | None, masks):
     return torch.tensor([float(weights.get(n, 1.0)) for n in names])
 
 
-def tune_decoder(backbone, split, data: Path, cfg: ControlNetConfig, state_dir: Path) -> dict | None:
-    """Fine-tune the VAE decoder on the train split (cfg.decoder), before anything is encoded; None when off."""
+def decoder_weights(data: Path, cfg: ControlNetConfig, masks):
+    """The checked per-class weights of the decoder fine-tune (None: uniform, or no fine-tune); one-line errors."""
     if not cfg.decoder.steps:
         return None
     if cfg.conditioning_mode == "text":
         raise SynthmedError("decoder.steps: the VAE decoder is fine-tuned for ControlNet training; conditioning_mode text writes a whole backbone (set decoder.steps 0)")
+    return class_weights(data, cfg.decoder.class_weights, masks)
+
+
+def tune_decoder(backbone, split, cfg: ControlNetConfig, weights, state_dir: Path) -> dict:
+    """Fine-tune the VAE decoder on the train split (cfg.decoder, `weights` from decoder_weights), before anything is encoded."""
     from synthmed.training.decoder import finetune_decoder
 
-    weights = class_weights(data, cfg.decoder.class_weights, split.masks)
     run = SimpleNamespace(**cfg.decoder.model_dump(), seed=cfg.seed)
     with task("fine-tune VAE decoder", cfg.decoder.steps) as update:
         losses = finetune_decoder(backbone, split.images, split.masks if weights is not None else None, weights, run, update, state_dir)
