@@ -190,10 +190,18 @@ def test_bad_input_gets_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "generate", "evaluate", "report", "run", "demo"])
-def test_every_command_has_help(command):
-    proc = run_cli(command, "--help")
+@pytest.mark.parametrize("command", ["", "prepare", "train", "train backbone", "train controlnet", "generate", "export", "evaluate", "evaluate roundtrip",
+                                     "evaluate downstream", "report", "run", "demo"])
+def test_every_command_has_help_that_renders_as_written(command):
+    proc = run_cli(*command.split(), "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout
+    text = proc.stdout
+    assert not [line for line in text.splitlines() if line.rstrip().endswith("...") and "[ARGS]..." not in line], text  # nothing cut
+    assert "<bool>" not in text and "list[" not in text, text  # flags read as flags; repeatable options name their value
+    examples = {"generate": "--set plan.classes=[dead] plan.factor=3", "evaluate downstream": "-s arms=[real,real+classic]",
+                "train controlnet": "-s augment.crop=[48,48]", "run": "-s downstream.seeds=[0,1,2,3,4]"}
+    if command in examples:  # brackets are not eaten as markup
+        assert examples[command] in " ".join(text.split()), text
 
 
 @pytest.mark.slow

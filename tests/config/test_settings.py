@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from synthmed.config import RunConfig, load_yaml_config, overrides, save_config
+from synthmed.config import RunConfig, load_yaml_config, overrides, quick_version, save_config
 from synthmed.pipelines import demo_config
 from synthmed.core.io import SynthmedError
 
@@ -11,6 +11,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def test_shipped_demo_config_is_what_demo_runs():
     assert load_yaml_config(CONFIGS / "demo.yaml", RunConfig) == demo_config(quick=False)
+    # and its quick: section is what `synthmed demo --quick` runs
+    assert quick_version(load_yaml_config(CONFIGS / "demo.yaml", RunConfig), "demo.yaml") == demo_config(quick=True)
 
 
 def test_saved_config_round_trips(tmp_path):

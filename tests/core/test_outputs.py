@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from synthmed.core.io import RUN_MARKER, SynthmedError
-from synthmed.core.outputs import check_output, open_output, output_kind
+from synthmed.core.outputs import OutputLock, check_output, guarded_output, kept_work, lock_of, open_output, output_kind, partial_of
 
 
 def test_open_output_marks_and_resumes_only_its_own_kind(tmp_path):
@@ -45,3 +47,76 @@ def test_a_train_controlnet_folder_cannot_be_resumed_as_a_run(tmp_path):
     with pytest.raises(SynthmedError, match=r"\(controlnet\), not run"):
         pipelines.run(RunConfig(data=str(tmp_path / "absent")), out)
     assert sorted(p.name for p in out.iterdir()) == [RUN_MARKER, "train_config.yaml"]
+
+
+# --- one writer per output, and nothing left by a refusal ---------------------------------------------------
+
+
+def _write_work(out):
+    (out.parent / (out.name + ".partial")).mkdir()
+    (out.parent / (out.name + ".partial") / "sample.png").write_bytes(b"x")
+    out.mkdir(exist_ok=True)
+    (out / "run_config.yaml").write_text("x: 1\n")
+
+
+def test_a_refusal_removes_what_the_command_created_and_keeps_what_was_there(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SynthmedError):
+        with guarded_output(out):
+            _write_work(out)
+            raise SynthmedError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # OUT, OUT.partial and OUT.lock all gone
+
+    out.mkdir()  # an empty folder the user made: emptied again, not removed
+    with pytest.raises(SynthmedError):
+        with guarded_output(out):
+            _write_work(out)
+            raise SynthmedError("refused")
+    assert out.is_dir() and not any(out.iterdir()) and not partial_of(out).exists()
+
+    (out / "earlier.txt").write_text("an earlier run's work")  # a folder with content is left as it is
+    partial_of(out).mkdir()
+    with pytest.raises(SynthmedError):
+        with guarded_output(out):
+            (out / "new.txt").write_text("y")
+            raise SynthmedError("refused")
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.txt", "new.txt"] and partial_of(out).is_dir()
+
+
+@pytest.mark.parametrize("crash", [RuntimeError("a bug"), KeyboardInterrupt()])
+def test_a_crash_or_interrupt_keeps_the_partial_work_to_resume_from(tmp_path, crash):
+    out = tmp_path / "out"
+    with pytest.raises(type(crash)):
+        with guarded_output(out):
+            _write_work(out)
+            raise crash
+    assert (partial_of(out) / "sample.png").is_file() and kept_work(out) == partial_of(out)
+    assert not lock_of(out).exists()
+
+
+def test_a_held_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
+    out = tmp_path / "out"
+    first = OutputLock(out).acquire()
+    try:
+        assert lock_of(out).read_text().strip() == str(os.getpid())
+        with pytest.raises(SynthmedError, match=rf"another synthmed command is writing it \(pid {os.getpid()}, lock "):
+            OutputLock(out).acquire()
+        with pytest.raises(SynthmedError, match="another synthmed command"):
+            with guarded_output(out):
+                pass
+    finally:
+        first.release()
+    assert not lock_of(out).exists()
+    second = OutputLock(out).acquire()  # free again once released
+    assert second.stale_pid is None
+    second.release()
+
+
+def test_a_lock_file_left_by_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    lock_of(out).write_text("999999\n")  # what kill -9 leaves: the file, with no process holding its flock
+    heard = []
+    with guarded_output(out, note=heard.append):
+        assert lock_of(out).read_text().strip() == str(os.getpid())
+    assert heard == ["note: took over the lock of pid 999999, which is no longer running; its finished work is kept"]
+    assert not lock_of(out).exists()

@@ -203,7 +203,7 @@ def test_pannuke_refuses_non_pannuke_classes_and_existing_folds(phantom_data, br
     (tmp_path / "out" / "Fold 1").mkdir(parents=True)
     with pytest.raises(SynthmedError, match="Fold 1: fold folder exists"):
         export_dataset(phantom_data, "pannuke", tmp_path / "out")
-    with pytest.raises(SynthmedError, match=r"dataset\.json: no label map or label list"):
+    with pytest.raises(SynthmedError, match=r"dataset\.json: no image-label list .*medmnist is for classification sets"):
         export_dataset(phantom_data, "medmnist", tmp_path / "x.npz")  # tissue labels, but no codes for them
 
 

@@ -115,6 +115,14 @@ def test_an_interrupted_run_asks_for_resume(tiny_backbone_dir, phantom_data, tmp
         pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir), out)
 
 
+def test_resume_latest_without_a_checkpoint_says_it_starts_at_step_0(tiny_backbone_dir, phantom_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, steps=1), out, resume="latest")
+    assert f"note: --resume latest: no checkpoint in {out / 'checkpoints'}, so training starts at step 0" in capsys.readouterr().err
+    record = read_json(out / "training.json")
+    assert [(r["from_step"], r["to_step"]) for r in record["runs"]] == [(0, 1)] and not record["resumed"]
+
+
 def test_generation_uses_the_prompts_the_model_was_trained_with(tiny_backbone_dir, phantom_data, tmp_path):
     from synthmed.data.prepared import load_split
 

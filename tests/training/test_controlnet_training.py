@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from synthmed.training.common import dihedral, warmup_cosine
-from synthmed.training.controlnet import latest_checkpoint
+from synthmed.training.controlnet import latest_checkpoint, read_history
 from synthmed.testing.training import close, data_for, run_training
 
 
@@ -35,7 +35,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path):
     load, arrays = tiny
     bb = load()
     data = data_for(bb, arrays)
-    straight, _ = run_training(bb, data, tmp_path / "a", steps=6, checkpoint_every=3)
+    straight, straight_losses = run_training(bb, data, tmp_path / "a", steps=6, checkpoint_every=3)
 
     def crash(done, total, loss):
         if done == 4:
@@ -48,8 +48,12 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path):
     names = set(load_file(ckpt / "model.safetensors"))
     assert names and all(n.startswith("controlnet.") for n in names)  # trainable weights only, not the frozen UNet
     resumed, ran = run_training(load(), data, tmp_path / "b", steps=6, checkpoint_every=3, resume="latest")
-    assert len(ran) == 3  # steps 4..6 only: the first three came from the checkpoint
+    # every step's loss: the first three from the checkpoint's history, the last three from this run
+    assert ran == pytest.approx(straight_losses, abs=1e-6) and len(ran) == 6
     assert close(straight.controlnet.state_dict(), resumed.controlnet.state_dict(), atol=1e-6)
+    runs = read_history(tmp_path / "b" / "step-6")["runs"]
+    assert [(r["from_step"], r["to_step"]) for r in runs] == [(0, 3), (3, 6)]  # both invocations recorded
+    assert [(r["from_step"], r["to_step"]) for r in read_history(tmp_path / "a" / "step-6")["runs"]] == [(0, 6)]
 
 
 def test_schedule_warms_up_and_decays():

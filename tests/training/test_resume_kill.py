@@ -108,8 +108,11 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tiny_backbone_dir, phanto
     resumed, full = read_json(killed / "training.json"), read_json(straight / "training.json")
     assert resumed["steps"] == full["steps"] == STEPS
     assert len(full["last_losses"]) == STEPS
-    assert len(resumed["last_losses"]) == STEPS - done, f"resumed from step {done}: expected only the remaining steps"
-    assert resumed["last_losses"] == pytest.approx(full["last_losses"][done:], abs=ATOL)
+    # the resumed record covers the whole training: every step's loss, and both invocations
+    assert resumed["last_losses"] == pytest.approx(full["last_losses"], abs=ATOL)
+    assert [(r["from_step"], r["to_step"]) for r in resumed["runs"]] == [(0, done), (done, STEPS)] and resumed["resumed"]
+    assert [(r["from_step"], r["to_step"]) for r in full["runs"]] == [(0, STEPS)] and not full["resumed"]
+    assert resumed["seconds"] >= resumed["runs"][0]["seconds"]
     for out in (killed, straight):
         assert _complete_steps(out / "checkpoints") == [STEPS - EVERY, STEPS]  # keep_checkpoints=2
         assert not list((out / "checkpoints").glob(".tmp-step-*"))

@@ -27,3 +27,31 @@ def test_median_frequency_weights_favour_the_rare_class():
     w = class_weights(masks, 3)
     assert w.shape == (4,) and w[2] > w[1] and w[2] > w[0] and w[3] == 1.0  # class 3 absent: weight 1
     assert float(w.max()) <= 10.0
+
+
+def test_an_interrupted_judge_continues_from_its_checkpoint(phantom_data, tmp_path):
+    """A judge (filter segmenter or classifier) interrupted mid-training resumes at its last save, to the same weights."""
+    import pytest
+    import torch
+
+    from synthmed.training.common import PhaseCheckpoint
+    from synthmed.training.tasks import train_classifier
+
+    train = load_split(phantom_data, "train")
+    images, masks, labels = train.images[:12], train.masks[:12], (np.arange(12) % 2)
+    for name, fit in (("segmenter", lambda **kw: train_segmenter(images, masks, 5, 8, 4, 1e-3, 0, **kw)),
+                      ("classifier", lambda **kw: train_classifier(images, labels, 2, 8, 4, 1e-3, 0, **kw))):
+        straight = fit()
+        ckpt = PhaseCheckpoint(tmp_path / name, "state", every=3)
+
+        def stop_at_5(done, total, loss):
+            if done == 5:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            fit(progress=stop_at_5, checkpoint=ckpt)
+        seen = []
+        resumed = fit(progress=lambda done, total, loss: seen.append(done), checkpoint=ckpt)
+        assert seen == [4, 5, 6, 7, 8], name  # from the save at step 3, not from step 0
+        for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), (name, k)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import traceback
 from pathlib import Path
 
 import typer
 
 from synthmed.core.io import SynthmedError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="ControlNet-based synthetic medical images: prepare, train, generate, evaluate, report.")
-train_app = typer.Typer(no_args_is_help=True, help="Train a backbone (tiny preset) or a ControlNet.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False, help="ControlNet-based synthetic medical images: prepare, train, generate, evaluate, report.")
+train_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Train a backbone (tiny preset) or a ControlNet.")
 app.add_typer(train_app, name="train")
-evaluate_app = typer.Typer(help="Evaluate a synthetic set (plausibility, fidelity, memorisation); `evaluate downstream`: real vs real+synthetic training.")
-app.add_typer(evaluate_app, name="evaluate", invoke_without_command=True)
+evaluate_app = typer.Typer(rich_markup_mode=None, help="Evaluate a synthetic set (plausibility, fidelity, memorisation); `evaluate downstream`: real vs real+synthetic training.")
+app.add_typer(evaluate_app, name="evaluate", invoke_without_command=True, short_help="Evaluate a synthetic set; downstream and round-trip studies")
 
 
 def _quiet_libraries() -> None:
@@ -34,23 +36,52 @@ def _quiet_libraries() -> None:
     tlog.disable_progress_bar()
 
 
+# How a command continues from what an interrupted or crashed run of it kept.
+_CONTINUE = {"train_backbone": "run the same command with --resume to continue",
+             "train_controlnet": "run the same command with --resume latest to continue"}
+
+
 def command(fn):
-    """Run a command body; a SynthmedError becomes one line on stderr and exit code 2."""
+    """Run a command body under its --out's lock; a SynthmedError becomes one line on stderr and exit code 2,
+    with nothing this command created left behind (core.outputs.guarded_output)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from synthmed.core.outputs import guarded_output
+
+        out = kwargs.get("out")
+        how = _CONTINUE.get(fn.__name__, "run the same command again to continue")
         try:
             _quiet_libraries()
-            return fn(*args, **kwargs)
+            with guarded_output(out, note=_note) if out is not None else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except SynthmedError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished stages and checkpoints are kept; run the same command again "
-                       "(`train backbone --resume` / `train controlnet --resume latest`) to continue", err=True)
+            typer.echo(f"interrupted: {_kept(out, how) or 'nothing was finished'}", err=True)
             raise typer.Exit(130) from None
+        except Exception:
+            kept = _kept(out, how)
+            if kept is None:
+                raise
+            traceback.print_exc()
+            typer.echo(f"crashed: {kept}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _note(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def _kept(out: Path | None, how: str) -> str | None:
+    """Where an interrupted or crashed command's finished work is, and how to continue from it."""
+    from synthmed.core.outputs import kept_work
+
+    where = None if out is None else kept_work(out)
+    return None if where is None else f"finished work is kept in {where}; {how}"
 
 
 def given(**values) -> dict:

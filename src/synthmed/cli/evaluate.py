@@ -20,11 +20,11 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder for results.json"),
     model: Optional[Path] = typer.Option(None, "--model", help="the trained model (`synthmed train controlnet`): enables same-mask regeneration of validation masks for paired SSIM/PSNR"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML of evaluation settings (the `evaluate:` section of a run config)"),
-    extractor: list[str] = typer.Option([], "--extractor", help="feature space for FID/KID: domain, inception or module:function (repeatable)"),
+    extractor: list[str] = typer.Option([], "--extractor", metavar="NAME", help="feature space for FID/KID: domain, inception or module:function (repeatable)"),
     inception_weights: Optional[Path] = typer.Option(None, help="pt_inception-2015-12-05-6726825d.pth for --extractor inception"),
     segmenter_steps: Optional[int] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
-    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE, e.g. -s n_boot=1000 -s paired_regeneration=0"),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="any setting KEY=VALUE, e.g. -s n_boot=1000 -s paired_regeneration=0"),
 ):
     """Plausibility, FID/KID/precision-recall per feature space, paired SSIM/PSNR/MS-SSIM, memorisation; 95% CIs."""
     if ctx.invoked_subcommand is not None:
@@ -46,7 +46,7 @@ def evaluate(
                f"ssim {num(res['fidelity']['ssim'])}; {spaces}; near-copies {res['memorisation']['n_flagged']}; wrote {out}")
 
 
-@evaluate_app.command("roundtrip")
+@evaluate_app.command("roundtrip", short_help="Can the backbone's autoencoder carry your classes?")
 @command
 def evaluate_roundtrip(
     data: Path = typer.Option(..., "--data", help="the real prepared data set"),
@@ -56,7 +56,7 @@ def evaluate_roundtrip(
     model: Optional[Path] = typer.Option(None, "--model", help="a `train controlnet` folder: its backbone with the VAE decoder it fine-tuned (controlnet.decoder)"),
     judge: bool = typer.Option(True, "--judge/--no-judge", help="train a segmenter on the real train split and compare its Dice on originals and round trips"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML of evaluation settings (segmenter recipe, model_cache)"),
-    set_: list[str] = typer.Option([], "--set", "-s", help="any evaluation setting KEY=VALUE, e.g. -s segmenter.steps=600"),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="any evaluation setting KEY=VALUE, e.g. -s segmenter.steps=600"),
 ):
     """Before training: can the backbone's autoencoder carry your classes? Per-class reconstruction error and a judge's Dice on round trips."""
     from synthmed.config import EvaluateConfig, load_yaml_config, overrides
@@ -73,14 +73,14 @@ def evaluate_roundtrip(
     typer.echo(line + f"; wrote {out}")
 
 
-@evaluate_app.command("downstream")
+@evaluate_app.command("downstream", short_help="Real vs real+synthetic training of task models, per arm")
 @command
 def evaluate_downstream(
     data: Path = typer.Option(..., "--data", help="the real prepared data set (its train split is subset; validation stops early; test scores)"),
     out: Path = typer.Option(..., "--out", help="study folder; re-running it skips finished cells"),
-    synthetic: list[str] = typer.Option([], "--synthetic", help="PATH (every fraction) or FRACTION=PATH, a `generate` output whose model and masks come from that fraction only (repeatable)"),
+    synthetic: list[str] = typer.Option([], "--synthetic", metavar="[FRACTION=]PATH", help="PATH (every fraction) or FRACTION=PATH, a `generate` output whose model and masks come from that fraction only (repeatable)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML of study settings (the `downstream:` section of a run config)"),
-    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE, e.g. -s fractions=[0.1,1.0] -s seeds=[0,1,2] -s arms=[real,real+classic]"),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="any setting KEY=VALUE, e.g. -s fractions=[0.1,1.0] -s seeds=[0,1,2] -s arms=[real,real+classic]"),
 ):
     """Train MONAI models per arm (real, real+classic, +synthetic, synthetic-pretrain, the held-out/oracle ceilings) per real fraction and seed; CIs, paired tests, synthetic utility."""
     from synthmed.config import DownstreamConfig, load_yaml_config, overrides

@@ -11,7 +11,7 @@ from synthmed.cli.app import app, command, given, read_card
 from synthmed.core.io import SynthmedError
 
 
-@app.command()
+@app.command(short_help="Synthetic image-mask pairs from a trained model")
 @command
 def generate(
     data: Path = typer.Option(..., "--data", help="prepared data set whose train split (never validation/test) gives the layouts"),
@@ -26,9 +26,9 @@ def generate(
     scheduler: Optional[str] = typer.Option(None, help="ddim, unipc, dpm (DPM-Solver++ 2M) or euler"),
     batch_size: Optional[int] = typer.Option(None),
     filter_by: Optional[str] = typer.Option(None, "--filter", help="none | dice | confidence | both"),
-    export: list[str] = typer.Option([], "--export", help="also write OUT/export/FORMAT: folder, medmnist, pannuke (repeatable)"),
+    export: list[str] = typer.Option([], "--export", metavar="FORMAT", help="also write OUT/export/FORMAT: folder, medmnist, pannuke (repeatable)"),
     seed: Optional[int] = typer.Option(None),
-    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE (dotted for nested ones), e.g. -s layouts.copy_paste=6 -s guess_mode=true"),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="any setting KEY=VALUE (dotted for nested ones), e.g. -s layouts.copy_paste=6 -s guess_mode=true"),
     backbone: Optional[str] = typer.Option(None, help="override the backbone recorded in the model's training.json"),
 ):
     """Plan by class, make layouts from training masks, sample (resumable; `accelerate launch` shards it), filter, export."""
@@ -53,7 +53,7 @@ def generate(
                    f"combined {plan_info.get('combined')}; dropped by the filter {kept.get('dropped', 0)})")
 
 
-@app.command()
+@app.command(short_help="A prepared set in a source format (folder, medmnist, pannuke)")
 @command
 def export(
     data: Path = typer.Argument(..., help="a prepared data set, e.g. the output of `synthmed generate`"),

@@ -10,7 +10,7 @@ import typer
 from synthmed.cli.app import app, command, given, key_values
 
 
-@app.command()
+@app.command(short_help="A source data set, in its own layout, to the prepared layout")
 @command
 def prepare(
     source: str = typer.Argument(..., help="FORMAT: medmnist, pannuke, bci, pcam, camelyon, acdc, brats, busi, cbis-ddsm, folder, manifest, diffusers, or phantom-histology / phantom-breast (embedded)"),
@@ -30,7 +30,7 @@ def prepare(
     canny_sigma: Optional[float] = typer.Option(None, help="Canny Gaussian sigma; default: the format's (1.5)"),
     canny_region: Optional[str] = typer.Option(None, help="image (default) | lesion (edges inside the dilated mask only)"),
     prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="e.g. '{modality}, {label}'"),
-    option: list[str] = typer.Option([], "--option", "-o", help="format option KEY=VALUE (repeatable), e.g. -o level=2; phantom-breast: -o n_patients=200 -o images_per_patient=5 -o modality=both"),
+    option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE", help="format option KEY=VALUE (repeatable), e.g. -o level=2; phantom-breast: -o n_patients=200 -o images_per_patient=5 -o modality=both"),
     slides: Optional[int] = typer.Option(None, help="phantom: labelled slides (default 48)"),
     tiles_per_slide: Optional[int] = typer.Option(None, help="phantom: tiles per slide (default 12)"),
     unlabelled_slides: Optional[int] = typer.Option(None, help="phantom: unlabelled slides (default 150)"),

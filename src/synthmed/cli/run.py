@@ -9,7 +9,7 @@ import typer
 from synthmed.cli.app import app, command, num
 
 
-@app.command()
+@app.command(short_help="An HTML report from results.json")
 @command
 def report(
     results: Path = typer.Argument(..., help="results.json from `synthmed evaluate`"),
@@ -21,13 +21,13 @@ def report(
     typer.echo(f"wrote {run_report(results, out)}")
 
 
-@app.command()
+@app.command(short_help="One experiment from a YAML config (the flow or a study)")
 @command
 def run(
     config: Path = typer.Argument(..., help="experiment YAML (configs/, experiments/)"),
     out: Path = typer.Option(..., "--out", help="run folder; re-running on it resumes (finished stages and study cells are kept)"),
     quick: bool = typer.Option(False, "--quick", help="lay the config's `quick:` settings over it (a test-sized run)"),
-    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE (dotted), e.g. -s data=/path/to/prepared -s downstream.seeds=[0,1,2,3,4]"),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="any setting KEY=VALUE (dotted), e.g. -s data=/path/to/prepared -s downstream.seeds=[0,1,2,3,4]"),
 ):
     """Run one experiment from a YAML config: the generation flow, or a study (experiment: data_augmentation, ...)."""
     from synthmed.config import RunConfig, load_yaml_config, overrides, quick_version
@@ -42,7 +42,7 @@ def run(
     _summary(run_experiment(cfg, out), out)
 
 
-@app.command()
+@app.command(short_help="The whole flow on the embedded default")
 @command
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="run folder; re-running on it resumes"),

@@ -11,7 +11,7 @@ from synthmed.cli.app import command, given, train_app
 from synthmed.core.io import SynthmedError
 
 
-@train_app.command("backbone")
+@train_app.command("backbone", short_help="Pretrain a backbone preset on unlabelled images")
 @command
 def train_backbone(
     data: Path = typer.Option(..., "--data", help="prepared data set with an 'unlabelled' split"),
@@ -34,7 +34,7 @@ def train_backbone(
     typer.echo(f"wrote {folder}")
 
 
-@train_app.command("controlnet")
+@train_app.command("controlnet", short_help="Train a ControlNet (or the UNet) on a prepared set")
 @command
 def train_controlnet(
     data: Path = typer.Option(..., "--data", help="prepared data set (its train split is used)"),
@@ -49,7 +49,7 @@ def train_controlnet(
     depth: Optional[str] = typer.Option(None, help="deep | shallow:K | mid"),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank on the backbone UNet (0: none)"),
     mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16"),
-    set_: list[str] = typer.Option([], "--set", "-s", help="any setting KEY=VALUE, dotted for nested ones (repeatable), e.g. -s lora.stage=before -s augment.crop=[48,48]"),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="any setting KEY=VALUE, dotted for nested ones (repeatable), e.g. -s lora.stage=before -s augment.crop=[48,48]"),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (the newest checkpoint in --out) or a checkpoint folder"),
 ):
     """Train a ControlNet (or, --conditioning-mode text, the UNet) against the frozen backbone."""

@@ -375,6 +375,8 @@ class RunConfig(_Strict):
 def load_yaml_config(path: Path, model: type[BaseModel] = RunConfig) -> BaseModel:
     """Read a YAML file into a config model, with a one-line error naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise SynthmedError(f"{path}: is a folder; give one YAML config file in it ({', '.join(sorted(p.name for p in path.glob('*.yaml'))[:4]) or 'none found'})")
     if not path.is_file():
         raise SynthmedError(f"{path}: config file not found")
     try:

@@ -115,17 +115,20 @@ def save_array(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def load_png(path: Path) -> np.ndarray:
-    """Load an image file as a numpy array, with a one-line error naming the file if unreadable."""
+def load_png(path: Path, pixels=np.array) -> np.ndarray:
+    """Load an image file as a numpy array (`pixels(PIL image)`: its raw values by default), with a one-line
+    error naming the file if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise SynthmedError(f"{path}: file not found")
     try:
         with Image.open(path) as im:
             im.load()
-            return np.array(im)
-    except (OSError, ValueError) as exc:
-        raise SynthmedError(f"{path}: cannot read image ({exc})") from None
+            return pixels(im)
+    except SynthmedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types; one line naming the file
+        raise SynthmedError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

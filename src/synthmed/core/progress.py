@@ -37,3 +37,9 @@ def task(description: str, total: int):
             print(f"{description}: {done}/{n}{extra}", file=sys.stderr, flush=True)
 
     yield update
+
+
+def note(line: str) -> None:
+    """One line for the user on stderr (what a job decided on its own, e.g. a fresh start where a resume was asked)."""
+    if os.environ.get("RANK", "0") == "0":  # once per multi-process launch
+        print(f"note: {line}", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from PIL import Image
 from synthmed.data.conditioning import EDGE_BUILDERS, ConditioningSpec, build_conditioning
 from synthmed.data.prepared import CARD, SPLITS, Sample, _instance_classes
 from synthmed.data.readers.base import Item, Reader
+from synthmed.core.outputs import check_output
 from synthmed.core.io import SynthmedError, read_json, save_array, write_json, write_jsonl
 
 RESIZE_POLICIES = {
@@ -321,8 +322,7 @@ def prepare_dataset(reader: Reader, out: Path, settings: PrepareSettings, progre
         if card.get("fingerprint") == settings.fingerprint:
             return card  # already prepared with these settings: nothing to do
         raise SynthmedError(f"{out}: already holds a prepared data set made with other settings (choose a new --out)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SynthmedError(f"{out}: output folder exists and is not empty (choose a new --out)")
+    check_output(out)
     items = reader.items()
     if not items:
         raise reader.empty()

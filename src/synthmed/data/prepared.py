@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.data.conditioning import colour_mask
+from synthmed.data.images import read_image
 from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_json, read_jsonl, save_png, write_json, write_jsonl
 
 SPLITS = ("train", "validation", "test", "unlabelled")
@@ -167,7 +168,12 @@ def read_card(root: Path) -> dict:
 
 
 def load_split(root: Path, split: str, limit: int | None = None, need_masks: bool = False) -> PreparedSplit:
-    """Load one split's images (and masks, if present) into memory."""
+    """Load one split's images (and masks, if present) into memory, checking every file as it is read.
+
+    Images follow the rules of data/images.py (palette -> colours, opaque alpha dropped, transparency refused,
+    16-bit -> the percentile window); every image must have the first one's size, every mask its image's size
+    and only the class codes the card defines. A file that breaks a rule is a one-line error naming it.
+    """
     root = Path(root)
     card = read_card(root)
     if split not in card.get("splits", {}):
@@ -175,20 +181,50 @@ def load_split(root: Path, split: str, limit: int | None = None, need_masks: boo
     rows = read_jsonl(root / split / "metadata.jsonl")[:limit]
     if not rows:
         raise SynthmedError(f"{root / split / 'metadata.jsonl'}: no samples")
-    loaded = [rgb_image(load_png(root / split / r["file_name"])) for r in rows]
-    sizes = {im.shape[:2] for im in loaded}
-    if len(sizes) > 1:
-        raise SynthmedError(f"{root / split}: images differ in size ({', '.join(map(str, sorted(sizes)[:3]))}, ...); prepare with --size")
-    images = np.stack(loaded)
+    folder = root / split
+    images = np.stack(_same_size([rgb_image(read_image(folder / _field(r, "file_name", folder))) for r in rows], rows, "file_name", folder))
     has_masks = all("mask" in r for r in rows)
     if need_masks and not has_masks:
-        raise SynthmedError(f"{root / split / 'metadata.jsonl'}: split {split!r} has no masks")
+        raise SynthmedError(f"{folder / 'metadata.jsonl'}: split {split!r} has no masks")
     masks = None
     if has_masks:
-        masks = np.stack([load_png(root / split / r["mask"]) for r in rows])
-        if masks.shape[:3] != images.shape[:3]:
-            raise SynthmedError(f"{root / split}: masks {masks.shape[1:3]} differ in size from images {images.shape[1:3]}")
+        n_codes = len(card.get("classes") or []) or None
+        masks = np.stack([read_mask(folder / r["mask"], images.shape[1:3], n_codes) for r in rows])
     return PreparedSplit(root, split, rows, images, masks)
+
+
+def _field(row: dict, key: str, folder: Path) -> str:
+    if not row.get(key):
+        raise SynthmedError(f"{folder / 'metadata.jsonl'}: sample {row.get('id', '?')} has no {key}")
+    return row[key]
+
+
+def _same_size(arrays: list[np.ndarray], rows: list[dict], key: str, folder: Path) -> list[np.ndarray]:
+    """Refuse a split whose files differ in size, naming the first one that differs from the first file."""
+    first = arrays[0].shape[:2]
+    for arr, row in zip(arrays, rows):
+        if arr.shape[:2] != first:
+            raise SynthmedError(f"{folder / row[key]}: size {arr.shape[1]}x{arr.shape[0]} differs from {folder / rows[0][key]} "
+                                f"({first[1]}x{first[0]}); prepare with --size")
+    return arrays
+
+
+def read_mask(path: Path, shape: tuple[int, int], n_codes: int | None = None) -> np.ndarray:
+    """A prepared mask: one channel of class codes 0..n_codes (palette indices are codes), the size of its image."""
+    arr = load_png(path)
+    if arr.ndim != 2:
+        raise SynthmedError(f"{path}: mask has {arr.shape[-1]} channels; expected one channel of class codes")
+    if arr.dtype.kind not in "iu":
+        raise SynthmedError(f"{path}: mask holds {arr.dtype} values; expected integer class codes")
+    if arr.shape != tuple(shape):
+        raise SynthmedError(f"{path}: mask size {arr.shape[1]}x{arr.shape[0]} differs from its image's {shape[1]}x{shape[0]}")
+    top = int(arr.max(initial=0))
+    if n_codes is not None and top > n_codes:
+        bad = [int(c) for c in np.unique(arr) if c > n_codes]
+        raise SynthmedError(f"{path}: class code(s) {bad} beyond the {n_codes} classes of the card (0 background, 1..{n_codes})")
+    if top > 255:
+        raise SynthmedError(f"{path}: class codes up to {top}; at most 255 classes")
+    return arr.astype(np.uint8)
 
 
 def rgb_image(arr: np.ndarray) -> np.ndarray:
@@ -199,29 +235,39 @@ def rgb_image(arr: np.ndarray) -> np.ndarray:
 
 def load_conditioning(split: PreparedSplit) -> np.ndarray:
     """The split's conditioning images (N, H, W, C) uint8 as written by `prepare`: C is the file's own
-    channel count (1 for a greyscale PNG such as an edge map, 3 for colour, K for an .npy stack)."""
-    missing = [r["id"] for r in split.rows if "conditioning_image" not in r]
-    if missing:
-        raise SynthmedError(f"{split.root / split.split / 'metadata.jsonl'}: sample {missing[0]} has no conditioning_image")
-    paths = [split.root / split.split / r["conditioning_image"] for r in split.rows]
-    return np.stack([_channels_last(load_conditioning_file(p)) for p in paths])
+    channel count (1 for a greyscale PNG such as an edge map, 3 for colour, K for an .npy stack).
+    Each must have its image's size and the first one's channel count."""
+    folder = split.root / split.split
+    shape = split.images.shape[1:3]
+    out = []
+    for r in split.rows:
+        path = folder / _field(r, "conditioning_image", folder)
+        arr = _channels_last(load_conditioning_file(path))
+        if arr.shape[:2] != shape:
+            raise SynthmedError(f"{path}: conditioning size {arr.shape[1]}x{arr.shape[0]} differs from its image's {shape[1]}x{shape[0]}")
+        if out and arr.shape[2] != out[0].shape[2]:
+            raise SynthmedError(f"{path}: {arr.shape[2]} conditioning channel(s), but {folder / split.rows[0]['conditioning_image']} has {out[0].shape[2]}")
+        out.append(arr)
+    return np.stack(out)
 
 
 def _channels_last(arr: np.ndarray) -> np.ndarray:
-    """(H, W) -> (H, W, 1); an RGBA PNG loses its alpha."""
-    if arr.ndim == 2:
-        return arr[..., None]
-    return arr[..., :3] if arr.shape[-1] == 4 else arr
+    """(H, W) -> (H, W, 1)."""
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def load_conditioning_file(path: Path) -> np.ndarray:
-    """One conditioning image: PNG, or .npy (H, W, C) when C is not 1 or 3 (one-hot, stacks)."""
+    """One conditioning image: an image file by the rules of data/images.py, or .npy (H, W, C) uint8 when C
+    is not 1 or 3 (one-hot, stacks)."""
     path = Path(path)
     if path.suffix != ".npy":
-        return load_png(path)
+        return read_image(path)
     if not path.is_file():
         raise SynthmedError(f"{path}: file not found")
     try:
-        return np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise SynthmedError(f"{path}: cannot read conditioning array ({exc})") from None
+    if arr.dtype != np.uint8 or arr.ndim != 3:
+        raise SynthmedError(f"{path}: conditioning array of {arr.dtype} {arr.shape}; expected uint8 (H, W, C)")
+    return arr

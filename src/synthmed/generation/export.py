@@ -186,7 +186,20 @@ def label_codes(data: SplitRows) -> tuple[dict[str, int], bool]:
             return {name: int(code) for code, name in card["label_map"].items()}, multi
         if card.get("labels"):
             return {name: code for code, name in enumerate(card["labels"])}, multi
-    raise SynthmedError(f"{data.root / 'dataset.json'}: no label map or label list to code labels by (pass the real prepared set)")
+    raise SynthmedError(f"{data.root / 'dataset.json'}: {NO_LABELS}")
+
+
+NO_LABELS = ("no image-label list (`labels`) in this card or its real set's, so medmnist's per-image labels cannot be coded: "
+             "medmnist is for classification sets; export a segmentation set as folder or pannuke")
+
+
+def check_exportable(formats: list[str], card: dict, where: Path) -> None:
+    """Refuse, before any work, an export a data set with this card cannot be written as."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise SynthmedError(f"unknown export format {unknown[0]!r} (known: {', '.join(FORMATS)})")
+    if "medmnist" in formats and not card.get("labels") and not (card.get("label_map") and not card.get("classes")):
+        raise SynthmedError(f"{where}: {NO_LABELS}")
 
 
 def _medmnist_split(data: SplitRows, codes: dict[str, int], multi: bool, grey: bool) -> tuple[np.ndarray, np.ndarray]:

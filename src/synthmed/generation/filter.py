@@ -113,11 +113,12 @@ def _train_judges(folder: Path, data: Path, cfg: GenerateConfig, want_seg: bool,
     if want_seg:
         with task("filter: train segmenter (real train split)", f.segmenter.steps) as update:
             seg = train_segmenter(train.images, train.masks, n_classes, f.segmenter.steps, f.segmenter.batch_size, f.segmenter.lr, cfg.seed + JUDGE_SEED, update,
-                                  device=device, class_weighting=f.segmenter.class_weighting)
+                                  device=device, class_weighting=f.segmenter.class_weighting, checkpoint=_judge_state(folder, "segmenter", f.segmenter.steps))
     if want_clf:
         codes = np.array([names.index(str(r.get("label"))) for r in train.rows])
         with task("filter: train classifier (real train split)", f.classifier.steps) as update:
-            clf = train_classifier(train.images, codes, len(names), f.classifier.steps, f.classifier.batch_size, f.classifier.lr, cfg.seed + JUDGE_SEED, update, device=device)
+            clf = train_classifier(train.images, codes, len(names), f.classifier.steps, f.classifier.batch_size, f.classifier.lr, cfg.seed + JUDGE_SEED, update,
+                                   device=device, checkpoint=_judge_state(folder, "classifier", f.classifier.steps))
     for model, name in ((seg, "segmenter"), (clf, "classifier")):
         if model is not None:
             save_weights(model, folder / f"{name}.safetensors")
@@ -125,6 +126,16 @@ def _train_judges(folder: Path, data: Path, cfg: GenerateConfig, want_seg: bool,
     write_json(folder / "done.json", {"segmenter_steps": f.segmenter.steps, "segmenter_class_weighting": f.segmenter.class_weighting,
                                       "classifier_steps": f.classifier.steps, "seed": cfg.seed + JUDGE_SEED,
                                       "classes": names, "thresholds": thresholds})
+    for state in folder.glob("*-state.pt"):
+        state.unlink()
+
+
+def _judge_state(folder: Path, name: str, steps: int):
+    """A judge's training checkpoint in the run's partial folder (about ten saves a training): an interrupted
+    generate continues the judge where it stopped instead of from step 0."""
+    from synthmed.training.common import PhaseCheckpoint
+
+    return PhaseCheckpoint(folder, f"{name}-state", max(1, steps // 10))
 
 
 def _thresholds(data: Path, f, seg, clf, n_classes: int, names: list[str], dice_per_image) -> dict:

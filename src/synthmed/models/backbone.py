@@ -213,11 +213,23 @@ def _from_preset_name(name: str) -> Backbone:
     return _from_folder(_cached_snapshot(hub_id), f"hub:{hub_id}")
 
 
+def require_weights(folder: Path, what: str) -> None:
+    """A model folder must hold config.json and safetensors weights: checked here, so the user reads one line of
+    ours and not the loader's own log line first (and nothing falls back to pickled .bin weights)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SynthmedError(f"{folder}: not a {what} folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise SynthmedError(f"{folder}: no {what} weights (no .safetensors file; synthmed loads safetensors only)")
+
+
 def _from_folder(folder: Path, label: str, **kwargs) -> Backbone:
+    for part in ("vae", "unet", "text_encoder"):
+        require_weights(Path(folder) / part, f"backbone {part}")
     try:
         return Backbone(
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **kwargs),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **kwargs),
             text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True, **kwargs),
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kwargs),
             scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kwargs),

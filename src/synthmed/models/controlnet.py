@@ -17,6 +17,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from synthmed.core.io import SynthmedError
+from synthmed.models.backbone import require_weights
 
 # SD's conditioning-embedding widths; a VAE with fewer downsamplings uses fewer stages.
 _SD_EMBEDDING = (16, 32, 96, 256)
@@ -108,9 +109,7 @@ def _plain(value):
 
 def load_controlnet(folder: Path) -> ControlNetModel:
     """Load a saved ControlNet folder, with a one-line error if it is not one."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise SynthmedError(f"{folder}: not a ControlNet folder (no config.json)")
+    require_weights(folder, "ControlNet")
     try:
         return ControlNetModel.from_pretrained(folder, use_safetensors=True)
     except (OSError, ValueError) as exc:

@@ -18,12 +18,25 @@ RECORD = "training.json"
 
 def read_training(model: Path) -> dict:
     """MODEL/training.json (a one-line error naming the file if it is missing or corrupt)."""
+    if Path(model).is_dir() and not (Path(model) / RECORD).is_file():
+        raise SynthmedError(f"{model}: not a trained model folder (no {RECORD}: give the --out of `synthmed train controlnet`)")
     return read_json(Path(model) / RECORD)
 
 
 def has_controlnet(training: dict) -> bool:
     """Whether a trained model has a ControlNet (conditioning_mode text trains the UNet alone: text-only sampling)."""
     return "controlnet" in training.get("outputs", {"controlnet": "controlnet"})
+
+
+def check_conditioning(model: Path, training: dict, card: dict, where: Path) -> None:
+    """Refuse, before any sampling, a data set whose conditioning images have another channel count than the
+    ones the model's ControlNet was trained on (`card`: the data set's dataset.json)."""
+    want = training.get("conditioning_channels") if has_controlnet(training) else None
+    cond = card.get("conditioning") or {}
+    have = len(cond.get("channel_names") or [])
+    if want and have and want != have:
+        raise SynthmedError(f"{where}: conditioning has {have} channel(s) ({', '.join(cond.get('builders') or [])}) but the model {model} "
+                            f"was trained on {want}; use a data set prepared with the --conditioning it was trained on")
 
 
 def is_complete(model: Path) -> bool:

@@ -50,6 +50,10 @@ def evaluate(data: Path, synthetic: Path, cfg: EvaluateConfig, out: Path, grid: 
     check_output(out)
     check_extractors(cfg.extractors, cfg)
     x = _inputs(Path(data), Path(synthetic))
+    if model is not None:
+        from synthmed.models.trained import check_conditioning, read_training
+
+        check_conditioning(Path(model), read_training(Path(model)), x.card, Path(data) / "dataset.json")
     spaces = extractors(cfg.extractors, x.train, cfg, device())  # first: a missing weights file fails before any training
     seg = _segmenter(x, cfg)
     plaus = plausibility(seg, x.syn, x.test, x.classes, cfg)

@@ -32,7 +32,8 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     from synthmed.generation.draw import draw_shard, sampler_for
     from synthmed.generation.filter import load_judges
     from synthmed.generation.store import GenerationStore
-    from synthmed.models.trained import has_controlnet, read_training
+    from synthmed.generation.export import check_exportable
+    from synthmed.models.trained import check_conditioning, has_controlnet, read_training
 
     data, model, out = Path(data), Path(model), Path(out)
     state = PartialState(cpu=cpu_only())
@@ -41,6 +42,9 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
 
         torch.set_num_threads(cfg.cpu_threads)
     training = read_training(model)
+    card = read_card(data)  # before any work: what the data and the model must agree on
+    check_conditioning(model, training, card, data / "dataset.json")
+    check_exportable(cfg.export, card, data / "dataset.json")
     if not has_controlnet(training) and cfg.filter.by in ("dice", "both"):
         raise SynthmedError(f"{model}: trained with conditioning_mode {training.get('conditioning_mode')!r} (no ControlNet): its images follow prompts, "
                             "not masks, so filter.by dice does not apply; use filter.by none or confidence")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from synthmed.config import ControlNetConfig, EvaluateConfig, GenerateConfig, PrepareConfig, RunConfig, save_config
 from synthmed.core.io import read_json, write_json
-from synthmed.core.outputs import open_output
+from synthmed.core.outputs import check_output, open_output
 
 RUN_KIND = "run"
 
@@ -64,7 +64,12 @@ def run(cfg: RunConfig, out: Path, resume: bool = True) -> dict:
     """Run the experiment `cfg.experiment` in OUT, preparing the data first unless `cfg.data` names a prepared set."""
     from synthmed.pipelines.prepare import prepare
 
+    from synthmed.data.prepared import read_card
+
     out = Path(out)
+    check_output(out, RUN_KIND, resume)
+    if cfg.data:
+        read_card(cfg.data)  # before the run folder is made: a data set that is not there is a one-line error
     open_output(out, RUN_KIND, resume)
     save_config(cfg, out / "run_config.yaml")
     started = time.time()
@@ -89,22 +94,27 @@ def demo_config(quick: bool = False) -> RunConfig:
     CPU model's samples score below the automatic one (the judge's 10% quantile on real validation
     images, 0.66 here), which would drop them all.
     """
-    from synthmed.config import DecoderConfig, FilterConfig, PhantomConfig, PlanConfig, TaskTrainingConfig
+    from synthmed.config import DecoderConfig, FilterConfig, PhantomConfig, PlanConfig, TaskTrainingConfig, quick_version
 
-    if not quick:
-        judge = TaskTrainingConfig(steps=1200, class_weighting="median_frequency")  # a judge that sees the rare class
-        decoder = DecoderConfig(steps=500, batch_size=16, class_weights={"dead": 20.0, **{c: 2.0 for c in ("neoplastic", "inflammatory", "connective", "epithelial")}})
-        return RunConfig(prepare=PrepareConfig(phantom=PhantomConfig(n_unlabelled_slides=0)),
-                         controlnet=ControlNetConfig(steps=1200, validation_every=400, class_weights={"dead": 5.0}, decoder=decoder),
-                         generate=GenerateConfig(plan=PlanConfig(mode="multiply", classes=["dead"], factor=3),
-                                                 filter=FilterConfig(by="dice", min_dice=0.4, min_focus_dice=0.3, attempts=5, segmenter=judge)),
-                         evaluate=EvaluateConfig(segmenter=judge))
-    return RunConfig(
-        prepare=PrepareConfig(phantom=PhantomConfig(n_slides=9, tiles_per_slide=6, n_unlabelled_slides=0)),
-        controlnet=ControlNetConfig(steps=30, batch_size=8, checkpoint_every=20, decoder=DecoderConfig(steps=2, batch_size=4)),
-        generate=GenerateConfig(n_samples=8, steps=8, batch_size=8, filter=FilterConfig(by="dice", min_dice=0.0, segmenter=TaskTrainingConfig(steps=30, batch_size=8))),
-        evaluate=EvaluateConfig(segmenter=TaskTrainingConfig(steps=60, batch_size=8), domain=TaskTrainingConfig(steps=20), n_boot=20),
-    )
+    judge = TaskTrainingConfig(steps=1200, class_weighting="median_frequency")  # a judge that sees the rare class
+    decoder = DecoderConfig(steps=500, batch_size=16, class_weights={"dead": 20.0, **{c: 2.0 for c in ("neoplastic", "inflammatory", "connective", "epithelial")}})
+    full = RunConfig(prepare=PrepareConfig(phantom=PhantomConfig(n_unlabelled_slides=0)),
+                     controlnet=ControlNetConfig(steps=1200, validation_every=400, class_weights={"dead": 5.0}, decoder=decoder),
+                     generate=GenerateConfig(plan=PlanConfig(mode="multiply", classes=["dead"], factor=3),
+                                             filter=FilterConfig(by="dice", min_dice=0.4, min_focus_dice=0.3, attempts=5, segmenter=judge)),
+                     evaluate=EvaluateConfig(segmenter=judge), quick=DEMO_QUICK)
+    return quick_version(full, "demo") if quick else full
+
+
+# What `synthmed demo --quick` (and `synthmed run configs/demo.yaml --quick`) lays over the demo: test-sized.
+DEMO_QUICK = {
+    "prepare": {"phantom": {"n_slides": 9, "tiles_per_slide": 6}},
+    "controlnet": {"steps": 30, "batch_size": 8, "checkpoint_every": 20, "validation_every": 0, "class_weights": None,
+                   "decoder": {"steps": 2, "batch_size": 4, "class_weights": None}},
+    "generate": {"n_samples": 8, "steps": 8, "batch_size": 8, "plan": {"mode": "replay", "classes": None, "factor": 2.0},
+                 "filter": {"min_dice": 0.0, "min_focus_dice": None, "attempts": 3, "segmenter": {"steps": 30, "batch_size": 8, "class_weighting": "none"}}},
+    "evaluate": {"segmenter": {"steps": 60, "batch_size": 8, "class_weighting": "none"}, "domain": {"steps": 20}, "n_boot": 20},
+}
 
 
 def demo(out: Path, quick: bool = False) -> dict:

@@ -10,7 +10,7 @@ from synthmed.config import BackboneConfig, ControlNetConfig, DecoderConfig, Lor
 from synthmed.core.environment import environment
 from synthmed.core.io import SynthmedError, atomic_dir
 from synthmed.core.outputs import check_output, mark_output
-from synthmed.core.progress import task
+from synthmed.core.progress import note, task
 
 BACKBONE_KIND, MODEL_KIND = "backbone", "controlnet"
 
@@ -87,6 +87,8 @@ def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool 
     check_output(out, MODEL_KIND, resume=bool(resume))
     if resume not in (False, True, "latest") and not Path(resume).is_dir():
         raise SynthmedError(f"{resume}: --resume expects 'latest' or a checkpoint folder (OUT/checkpoints/step-N)")
+    if resume == "latest" and not any((out / "checkpoints").glob("step-*")):
+        note(f"--resume latest: no checkpoint in {out / 'checkpoints'}, so training starts at step 0")
     if cfg.lora.rank and cfg.lora.stage == "before" and cfg.conditioning_mode != "text":
         cfg = _lora_stage_first(data, cfg, out, resume)
     return _train(data, cfg, out, resume)
@@ -111,7 +113,7 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
 
     from synthmed.models.trained import save_trained, write_record
     from synthmed.training import setup
-    from synthmed.training.controlnet import train
+    from synthmed.training.controlnet import latest_checkpoint, read_history, train
 
     text_mode = cfg.conditioning_mode == "text"
     split, prompts, cond = setup.load_inputs(data, cfg, text_mode)
@@ -155,7 +157,9 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
             raise SynthmedError(f"{out}: {exc}") from None
     if accelerator.is_main_process:
         saved = save_trained(accelerator.unwrap_model(model).eval(), backbone, cfg, out)
-        record = setup.training_record(cfg, data, split, backbone, data_t, saved, losses, started, accelerator, attention)
+        last = latest_checkpoint(out / "checkpoints")
+        runs = read_history(last[1] if last else None)["runs"]
+        record = setup.training_record(cfg, data, split, backbone, data_t, saved, losses, started, accelerator, attention, runs)
         record["decoder"] = decoder
         write_record(out, record, saved, {"environment": environment()})
     accelerator.wait_for_everyone()

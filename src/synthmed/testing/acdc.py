@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.data.readers.acdc import GROUPS, PHASES, WINDOW
-from synthmed.data.readers.base import to_uint8
+from synthmed.data.images import to_uint8
 
 # (subset, patient number, group, X, Y, Z) for the small fixture
 SMALL = [

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synthmed.data.readers.base import to_uint8
+from synthmed.data.images import to_uint8
 
 CLASSES = ("benign", "malignant", "normal")
 N_PATIENTS = 8
@@ -72,8 +72,8 @@ def save_as(path: Path, img: np.ndarray, kind: str) -> np.ndarray:
 
         tifffile.imwrite(path, img, photometric="rgb" if img.ndim == 3 else "minisblack")
         return img
-    if kind == "rgba":
-        Image.fromarray(np.dstack([img, np.full(img.shape[:2], 200, np.uint8)])).save(path)
+    if kind == "rgba":  # an opaque alpha channel, as exporters write it (dropped; a transparent image is refused)
+        Image.fromarray(np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])).save(path)
         return img
     if kind == "jpg":
         Image.fromarray(img).save(path, quality=92)

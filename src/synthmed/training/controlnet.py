@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +25,17 @@ from synthmed.training.common import batch_indices, DiffusionLoss, drop_prompts,
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+HISTORY = "history.json"
+
+
+def read_history(checkpoint: Path | None) -> dict:
+    """The loss per step and the invocations (from_step, to_step, seconds) recorded with a checkpoint."""
+    from synthmed.core.io import read_json
+
+    path = None if checkpoint is None else Path(checkpoint) / HISTORY
+    return read_json(path) if path is not None and path.is_file() else {"losses": [], "runs": []}
+
+
 def latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
     """The newest complete checkpoint (step, path) in a folder, if any."""
     folder = Path(folder)
@@ -31,8 +43,13 @@ def latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def _save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
-    """Save accelerate state atomically (temporary name, then rename) and keep the newest `keep`."""
+def _save_checkpoint(accelerator, folder: Path, step: int, keep: int, history: dict) -> None:
+    """Save accelerate state atomically (temporary name, then rename) and keep the newest `keep`.
+
+    `history` (HISTORY in the folder) holds every step's loss so far and each invocation's steps and seconds,
+    so that a resumed training's record covers the whole run."""
+    from synthmed.core.io import write_json
+
     folder.mkdir(parents=True, exist_ok=True)
     tmp, final = folder / f".tmp-step-{step}", folder / f"step-{step}"
     if accelerator.is_main_process:
@@ -41,6 +58,7 @@ def _save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json(tmp / HISTORY, history)
         shutil.rmtree(final, ignore_errors=True)  # a same-step state from an earlier attempt
         os.replace(tmp, final)
         steps = sorted(int(m.group(1)) for p in folder.glob("step-*") if (m := _STEP_DIR.match(p.name)))
@@ -131,7 +149,8 @@ def resume_point(checkpoints: Path, resume: bool | str | Path) -> tuple[int, Pat
 
 def train(model: ControlledUNet, backbone: Backbone, data: TrainingData, cfg, accelerator, checkpoints: Path, resume: bool | str | Path = False,
           progress=None, class_weights: torch.Tensor | None = None, validate=None, lrs: dict[str, float] | None = None) -> list[float]:
-    """Train the trainable parts of `model`; returns the per-step losses of this run.
+    """Train the trainable parts of `model`; returns the per-step losses from step 0 (a resumed run's earlier
+    steps come from the checkpoint's history; each invocation is recorded there too: `read_history`).
 
     `cfg` (config.ControlNetConfig) gives steps, batch_size (global), lr, prompt_dropout,
     conditioning_mode, grad_accum, min_snr_gamma, ema_decay, optimizer, checkpoint_every,
@@ -146,12 +165,13 @@ def train(model: ControlledUNet, backbone: Backbone, data: TrainingData, cfg, ac
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = _ema(accelerator.unwrap_model(model), cfg.ema_decay)
     checkpoint_hooks(accelerator, model, ema)
-    start = 0
+    start, earlier = 0, read_history(None)
     if (found := resume_point(checkpoints, resume)) is not None:
         start, path = found
         accelerator.load_state(str(path))
+        earlier = read_history(path)
     step_fn = _Step(model, backbone, data, cfg, accelerator, class_weights)
-    losses = []
+    losses, began = list(earlier["losses"][:start]), time.time()
     for step in range(start, cfg.steps):
         try:
             losses.append(step_fn(step))
@@ -165,7 +185,8 @@ def train(model: ControlledUNet, backbone: Backbone, data: TrainingData, cfg, ac
             ema.step(_trainable(accelerator.unwrap_model(model)))
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the final state too, to train on later
-            _save_checkpoint(accelerator, Path(checkpoints), done, cfg.keep_checkpoints)
+            run = {"from_step": start, "to_step": done, "seconds": round(time.time() - began, 1)}
+            _save_checkpoint(accelerator, Path(checkpoints), done, cfg.keep_checkpoints, {"losses": losses, "runs": earlier["runs"] + [run]})
         every = cfg.validation_every
         if validate is not None and every and (done % every == 0 or done == cfg.steps) and accelerator.is_main_process:
             validate(accelerator.unwrap_model(model), done)

@@ -183,7 +183,10 @@ def build_model(backbone, controlnet, cfg: ControlNetConfig):
     return ControlledUNet(unet, controlnet).train()
 
 
-def training_record(cfg, data, split, backbone, data_t, saved, losses, started, accelerator, attention) -> dict:
+def training_record(cfg, data, split, backbone, data_t, saved, losses, started, accelerator, attention, runs=()) -> dict:
+    """training.json. `losses` from step 0; `runs`: each invocation's steps and loop seconds (a resumed training has
+    several); `seconds` is the earlier invocations' loop time plus this invocation's whole wall time."""
+    runs = list(runs)
     return {
         "backbone": cfg.backbone,
         "backbone_source": backbone.source,
@@ -212,7 +215,9 @@ def training_record(cfg, data, split, backbone, data_t, saved, losses, started, 
         "steps": cfg.steps,
         "last_losses": losses[-50:],
         "mean_loss_last_100": sum(losses[-100:]) / max(1, len(losses[-100:])),
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(sum(r["seconds"] for r in runs[:-1]) + time.time() - started, 1),
+        "runs": runs,
+        "resumed": len(runs) > 1,
         "processes": accelerator.num_processes,
     }
 

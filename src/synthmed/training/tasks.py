@@ -1,5 +1,5 @@
 """Training the task networks (models/tasknets.py) on real data: the segmenter (Dice + CE) and the classifier
-(class-balanced cross-entropy), and a weight cache so that later evaluations against the same real data
+(class-balanced cross-entropy), resumable with a PhaseCheckpoint, and a weight cache so that later evaluations against the same real data
 load a model instead of training it again."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import DenseNet121, ResNet, UNet
 
 from synthmed.models.tasknets import _check_images, _check_labels, build_classifier, build_segmenter, to_unit_range
-from synthmed.training.common import batch_indices, dihedral, optimiser_step, step_generator, warmup_cosine
+from synthmed.training.common import PhaseCheckpoint, batch_indices, dihedral, optimiser_step, step_generator, warmup_cosine
 
 
 def _seg_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -33,9 +33,10 @@ def class_weights(masks: np.ndarray, n_classes: int, cap: float = 10.0) -> torch
 
 
 def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps: int, batch_size: int, lr: float, seed: int, progress=None,
-                    device: str = "cpu", class_weighting: str = "none") -> UNet:
+                    device: str = "cpu", class_weighting: str = "none", checkpoint: PhaseCheckpoint | None = None) -> UNet:
     """Train on (N, H, W, 3) uint8 images and (N, H, W) codes with Dice + cross-entropy; class_weighting
-    "median_frequency" weights the cross-entropy by `class_weights` (a judge that sees a rare class)."""
+    "median_frequency" weights the cross-entropy by `class_weights` (a judge that sees a rare class).
+    With `checkpoint`, an interrupted training continues from its last save (batches are functions of (seed, step))."""
     torch.manual_seed(seed)
     model = build_segmenter(n_classes, images.shape[-1]).to(device)
     x_all = to_unit_range(images)  # (N, 3, H, W)
@@ -44,16 +45,20 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = warmup_cosine(opt, steps, warmup_fraction=0.1, floor=0.02)
+    checkpoint = checkpoint or PhaseCheckpoint(None, "segmenter", 1)
+    start, losses = checkpoint.restore(model, opt, sched)
     model.train()
-    for step in range(steps):
+    for step in range(start, steps):
         g = step_generator(seed, step, stream=9)
         idx = batch_indices(len(x_all), batch_size, step, seed + 9)
         k = int(torch.randint(0, 8, (1,), generator=g))
         x, y = dihedral(x_all[idx], k), dihedral(y_all[idx], k)
         loss = loss_fn(model(_seg_jitter(x, g).to(device)), y.to(device))
         optimiser_step(loss, model.parameters(), opt, sched, clip=None)
+        losses.append(loss.item())
+        checkpoint.maybe_save(step + 1, steps, model, opt, sched, losses)
         if progress:
-            progress(step + 1, steps, loss.item())
+            progress(step + 1, steps, losses[-1])
     return model.eval()
 
 
@@ -86,6 +91,7 @@ def train_classifier(
     device: str = "cpu",
     class_balanced: bool = True,
     arch: str = "resnet",
+    checkpoint: PhaseCheckpoint | None = None,
 ) -> ResNet | DenseNet121:
     """Train on (N, H, W, C) uint8 images and (N,) class labels with cross-entropy; returns it in eval mode.
 
@@ -104,15 +110,19 @@ def train_classifier(
     y_all = torch.from_numpy(np.asarray(labels).astype(np.int64))  # (N,)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = warmup_cosine(opt, steps, warmup_fraction=0.1, floor=0.02)
+    checkpoint = checkpoint or PhaseCheckpoint(None, "classifier", 1)
+    start, losses = checkpoint.restore(model, opt, sched)
     model.train()
-    for step in range(steps):
+    for step in range(start, steps):
         g = step_generator(seed, step, stream=11)
         idx = balanced_indices(y_all, batch_size, step, seed + 11) if class_balanced else batch_indices(len(x_all), batch_size, step, seed + 11)
         k = int(torch.randint(0, 8, (1,), generator=g))
         x = _jitter(dihedral(x_all[idx], k), g)
         loss = F.cross_entropy(model(x.to(device)), y_all[idx].to(device))
         optimiser_step(loss, model.parameters(), opt, sched, clip=None)
+        losses.append(loss.item())
+        checkpoint.maybe_save(step + 1, steps, model, opt, sched, losses)
         if progress:
-            progress(step + 1, steps, loss.item())
+            progress(step + 1, steps, losses[-1])
     return model.eval()
 

@@ -129,7 +129,7 @@ def _mask_code(folder):
 def _corrupt(folder):
     data = (folder / "benign (3).png").read_bytes()
     (folder / "benign (3).png").write_bytes(data[: len(data) // 3])
-    return "benign (3).png", "cannot read PNG"
+    return "benign (3).png", "cannot read image"
 
 
 def _colour(folder):

@@ -183,7 +183,7 @@ def test_same_stem_files_get_unique_ids_and_masks_beside_images(tmp_path):
 def test_tiff_that_pil_cannot_read_falls_back_to_tifffile(tmp_path):
     import tifffile
 
-    from synthmed.data.readers.base import to_uint8
+    from synthmed.data.images import to_uint8
 
     pixels = np.random.default_rng(0).random((24, 30, 3)).astype(np.float32)  # float RGB: PIL refuses it
     (tmp_path / "src" / "scans").mkdir(parents=True)

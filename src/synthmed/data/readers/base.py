@@ -113,15 +113,6 @@ def reader_class(fmt: str) -> type[Reader]:
 # ---- helpers shared by readers -------------------------------------------------------------
 
 
-def to_uint8(volume: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5, where: np.ndarray | None = None) -> np.ndarray:
-    """Percentile window to 0..255 (per volume for MRI: `where` = the body/brain voxels)."""
-    vals = volume[where] if where is not None and where.any() else volume
-    lo, hi = np.percentile(vals, [lo_pct, hi_pct]) if vals.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return np.clip((volume.astype(np.float64) - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
 def check_codes(mask: np.ndarray, allowed, path) -> None:
     """Refuse a mask holding a label code the format does not define."""
     bad = sorted(set(np.unique(mask).tolist()) - set(allowed))

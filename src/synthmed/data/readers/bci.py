@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader
 from synthmed.core.io import SynthmedError
+from synthmed.data.images import read_image
 
 LEVELS = ("0", "1+", "2+", "3+")
 SPLITS = ("train", "test")
@@ -36,12 +36,9 @@ def her2_level(path: Path) -> str | None:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """A PNG as (H, W, 3) uint8, with a one-line error naming the file."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise SynthmedError(f"{path}: cannot read image ({exc})") from None
+    """A PNG as (H, W, 3) uint8 by the rules of data/images.py, with a one-line error naming the file."""
+    image = read_image(path)
+    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
 
 
 class BCIReader(Reader):

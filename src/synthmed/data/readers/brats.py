@@ -19,7 +19,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from synthmed.data.prepared import Sample
-from synthmed.data.readers.base import Item, Reader, to_uint8
+from synthmed.data.images import to_uint8
+from synthmed.data.readers.base import Item, Reader
 from synthmed.data.readers.volumes import (
     ORIENTATION, CachedVolumes, as_list, axial, check_same_grid, failed_item, label_volume, nifti_path, read_volume,
     volume_shape,

@@ -12,12 +12,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synthmed.data.prepared import Sample
 from synthmed.data.readers.base import Item, Reader, check_codes, grey
 from synthmed.core.io import SynthmedError
+from synthmed.data.images import read_image
 
 CLASSES = ("benign", "malignant", "normal")
 FOLDER = "Dataset_BUSI_with_GT"
@@ -40,19 +40,8 @@ class BUSIOptions(BaseModel):
 
 
 def read_png(path: Path) -> np.ndarray:
-    """A PNG as (H, W) or (H, W, 3|4) uint8, with a one-line error naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("1", "LA", "P"):
-                im = im.convert("RGB" if im.mode == "P" else "L")
-            if im.mode not in ("L", "RGB", "RGBA"):
-                raise SynthmedError(f"{path}: unsupported PNG mode {im.mode} (expected 8-bit greyscale or RGB)")
-            return np.array(im)
-    except FileNotFoundError:
-        raise SynthmedError(f"{path}: file not found") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise SynthmedError(f"{path}: cannot read PNG ({type(exc).__name__}: {exc})") from None
+    """A PNG as (H, W) or (H, W, 3) uint8 by the rules of data/images.py (opaque alpha dropped, transparency refused)."""
+    return read_image(path)
 
 
 def sample_id(label: str, stem: str) -> str:

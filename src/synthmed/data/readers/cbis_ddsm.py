@@ -17,7 +17,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synthmed.data.prepared import Sample
-from synthmed.data.readers.base import Item, Reader, to_uint8
+from synthmed.data.images import to_uint8
+from synthmed.data.readers.base import Item, Reader
 from synthmed.core.io import SynthmedError
 
 KINDS = {"mass": "mass", "calc": "calcification"}

@@ -1,10 +1,10 @@
 """Image files of the generic formats (folder, manifest, diffusers): png/jpg/tif/dcm -> uint8 arrays.
 
-Images come out as uint8 (H, W) for greyscale or (H, W, 3) for colour, as stored: alpha is
-dropped, palette and CMYK images become RGB. Deeper data (16-bit PNG/TIFF, float TIFF, DICOM)
-is mapped to 0..255 by a stated window: a DICOM's own VOI window (WindowCenter/WindowWidth,
-after RescaleSlope/Intercept, DICOM's linear function) when it has one, else the 0.5..99.5
-percentile range of the image. MONOCHROME1 DICOMs are inverted so that bright means dense.
+Images come out as uint8 (H, W) for greyscale or (H, W, 3) for colour by the rules of data/images.py
+(palette -> its colours, opaque alpha dropped, transparent images refused, deeper than 8 bits -> the
+0.5..99.5 percentile window). DICOMs use their own VOI window (WindowCenter/WindowWidth, after
+RescaleSlope/Intercept, DICOM's linear function) when they have one; MONOCHROME1 DICOMs are inverted so
+that bright means dense. TIFFs PIL cannot read go through tifffile.
 Masks come out as uint8 (H, W) class codes: a 0/255 mask becomes 0/1, other codes are kept.
 """
 
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synthmed.data.readers.base import to_uint8
+from synthmed.data.images import RULES, read_image, to_uint8
 from synthmed.core.io import SynthmedError, load_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
 WINDOW_NOTE = ("images deeper than 8 bits mapped to 0..255 by the DICOM VOI window when present, "
-               "else the 0.5..99.5 percentile range; MONOCHROME1 inverted; alpha dropped")
+               "else the 0.5..99.5 percentile range; MONOCHROME1 inverted; " + RULES)
 CHANNELS = ("auto", "grey", "rgb")
 
 
@@ -120,17 +120,20 @@ def _pixels(path: Path, convert: bool) -> np.ndarray:
                 raise
             return _tifffile(path)
     try:
+        return read_image(path)
+    except SynthmedError:
+        if path.suffix.lower() not in (".tif", ".tiff") or _pil_opens(path):
+            raise
+        return _tifffile(path)
+
+
+def _pil_opens(path: Path) -> bool:
+    try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGB")
-            elif im.mode == "1":
-                im = im.convert("L")
-            return np.array(im)
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types; one line naming the file
-        if path.suffix.lower() in (".tif", ".tiff"):
-            return _tifffile(path)
-        raise SynthmedError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _tifffile(path: Path) -> np.ndarray:
