@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from synthmed.testing.cli import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SYNTHMED_NO_PROGRESS", "1")
+# The latent cache of the test session (train controlnet's default is ~/.cache/synthmed): a test that needs
+# a cold cache passes its own latent_cache folder.
+os.environ.setdefault("SYNTHMED_CACHE", tempfile.mkdtemp(prefix="synthmed-test-cache-"))
 
 
 def pytest_addoption(parser):

@@ -26,7 +26,7 @@ from PIL import Image
 from synthmed.testing.folder import scene
 
 ROOT = Path(__file__).resolve().parents[2]
-PROGRESS = re.compile(r"[^:]+: \d+/\d+( loss \S+)?")  # a job's progress line (core/progress.py), not an error
+PROGRESS = re.compile(r"[^:]+: \d+/\d+( loss \S+)?( \(\S+/s, \S+( left)?\))?")  # a job's progress line (core/progress.py), not an error
 
 
 # --- inputs -------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,11 +89,20 @@ def _flat(weights: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def test_two_processes_train_the_same_controlnet_as_one(tiny_backbone_dir, phantom_data, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = run_cli(*_train_args(phantom_data, one, tiny_backbone_dir))
-    assert single.returncode == 0, single.stderr[-3000:]
-    double = _launch_two(_train_args(phantom_data, two, tiny_backbone_dir), tmp_path)
+    one, two, cache = tmp_path / "one", tmp_path / "two", tmp_path / "latent-cache"
+    double = _launch_two(_train_args(phantom_data, two, tiny_backbone_dir) + ["--set", f"latent_cache={cache}"], tmp_path)
     assert double.returncode == 0, double.stderr[-5000:]
+    single = run_cli(*_train_args(phantom_data, one, tiny_backbone_dir), "--set", f"latent_cache={cache}")
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    # The latent cache: each image encoded once in total by the 2 processes (each a share), then reused.
+    built, reused = read_json(two / "training.json")["latent_cache"], read_json(one / "training.json")["latent_cache"]
+    meta = read_json(Path(built["path"]) / "meta.json")
+    n, views = meta["shape"][:2]
+    chunks = views * -(-n // 32)  # one view of up to 32 consecutive images per chunk
+    assert not built["reused"] and sorted(meta["chunks_done_by"]) == ["done-0", "done-1"]
+    assert sum(meta["chunks_done_by"].values()) == chunks and min(meta["chunks_done_by"].values()) >= chunks // 2
+    assert reused["reused"] and reused["encoded_here"] == 0 and reused["path"] == built["path"]
 
     for out, processes in ((one, 1), (two, 2)):
         assert (out / "controlnet" / "config.json").is_file()

@@ -159,6 +159,8 @@ class ControlNetConfig(_Strict):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (saved as the final model) when > 0")
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting (5 is the paper's choice)")
     cache_latents: bool | None = Field(None, description="encode images and prompts once (default: yes, unless crops/rescaling)")
+    latent_cache: str = Field("auto", min_length=1, description="where cached latents live: auto ($SYNTHMED_CACHE, else ~/.cache/synthmed: "
+                              "reused by later runs on the same images and VAE encoder), a folder, or memory")
     compile: bool = Field(False, description="torch.compile the ControlNet and UNet")
     channels_last: bool = False
     validation_every: int = Field(0, ge=0, description="validation loss + image grid to the tracker every N steps (0: off)")

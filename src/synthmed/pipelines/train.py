@@ -143,7 +143,7 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
             setup.load_tuned_decoder(backbone, out / "decoder-state")
     controlnet = None if cond is None else setup.controlnet_for(backbone, cfg, cond.shape[-1])  # cond: (N, H, W, C)
     setup.cast_frozen(backbone, cfg.mixed_precision, accelerator.device)
-    data_t = setup.training_data(backbone, split, prompts, cond, cfg)
+    data_t = setup.training_data(backbone, split, prompts, cond, cfg, accelerator)
     model = setup.build_model(backbone, controlnet, cfg)
     validate = setup.validator(data, backbone, cfg, accelerator) if cfg.validation_every else None
     lrs = {"controlnet": cfg.lr, "lora": cfg.lora.lr or cfg.lr, "unet": (cfg.unet_decoder_lr if not text_mode else cfg.unet_lr) or cfg.lr}

@@ -11,6 +11,7 @@ Conditioning images and class masks get exactly the same transform as the image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,12 +49,13 @@ class TrainingData:
     views: tuple[int, ...]  # dihedral views the loop may draw
     conditioning: torch.Tensor | None = None  # (N, Cc, H, W) uint8; None for text-only training
     masks: torch.Tensor | None = None  # (N, H, W) uint8 class codes (per-class loss weights)
-    latents: torch.Tensor | None = None  # (N, len(views), C, h, w) when cached
+    latents: torch.Tensor | None = None  # (N, len(views), C, h, w) when cached (a LatentStore when cached on disk)
     prompt_table: torch.Tensor | None = None  # (P + 1, L, D) when cached; the last row is ""
     images: torch.Tensor | None = None  # (N, 3, H, W) in [-1, 1] when encoded on the fly
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the stored images
     crop: tuple[int, int] | None = None  # (h, w) random crop, in pixels
     scale: tuple[float, float] = (1.0, 1.0)  # random rescale range before the crop
+    cache_info: dict | None = None  # the disk cache: where, key, reused, images encoded by this process
 
     def __len__(self) -> int:
         return self.prompt_index.shape[0]
@@ -132,33 +134,43 @@ def _stack(items: list) -> torch.Tensor | None:
 @torch.no_grad()
 def build_training_data(backbone: Backbone, images: np.ndarray, cond_images: np.ndarray | None, prompts: list[str],
                         masks: np.ndarray | None = None, cache: bool = True, flips: bool = True,
-                        crop: tuple[int, int] | None = None, scale: tuple[float, float] = (1.0, 1.0), batch_size: int = 32) -> TrainingData:
+                        crop: tuple[int, int] | None = None, scale: tuple[float, float] = (1.0, 1.0), batch_size: int = 32,
+                        cache_dir: Path | None = None, processes: tuple = (0, 1, lambda: None), progress=None) -> TrainingData:
     """Training tensors from uint8 arrays: images (N, H, W, 3), conditioning (N, H, W, Cc), masks (N, H, W).
 
     With `cache`, every allowed view is VAE-encoded once and every distinct prompt text-encoded
-    once; crops/rescaling cannot be cached and raise ValueError with `cache`.
+    once; crops/rescaling cannot be cached and raise ValueError with `cache`. With `cache_dir` the
+    latents live on disk (training/latent_cache.py: shared by the `processes` (rank, world, barrier),
+    reused by later runs) instead of in memory; they are the same numbers either way.
     """
     if cache and (crop is not None or tuple(scale) != (1.0, 1.0)):
         raise ValueError("build_training_data expects cache=False with random crops or rescaling (every crop is a new image to encode)")
-    x = to_model_range(images)  # (N, 3, H, W)
     unique = sorted(set(prompts))
+    row_of = {p: i for i, p in enumerate(unique)}
     data = TrainingData(
-        prompt_index=torch.tensor([unique.index(p) for p in prompts]),
+        prompt_index=torch.tensor([row_of[p] for p in prompts]),
         prompts=unique,
-        views=allowed_views(*x.shape[-2:], flips),
-        image_size=tuple(x.shape[-2:]),
+        views=allowed_views(*images.shape[1:3], flips),
+        image_size=tuple(images.shape[1:3]),
         conditioning=None if cond_images is None else torch.from_numpy(cond_images if cond_images.ndim == 4 else cond_images[..., None]).permute(0, 3, 1, 2).contiguous(),
         masks=None if masks is None else torch.from_numpy(np.ascontiguousarray(masks)),
         crop=tuple(crop) if crop else None,
         scale=tuple(scale),
     )
     if not cache:
-        data.images = x
+        data.images = to_model_range(images)  # (N, 3, H, W)
         return data
+    data.prompt_table = backbone.encode_prompts(unique + [""]).float().cpu()
+    if cache_dir is not None:
+        from synthmed.training.latent_cache import cached_latents
+
+        rank, world, barrier = processes
+        data.latents, data.cache_info = cached_latents(backbone, images, data.views, cache_dir, rank, world, barrier, progress, batch_size)
+        return data
+    x = to_model_range(images)  # (N, 3, H, W)
     per_view = []
     for v in data.views:
         xv = dihedral(x, v)
         per_view.append(torch.cat([_encode(backbone, xv[i : i + batch_size]) for i in range(0, len(xv), batch_size)]))
     data.latents = torch.stack(per_view, dim=1)  # (N, V, C, h, w)
-    data.prompt_table = backbone.encode_prompts(unique + [""]).float().cpu()
     return data

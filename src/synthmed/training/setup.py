@@ -131,18 +131,23 @@ def cast_frozen(backbone, precision: str, device) -> None:
         cast(m, device, dtype)
 
 
-def training_data(backbone, split, prompts, cond, cfg: ControlNetConfig):
+def training_data(backbone, split, prompts, cond, cfg: ControlNetConfig, accelerator=None):
+    """The loop's data; cached latents on disk by default, each image encoded once across the processes."""
     from synthmed.training.batches import build_training_data
+    from synthmed.training.latent_cache import default_root
 
     aug = cfg.augment
     cache = cfg.cache_latents if cfg.cache_latents is not None else (aug.crop is None and tuple(aug.scale) == (1.0, 1.0))
-    with task("cache latents + prompts" if cache else "prepare training data", 1) as update:
+    where = None if not cache or cfg.latent_cache == "memory" else (default_root() if cfg.latent_cache == "auto" else Path(cfg.latent_cache))
+    processes = (0, 1, lambda: None) if accelerator is None else (accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+    label = "encode latents for the cache" + (f" (process {processes[0] + 1}/{processes[1]})" if processes[1] > 1 else "")
+    with task(label if cache else "prepare training data", 1) as update:
         try:
             out = build_training_data(backbone, split.images, cond, prompts, masks=split.masks, cache=cache, flips=aug.flips,
-                                      crop=tuple(aug.crop) if aug.crop else None, scale=tuple(aug.scale))
+                                      crop=tuple(aug.crop) if aug.crop else None, scale=tuple(aug.scale), cache_dir=where,
+                                      processes=processes, progress=update)
         except ValueError as exc:
             raise SynthmedError(f"cache_latents: {exc}") from None
-        update(1)
     return out
 
 
@@ -207,6 +212,7 @@ def training_record(cfg, data, split, backbone, data_t, saved, losses, started, 
                         "with the colour residual recorded per sample" if image_channels(data) == 1 else "RGB",
         "depth": cfg.depth if "controlnet" in saved else None,
         "latents": "cached once per dihedral view" if data_t.cached else "encoded every step (augmentation on the fly)",
+        "latent_cache": data_t.cache_info,
         "views": list(data_t.views),
         "lora": cfg.lora.model_dump() if cfg.lora.rank else None,
         "ema": bool(cfg.ema_decay),
