@@ -20,6 +20,8 @@ import subprocess
 import sys
 
 _CHILD = r"""
+# dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for the model FLOP utilisation
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "V100": 125.0, "T4": 65.0}
 import json, sys, tempfile, time
 import numpy as np, torch
 from accelerate import Accelerator
@@ -64,8 +66,19 @@ if acc.device.type == "cuda":
     peak = torch.cuda.max_memory_allocated() / 2**20
 else:
     peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
-print(json.dumps({"img_s": img_s, "train_s": secs, "cache_s": cache_s, "peak_mb": peak, "device": str(acc.device),
-                  "img_s_incl_cache": a["steps"] * a["batch_size"] / (secs + cache_s)}))
+row = {"img_s": img_s, "train_s": secs, "cache_s": cache_s, "peak_mb": peak, "device": str(acc.device),
+       "img_s_incl_cache": a["steps"] * a["batch_size"] / (secs + cache_s)}
+if a["flops"]:  # one more optimiser step under PyTorch's FLOP counter: forward + backward of the trained model
+    from torch.utils.flop_counter import FlopCounterMode
+    with tempfile.TemporaryDirectory() as tmp, FlopCounterMode(display=False) as counter:
+        train(model, bb, data, cfg.model_copy(update={"steps": 1}), acc, tmp)
+    per_step = counter.get_total_flops()
+    achieved = per_step * a["steps"] / secs
+    name = torch.cuda.get_device_name() if acc.device.type == "cuda" else "cpu"
+    peak_tflops = a["peak_tflops"] or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    row |= {"flops_per_step": per_step, "tflops": achieved / 1e12, "peak_tflops": peak_tflops,
+            "mfu": None if not peak_tflops else achieved / (peak_tflops * 1e12)}
+print(json.dumps(row))
 """
 
 
@@ -81,9 +94,12 @@ def main() -> None:
     ap.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--variants", nargs="*", default=["cached", "uncached"], help="cached, uncached, compile, channels_last")
+    ap.add_argument("--flops", action="store_true", help="also count one step's FLOPs (torch.utils.flop_counter): TFLOP/s and model FLOP utilisation")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak for --flops (default: by GPU name, e.g. H100 989)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    spec = {k: getattr(args, k) for k in ("backbone", "weights", "resolution", "batch_size", "steps", "warmup", "n_images", "mixed_precision", "gradient_checkpointing")}
+    spec = {k: getattr(args, k) for k in ("backbone", "weights", "resolution", "batch_size", "steps", "warmup", "n_images", "mixed_precision",
+                                          "gradient_checkpointing", "flops", "peak_tflops")}
     rows = []
     print(f"{'variant':<14} {'img/s':>8} {'ratio':>6} {'img/s incl. cache':>18} {'cache s':>8} {'peak MB':>9}")
     for v in args.variants:
