@@ -211,6 +211,17 @@ def test_non_square_images_draw_only_shape_keeping_views_and_train(tiny, tmp_pat
     assert data_for(bb, narrow, flips=False).views == (0,)
 
 
+@pytest.mark.parametrize("most,square,narrow", [(1, (0,), (0,)), (2, (0, 4), (0, 4)), (4, (0, 2, 4, 6), (0, 2, 4, 6)), (8, tuple(range(8)), (0, 2, 4, 6))])
+def test_fewer_views_are_drawn_and_cached_when_asked(tiny, most, square, narrow):
+    """augment.views: the image, its mirror image, their 180-degree turns, then the rest; the cache holds only those."""
+    load, arrays = tiny
+    data = data_for(load(), arrays, views=most)
+    assert data.views == square and data.latents.shape[1] == len(square)
+    assert data_for(load(), {k: (v[:, :, :48] if k != "prompts" else v) for k, v in arrays.items()}, views=most).views == narrow
+    drawn = data.draw(64, torch.Generator().manual_seed(0)).views
+    assert set(drawn.tolist()) == set(square)  # the loop draws only cached views
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_the_loss_target_follows_the_schedulers_prediction_type(kind):
     from diffusers import DDPMScheduler

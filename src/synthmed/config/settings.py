@@ -113,6 +113,8 @@ class AugmentConfig(_Strict):
     """Augmentations applied identically to image, conditioning and mask."""
 
     flips: bool = Field(True, description="the 8 flips/90-degree rotations (4 for non-square images: no 90-degree turns)")
+    views: int = Field(8, ge=1, le=8, description="at most this many of those views, drawn and cached (the latent cache holds N x views "
+                                                  "latents): 1 the image as it is, 2 and its mirror image, 4 and their 180-degree turns, 8 all")
     crop: tuple[int, int] | None = Field(None, description="random crop (height, width) in pixels; needs cache_latents false")
     scale: tuple[float, float] = Field((1.0, 1.0), description="random rescale range before the crop; other than (1, 1) needs cache_latents false")
 

@@ -21,11 +21,16 @@ from synthmed.models.backbone import Backbone
 from synthmed.training.common import dihedral, to_model_range
 
 
-def allowed_views(height: int, width: int, flips: bool) -> tuple[int, ...]:
-    """Dihedral views that keep the image shape: all 8 if square, else identity/flips/180-degree."""
+# Which views to keep when fewer are asked for: the image, its mirror image, their 180-degree turns, then the 90-degree ones.
+_VIEW_PREFERENCE = (0, 4, 2, 6, 1, 5, 3, 7)
+
+
+def allowed_views(height: int, width: int, flips: bool, most: int = 8) -> tuple[int, ...]:
+    """Dihedral views that keep the image shape: all 8 if square, else identity/flips/180-degree; at most `most` of them."""
     if not flips:
         return (0,)
-    return tuple(range(8)) if height == width else (0, 2, 4, 6)
+    views = tuple(range(8)) if height == width else (0, 2, 4, 6)
+    return views if most >= len(views) else tuple(sorted([v for v in _VIEW_PREFERENCE if v in views][:most]))
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ def _stack(items: list) -> torch.Tensor | None:
 
 @torch.no_grad()
 def build_training_data(backbone: Backbone, images: np.ndarray, cond_images: np.ndarray | None, prompts: list[str],
-                        masks: np.ndarray | None = None, cache: bool = True, flips: bool = True,
+                        masks: np.ndarray | None = None, cache: bool = True, flips: bool = True, views: int = 8,
                         crop: tuple[int, int] | None = None, scale: tuple[float, float] = (1.0, 1.0), batch_size: int = 32,
                         cache_dir: Path | None = None, processes: tuple = (0, 1, lambda: None), progress=None) -> TrainingData:
     """Training tensors from uint8 arrays: images (N, H, W, 3), conditioning (N, H, W, Cc), masks (N, H, W).
@@ -150,7 +155,7 @@ def build_training_data(backbone: Backbone, images: np.ndarray, cond_images: np.
     data = TrainingData(
         prompt_index=torch.tensor([row_of[p] for p in prompts]),
         prompts=unique,
-        views=allowed_views(*images.shape[1:3], flips),
+        views=allowed_views(*images.shape[1:3], flips, views),
         image_size=tuple(images.shape[1:3]),
         conditioning=None if cond_images is None else torch.from_numpy(cond_images if cond_images.ndim == 4 else cond_images[..., None]).permute(0, 3, 1, 2).contiguous(),
         masks=None if masks is None else torch.from_numpy(np.ascontiguousarray(masks)),

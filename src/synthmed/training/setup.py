@@ -143,7 +143,7 @@ def training_data(backbone, split, prompts, cond, cfg: ControlNetConfig, acceler
     label = "encode latents for the cache" + (f" (process {processes[0] + 1}/{processes[1]})" if processes[1] > 1 else "")
     with task(label if cache else "prepare training data", 1) as update:
         try:
-            out = build_training_data(backbone, split.images, cond, prompts, masks=split.masks, cache=cache, flips=aug.flips,
+            out = build_training_data(backbone, split.images, cond, prompts, masks=split.masks, cache=cache, flips=aug.flips, views=aug.views,
                                       crop=tuple(aug.crop) if aug.crop else None, scale=tuple(aug.scale), cache_dir=where,
                                       processes=processes, progress=update)
         except ValueError as exc:
