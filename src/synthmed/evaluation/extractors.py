@@ -93,6 +93,24 @@ def extractors(names: list[str], train, cfg, device: str) -> dict:
     return out
 
 
+# Images per extractor call: a multiple of the extractors' own batch sizes (64, 32), so the batches and the
+# features are the ones one call over the whole set would give; progress is reported between chunks.
+CHUNK = 512
+
+
 def embed(spaces: dict, train_images: np.ndarray, test_images: np.ndarray, syn_images: np.ndarray) -> dict:
     """name -> (description, train, test, synthetic features): each image set goes through each extractor once."""
-    return {name: (description, extract(train_images), extract(test_images), extract(syn_images)) for name, (description, extract) in spaces.items()}
+    out = {}
+    sets = (train_images, test_images, syn_images)
+    for name, (description, extract) in spaces.items():
+        with task(f"evaluate: {name} features (train, test, synthetic)", sum(len(s) for s in sets)) as update:
+            done, feats = 0, []
+            for images in sets:
+                parts = []
+                for start in range(0, max(len(images), 1), CHUNK):
+                    parts.append(extract(images[start : start + CHUNK]))
+                    done += len(images[start : start + CHUNK])
+                    update(done)
+                feats.append(np.concatenate(parts))
+        out[name] = (description, *feats)
+    return out
