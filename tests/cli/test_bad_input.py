@@ -147,6 +147,7 @@ CASES = {
     # prepare: settings
     "prepare-unknown-format": (lambda q, w: ("prepare", "no-such-format", "--out", w / "out"), "unknown source format"),
     "prepare-size-0": (lambda q, w: ("prepare", "phantom-histology", "--size", "0", "--out", w / "out"), "size"),
+    "prepare-size-0-nested-out": (lambda q, w: ("prepare", "phantom-histology", "--size", "0", "--out", w / "new" / "deeper" / "out"), "size"),
     "prepare-size-100": (lambda q, w: ("prepare", "phantom-histology", "--size", "100", "--out", w / "out"), "64, 128 or 256"),
     "prepare-limit-negative": (lambda q, w: ("prepare", "phantom-histology", "--limit", "-1", "--out", w / "out"), "limit"),
     "prepare-resize-unknown": (lambda q, w: ("prepare", "phantom-histology", "--resize", "squash", "--out", w / "out"), "resize"),

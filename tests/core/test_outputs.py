@@ -67,6 +67,13 @@ def test_a_refusal_removes_what_the_command_created_and_keeps_what_was_there(tmp
             raise SynthmedError("refused")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # OUT, OUT.partial and OUT.lock all gone
 
+    deep = tmp_path / "new" / "nested" / "out"  # folders made for OUT's lock go too
+    with pytest.raises(SynthmedError):
+        with guarded_output(deep):
+            _write_work(deep)
+            raise SynthmedError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
     out.mkdir()  # an empty folder the user made: emptied again, not removed
     with pytest.raises(SynthmedError):
         with guarded_output(out):

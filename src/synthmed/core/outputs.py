@@ -129,6 +129,7 @@ def guarded_output(out: Path, note=None):
     if not _is_main_process():
         yield
         return
+    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the first folder the lock will create
     lock = OutputLock(out).acquire()
     if lock.stale_pid and note:
         note(f"note: took over the lock of pid {lock.stale_pid}, which is no longer running; its finished work is kept")
@@ -142,9 +143,24 @@ def guarded_output(out: Path, note=None):
             elif was == "empty" and path.is_dir():
                 for child in path.iterdir():
                     shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
+        lock.release()
+        _remove_empty_parents(out.parent, made)
         raise
     finally:
         lock.release()
+
+
+def _remove_empty_parents(folder: Path, made: Path | None) -> None:
+    """Remove the folders above OUT that this command created (from OUT's parent up to `made`), if empty."""
+    if made is None or not (folder == made or made in folder.parents):
+        return
+    for p in [folder, *folder.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == made:
+            return
 
 
 def _state(path: Path) -> str:
