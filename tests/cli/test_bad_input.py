@@ -201,6 +201,8 @@ CASES = {
     "generate-export-medmnist-segmentation": (lambda q, w: ("generate", "--data", q / "data", "--model", q / "controlnet", "--out", w / "out", "--n", "2",
                                                             "--export", "medmnist"), "medmnist is for classification"),
     "generate-mask-code-above-classes": (lambda q, w: _spoil_set(q, w, "mask", lambda p: _edit(p, lambda m: (m.__setitem__((0, 0), 9), m)[1]), "generate"), "class code(s) [9]"),
+    "generate-instance-mask-other-size": (lambda q, w: _spoil_set(q, w, "instance_mask", lambda p: Image.fromarray(np.zeros((16, 16), np.uint16)).save(p), "generate"),
+                                          "instance mask"),
     "generate-plan-unknown": (lambda q, w: ("generate", "--data", q / "data", "--model", q / "controlnet", "--out", w / "out", "--plan", "bogus"), "plan.mode"),
     "generate-n-zero": (lambda q, w: ("generate", "--data", q / "data", "--model", q / "controlnet", "--out", w / "out", "--n", "0"), "n_samples"),
     "generate-filter-unknown": (lambda q, w: ("generate", "--data", q / "data", "--model", q / "controlnet", "--out", w / "out", "--filter", "bogus"), "filter.by"),

@@ -100,18 +100,27 @@ def _training_layouts(data: Path):
     from synthmed.data.conditioning import spec_from_card
     from synthmed.data.prepared import load_conditioning, load_split, read_card
     from synthmed.generation.plan import TrainingLayouts
-    from synthmed.core.io import load_png
 
     card = read_card(data)
     split = load_split(data, "train")  # hygiene: only the training split feeds generation
     cond = load_conditioning(split)
     classes = card.get("classes") or []
-    instances = [load_png(data / "train" / r["instance_mask"]).astype(np.int32) if "instance_mask" in r else None for r in split.rows]
+    instances = [_instances(data / "train" / r["instance_mask"], split.images.shape[1:3]) if "instance_mask" in r else None for r in split.rows]
     spec = spec_from_card(card)
     labels = [r.get("label") for r in split.rows]
     if split.masks is None:
         classes = sorted({str(x) for x in labels if x is not None}) or classes
     return TrainingLayouts(split.rows, classes, split.masks, instances, cond, labels, spec)
+
+
+def _instances(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """An instance-id mask (H, W) of its image's size, one channel (a one-line error naming the file otherwise)."""
+    from synthmed.core.io import load_png
+
+    arr = load_png(path)
+    if arr.ndim != 2 or arr.shape != tuple(shape) or arr.dtype.kind not in "iu":
+        raise SynthmedError(f"{path}: instance mask of {arr.dtype} {arr.shape}; expected one channel of integer ids, {shape[1]}x{shape[0]} like its image")
+    return arr.astype(np.int32)
 
 
 def _row(item: dict, record: dict, shared: dict) -> dict:
