@@ -18,7 +18,8 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-python}"
+# The interpreter: $PYTHON, else the project's .venv (what `make` sets up), else python3 on the PATH.
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x "$HERE/../.venv/bin/python" ]; then PY="$HERE/../.venv/bin/python"; else PY=python3; fi
 OUT="gpu-check-$(date +%Y%m%d-%H%M%S)"
 SCRIPT=""
 TINY=0
@@ -49,8 +50,10 @@ fi
 step() {  # name, limit in seconds, command...: a failed or timed-out step is a row of the table, not the end of the check
   local name="$1" limit="$2"; shift 2
   echo "== $name (at most ${limit}s)" >&2
-  if ! timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
-    echo "   $name did not finish (exit $?; see $OUT/$name.log)" >&2
+  local rc=0
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "   $name did not finish (exit $rc$([ "$rc" = 124 ] && echo ': timed out'); see $OUT/$name.log)" >&2
   fi
 }
 

@@ -1,8 +1,10 @@
 """benchmarks/gpu_check.sh runs end to end on the CPU at the tiny size (a smoke run: its figures say nothing about a GPU)."""
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ pytestmark = pytest.mark.e2e
 
 def test_gpu_check_prints_one_table_from_real_runs(tmp_path):
     out = tmp_path / "check"
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "did not finish" not in proc.stderr, proc.stderr[-3000:]
     table = proc.stdout
