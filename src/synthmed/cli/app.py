@@ -53,7 +53,7 @@ def command(fn):
         how = _CONTINUE.get(fn.__name__, "run the same command again to continue")
         try:
             _quiet_libraries()
-            with guarded_output(out, note=_note) if out is not None else contextlib.nullcontext():
+            with guarded_output(out) if out is not None else contextlib.nullcontext():
                 return fn(*args, **kwargs)
         except SynthmedError as exc:
             typer.echo(f"error: {exc}", err=True)
@@ -70,10 +70,6 @@ def command(fn):
             raise typer.Exit(1) from None
 
     return wrapper
-
-
-def _note(line: str) -> None:
-    typer.echo(line, err=True)
 
 
 def _kept(out: Path | None, how: str) -> str | None:

@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from synthmed.cli.app import app, command, given, read_card
-from synthmed.core.io import SynthmedError
 
 
 @app.command(short_help="Synthetic image-mask pairs from a trained model")
@@ -63,8 +62,7 @@ def export(
     real: Optional[Path] = typer.Option(None, help="the real prepared set a synthetic one came from (default: its card's real_data)"),
 ):
     """Write a prepared (synthetic) data set in a source format its users' own loaders read."""
-    from synthmed.generation.export import FORMATS, export_dataset
+    from synthmed.generation.export import check_exportable, export_dataset
 
-    if fmt not in FORMATS:
-        raise SynthmedError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+    check_exportable([fmt])  # the label check needs the real set's card too (--real): export_dataset makes it
     typer.echo(f"wrote {export_dataset(data, fmt, out, split=split, real=real)}")

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from synthmed.core.io import RUN_MARKER, SynthmedError
+from synthmed.core.progress import note
 
 
 def output_kind(out: Path) -> str | None:
@@ -77,7 +78,8 @@ class OutputLock:
     """One writer per output: an exclusive lock on OUT.lock holding the writer's pid.
 
     The OS releases a `flock` when its holder dies, so a lock file left by a killed process is free:
-    it is taken over and `stale_pid` says whose it was. A held lock is a one-line error naming the holder.
+    it is taken over and `stale_pid` says whose it was. A held lock is a one-line error naming the holder,
+    or, with `wait` (a line for the user), waited for.
     """
 
     def __init__(self, out: Path):
@@ -85,7 +87,7 @@ class OutputLock:
         self.fd: int | None = None
         self.stale_pid: str | None = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self, wait: str | None = None) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -93,9 +95,12 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise SynthmedError(f"{self.out}: another synthmed command is writing it (pid {holder}, lock {self.path}); "
-                                    "wait for it to finish or stop it") from None
+                if wait is None:
+                    os.close(fd)
+                    raise SynthmedError(f"{self.out}: another synthmed command is writing it (pid {holder}, lock {self.path}); "
+                                        "wait for it to finish or stop it") from None
+                note(f"{wait} (pid {holder})")
+                fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -118,12 +123,12 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def guarded_output(out: Path, note=None):
+def guarded_output(out: Path):
     """Hold OUT's lock while a command writes it; on a refusal (SynthmedError) remove what this command created.
 
     OUT and OUT.partial that existed before are kept (an earlier run's finished work); after a crash or an
-    interrupt OUT.partial is kept too, and the next run of the same command continues from it. `note` (a
-    callable taking one line) hears about a stale lock taken over.
+    interrupt OUT.partial is kept too, and the next run of the same command continues from it. A stale lock
+    taken over is a `note:` line.
     """
     out = Path(out)
     if not _is_main_process():
@@ -131,23 +136,27 @@ def guarded_output(out: Path, note=None):
         return
     made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the first folder the lock will create
     lock = OutputLock(out).acquire()
-    if lock.stale_pid and note:
-        note(f"note: took over the lock of pid {lock.stale_pid}, which is no longer running; its finished work is kept")
+    if lock.stale_pid:
+        note(f"took over the lock of pid {lock.stale_pid}, which is no longer running; its finished work is kept")
     before = {p: _state(p) for p in (out, partial_of(out))}
     try:
         yield
     except SynthmedError:
         for path, was in before.items():
             if was == "absent" and path.exists():
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+                _remove(path)
             elif was == "empty" and path.is_dir():
                 for child in path.iterdir():
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
-        lock.release()
+                    _remove(child)
+        lock.release()  # first: the lock file sits in OUT's parent, which may be one of the folders to remove
         _remove_empty_parents(out.parent, made)
         raise
     finally:
         lock.release()
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
 def _remove_empty_parents(folder: Path, made: Path | None) -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 from synthmed.data.conditioning import EDGE_BUILDERS, ConditioningSpec, build_conditioning
 from synthmed.data.prepared import CARD, SPLITS, Sample, _instance_classes
 from synthmed.data.readers.base import Item, Reader
-from synthmed.core.outputs import check_output
+from synthmed.core.outputs import check_output, partial_of
 from synthmed.core.io import SynthmedError, read_json, save_array, write_json, write_jsonl
 
 RESIZE_POLICIES = {
@@ -333,7 +333,7 @@ def prepare_dataset(reader: Reader, out: Path, settings: PrepareSettings, progre
     items, split_method = assign_splits(items, settings, reader.patient_unit != "image")
     items = apply_limit(items, settings.limit)
 
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_of(out)
     stamp = partial / ".fingerprint"
     if partial.exists() and (not stamp.is_file() or stamp.read_text() != settings.fingerprint):
         raise SynthmedError(f"{partial}: an interrupted prepare with other settings is here; remove it or use the same settings")

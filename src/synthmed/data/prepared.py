@@ -209,15 +209,26 @@ def _same_size(arrays: list[np.ndarray], rows: list[dict], key: str, folder: Pat
     return arrays
 
 
-def read_mask(path: Path, shape: tuple[int, int], n_codes: int | None = None) -> np.ndarray:
-    """A prepared mask: one channel of class codes 0..n_codes (palette indices are codes), the size of its image."""
+def _label_map(path: Path, shape: tuple[int, int], what: str, values: str) -> np.ndarray:
+    """A per-pixel label file (mask, instance ids): one channel of integers, the size of its image."""
     arr = load_png(path)
     if arr.ndim != 2:
-        raise SynthmedError(f"{path}: mask has {arr.shape[-1]} channels; expected one channel of class codes")
+        raise SynthmedError(f"{path}: {what} has {arr.shape[-1]} channels; expected one channel of {values}")
     if arr.dtype.kind not in "iu":
-        raise SynthmedError(f"{path}: mask holds {arr.dtype} values; expected integer class codes")
+        raise SynthmedError(f"{path}: {what} holds {arr.dtype} values; expected integer {values}")
     if arr.shape != tuple(shape):
-        raise SynthmedError(f"{path}: mask size {arr.shape[1]}x{arr.shape[0]} differs from its image's {shape[1]}x{shape[0]}")
+        raise SynthmedError(f"{path}: {what} size {arr.shape[1]}x{arr.shape[0]} differs from its image's {shape[1]}x{shape[0]}")
+    return arr
+
+
+def read_instances(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A prepared instance mask: one channel of instance ids (int32), the size of its image."""
+    return _label_map(path, shape, "instance mask", "instance ids").astype(np.int32)
+
+
+def read_mask(path: Path, shape: tuple[int, int], n_codes: int | None = None) -> np.ndarray:
+    """A prepared mask: one channel of class codes 0..n_codes (palette indices are codes), the size of its image."""
+    arr = _label_map(path, shape, "mask", "class codes")
     top = int(arr.max(initial=0))
     if n_codes is not None and top > n_codes:
         bad = [int(c) for c in np.unique(arr) if c > n_codes]

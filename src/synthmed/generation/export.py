@@ -193,12 +193,12 @@ NO_LABELS = ("no image-label list (`labels`) in this card or its real set's, so 
              "medmnist is for classification sets; export a segmentation set as folder or pannuke")
 
 
-def check_exportable(formats: list[str], card: dict, where: Path) -> None:
-    """Refuse, before any work, an export a data set with this card cannot be written as."""
+def check_exportable(formats: list[str], card: dict | None = None, where: Path | None = None) -> None:
+    """Refuse, before any work, an unknown format, or (given the data set's card) one it cannot be written as."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise SynthmedError(f"unknown export format {unknown[0]!r} (known: {', '.join(FORMATS)})")
-    if "medmnist" in formats and not card.get("labels") and not (card.get("label_map") and not card.get("classes")):
+    if card is not None and "medmnist" in formats and not card.get("labels") and not (card.get("label_map") and not card.get("classes")):
         raise SynthmedError(f"{where}: {NO_LABELS}")
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 
 from synthmed.config import GenerateConfig, config_yaml
 from synthmed.core.io import SynthmedError, read_json
-from synthmed.core.outputs import check_output
+from synthmed.core.outputs import check_output, partial_of
 from synthmed.core.progress import task
 from synthmed.generation.draw import grey_limit
 
@@ -50,7 +49,7 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
                             "not masks, so filter.by dice does not apply; use filter.by none or confidence")
     if state.is_main_process:
         check_output(out)
-    store = GenerationStore(out.with_name(out.name + ".partial"))
+    store = GenerationStore(partial_of(out))
     if state.is_main_process:
         _plan(store, data, cfg, _identity(data, model, cfg, backbone))
     state.wait_for_everyone()
@@ -98,29 +97,19 @@ def _plan(store, data: Path, cfg: GenerateConfig, identity: str) -> None:
 def _training_layouts(data: Path):
     """The training split's rows, masks, instances and conditioning (never validation/test)."""
     from synthmed.data.conditioning import spec_from_card
-    from synthmed.data.prepared import load_conditioning, load_split, read_card
+    from synthmed.data.prepared import load_conditioning, load_split, read_card, read_instances
     from synthmed.generation.plan import TrainingLayouts
 
     card = read_card(data)
     split = load_split(data, "train")  # hygiene: only the training split feeds generation
     cond = load_conditioning(split)
     classes = card.get("classes") or []
-    instances = [_instances(data / "train" / r["instance_mask"], split.images.shape[1:3]) if "instance_mask" in r else None for r in split.rows]
+    instances = [read_instances(data / "train" / r["instance_mask"], split.images.shape[1:3]) if "instance_mask" in r else None for r in split.rows]
     spec = spec_from_card(card)
     labels = [r.get("label") for r in split.rows]
     if split.masks is None:
         classes = sorted({str(x) for x in labels if x is not None}) or classes
     return TrainingLayouts(split.rows, classes, split.masks, instances, cond, labels, spec)
-
-
-def _instances(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """An instance-id mask (H, W) of its image's size, one channel (a one-line error naming the file otherwise)."""
-    from synthmed.core.io import load_png
-
-    arr = load_png(path)
-    if arr.ndim != 2 or arr.shape != tuple(shape) or arr.dtype.kind not in "iu":
-        raise SynthmedError(f"{path}: instance mask of {arr.dtype} {arr.shape}; expected one channel of integer ids, {shape[1]}x{shape[0]} like its image")
-    return arr.astype(np.int32)
 
 
 def _row(item: dict, record: dict, shared: dict) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 from synthmed.config import BackboneConfig, ControlNetConfig, DecoderConfig, LoraConfig, save_config
 from synthmed.core.environment import environment
 from synthmed.core.io import SynthmedError, atomic_dir
-from synthmed.core.outputs import check_output, mark_output
+from synthmed.core.outputs import check_output, mark_output, partial_of
 from synthmed.core.progress import note, task
 
 BACKBONE_KIND, MODEL_KIND = "backbone", "controlnet"
@@ -29,7 +29,7 @@ def train_backbone(data: Path, cfg: BackboneConfig, out: Path, resume: bool = Fa
 
     out = Path(out)
     check_output(out, BACKBONE_KIND)
-    state = out.with_name(out.name + ".partial")
+    state = partial_of(out)
     if state.exists() and not resume:
         raise SynthmedError(f"{state}: an interrupted run's checkpoints are here; add --resume to continue, or remove it")
     split = load_split(data, "unlabelled")

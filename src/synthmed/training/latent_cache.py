@@ -3,7 +3,7 @@ reused by later runs on the same images and VAE encoder.
 
     ROOT/<key>/latents.npy    (N, V, C, h, w) in the precision the VAE computed them in (fp32 on CPU, fp16 on a
                               fp16 GPU VAE: nothing is rounded that the encoder did not already round)
-    ROOT/<key>/meta.json      key, shape, views, who encoded how much, seconds
+    ROOT/<key>/meta.json      shape, dtype, views, the chunks each process encoded
 
 The key hashes the VAE encoder's weights and dtype, the scaling factor, the views and the training images'
 pixels, so a changed image or a fine-tuned encoder never reads stale latents (a fine-tuned decoder does not
@@ -16,18 +16,16 @@ Rows are read back with positioned reads, not a memory map: a training step's re
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from synthmed.core.io import read_json, write_json
-from synthmed.core.progress import note
+from synthmed.core.io import write_json
+from synthmed.core.outputs import OutputLock
 from synthmed.training.common import dihedral, to_model_range
 
 CACHE_ENV = "SYNTHMED_CACHE"
@@ -92,7 +90,7 @@ def cached_latents(backbone, images: np.ndarray, views: tuple[int, ...], root: P
     info = {"path": str(final), "key": key, "reused": True, "encoded_here": 0}
     if not (final / "meta.json").is_file():
         # One builder per key: another run (not another process of this one) building it makes this one wait, then read it.
-        lock = _lock(Path(root) / f"{key}.lock") if process_index == 0 else None
+        lock = OutputLock(final).acquire(wait=f"waiting for another run that is building the same latent cache ({final})") if process_index == 0 else None
         try:
             barrier()
             if not (final / "meta.json").is_file():
@@ -100,21 +98,9 @@ def cached_latents(backbone, images: np.ndarray, views: tuple[int, ...], root: P
                 info["encoded_here"] = _build(backbone, images, views, final, work, process_index, num_processes, barrier, progress, batch_size)
         finally:
             if lock is not None:
-                os.close(lock)
+                lock.release()
     info["seconds"] = round(time.time() - started, 1)
     return LatentStore(final / "latents.npy"), info
-
-
-def _lock(path: Path) -> int:
-    """A blocking exclusive flock (released by the OS if its holder dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        note(f"waiting for another run that is building the same latent cache ({path.with_suffix('')})")
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
 
 
 def _chunks(n: int, views: tuple[int, ...], batch_size: int) -> list[tuple[int, int, int]]:
@@ -162,14 +148,6 @@ def _build(backbone, images, views, final: Path, work: Path, rank: int, world: i
         write_json(work / "meta.json", {"shape": list(store.shape), "dtype": str(store.dtype), "views": list(views), "chunks_done_by": counts})
         for f in work.glob("done-*.txt"):
             f.unlink()
-        if final.exists():  # another run finished the same key first: identical content
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            os.replace(work, final)
+        os.replace(work, final)  # under the key's lock: no other run can have made it meanwhile
     barrier()
     return encoded
-
-
-def cache_meta(path: Path) -> dict:
-    """A finished cache folder's meta.json."""
-    return read_json(Path(path) / "meta.json")

@@ -148,6 +148,8 @@ def training_data(backbone, split, prompts, cond, cfg: ControlNetConfig, acceler
                                       processes=processes, progress=update)
         except ValueError as exc:
             raise SynthmedError(f"cache_latents: {exc}") from None
+        if out.cache_info is None or out.cache_info["reused"]:  # work that reports no chunks: one line when done
+            update(1)
     return out
 
 
