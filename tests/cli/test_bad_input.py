@@ -9,7 +9,6 @@ there (`grep -c Traceback FILE` prints 0).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ import pytest
 from PIL import Image
 
 from synthmed.testing.folder import scene
+from synthmed.data.metadata import read_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRESS = re.compile(r"[^:]+: \d+/\d+( loss \S+)?( \(\S+/s, \S+( left)?\))?")  # a job's progress line (core/progress.py), not an error
@@ -47,7 +47,7 @@ def _copy_set(quick: Path, w: Path) -> Path:
 
 
 def _first(d: Path, key: str = "file_name", split: str = "train") -> Path:
-    row = json.loads((d / split / "metadata.jsonl").read_text().splitlines()[0])
+    row = read_metadata(d / split / "metadata.jsonl")[0]
     return d / split / row[key]
 
 

@@ -11,10 +11,11 @@ import yaml
 
 from synthmed.testing.cli import run_cli
 from synthmed.models.backbone import shipped_backbone_dir
+from synthmed.data.metadata import read_metadata
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_metadata(path)
 
 
 SUMMARY = re.compile(r"dice generated (-?[\d.]+) \| shuffled (-?[\d.]+) \| real test (-?[\d.]+) \| ssim (-?[\d.]+)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 from synthmed.core.io import SynthmedError
 from synthmed.data.images import read_image, to_uint8
 from synthmed.data.prepared import load_split
+from synthmed.data.metadata import read_metadata
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8)
@@ -44,7 +44,7 @@ def test_palette_sixteen_bit_and_one_bit_images_by_their_rules(tmp_path):
 def test_a_prepared_set_is_read_by_the_same_rules(phantom_data, tmp_path):
     data = tmp_path / "set"
     shutil.copytree(phantom_data, data)
-    rows = [json.loads(line) for line in (data / "train" / "metadata.jsonl").read_text().splitlines()]
+    rows = read_metadata(data / "train" / "metadata.jsonl")
     first, second = (data / "train" / rows[i]["file_name"] for i in (0, 1))
     original = np.array(Image.open(first))
     Image.fromarray(original).convert("P").save(first)  # a palette image: trained on its colours

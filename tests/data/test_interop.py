@@ -7,6 +7,7 @@ import pytest
 from synthmed import pipelines
 from synthmed.config import PrepareConfig
 from synthmed.testing import cbis_ddsm
+from synthmed.data.metadata import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_every_split_has_one_flat_schema(cbis):
             assert not any(isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)) for v in row.values())
         schemas[meta.parent.name] = {tuple(sorted(r)) for r in rows}
     assert len(set().union(*schemas.values())) == 1, schemas
-    row = json.loads((cbis / "train" / "metadata.jsonl").read_text().splitlines()[0])
+    row = read_metadata(cbis / "train" / "metadata.jsonl")[0]
     assert isinstance(json.loads(row["abnormalities"]), list)  # nested provenance kept, as JSON text
 
 

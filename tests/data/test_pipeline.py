@@ -12,6 +12,7 @@ from synthmed.data.readers.base import Item
 from synthmed.data.readers.phantom import PhantomReader
 from synthmed.core.io import SynthmedError, load_png
 from synthmed.testing import medmnist as mnist_fixture
+from synthmed.data.metadata import read_metadata
 
 SMALL = {"n_slides": 6, "tiles_per_slide": 3, "n_unlabelled_slides": 1}
 
@@ -168,7 +169,7 @@ def test_canny_needs_no_mask_but_colour_does(tmp_path):
     base = dict(source="medmnist", root=str(tmp_path / "src"), options={"flag": "pneumoniamnist"}, workers=1)
     card = pipelines.prepare(PrepareConfig(**base, conditioning=ConditioningConfig(canny_low=0.02, canny_high=0.06)), tmp_path / "a")
     assert card["conditioning"]["canny"] == {"sigma": 1.5, "low": 0.02, "high": 0.06, "region": "image"}
-    row = json.loads((tmp_path / "a" / "train" / "metadata.jsonl").read_text().splitlines()[0])
+    row = read_metadata(tmp_path / "a" / "train" / "metadata.jsonl")[0]
     assert set(np.unique(load_png(tmp_path / "a" / "train" / row["conditioning_image"]))) <= {0, 255}
     with pytest.raises(SynthmedError, match="conditioning 'colour' needs a mask"):
         pipelines.prepare(PrepareConfig(**base, conditioning=ConditioningConfig(builders=["colour"])), tmp_path / "b")
@@ -178,7 +179,7 @@ def test_canny_needs_no_mask_but_colour_does(tmp_path):
 def test_prompt_template_fills_fields_and_names_unknown_ones(tmp_path):
     cfg = PrepareConfig(phantom=PhantomConfig(**SMALL), workers=1, prompt_template="{tissue} tile with {classes}")
     pipelines.prepare(cfg, tmp_path / "a")
-    row = json.loads((tmp_path / "a" / "train" / "metadata.jsonl").read_text().splitlines()[0])
+    row = read_metadata(tmp_path / "a" / "train" / "metadata.jsonl")[0]
     assert row["text"] == f"{row['tissue']} tile with {', '.join(row['classes'])}"
     with pytest.raises(SynthmedError, match=r"names \{stain\}"):
         pipelines.prepare(cfg.model_copy(update={"prompt_template": "{stain}"}), tmp_path / "b")

@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import pytest
@@ -7,6 +6,7 @@ from synthmed.data.conditioning import colour_mask, decode_colour_mask
 from synthmed.data.phantoms.histology import phantom_samples
 from synthmed.data.prepared import Sample, load_conditioning, load_split, read_card, write_prepared
 from synthmed.core.io import SynthmedError
+from synthmed.data.metadata import read_metadata
 
 
 def test_round_trip_is_pixel_exact(phantom_data):
@@ -39,7 +39,7 @@ def test_card_records_disjoint_patients_and_counts(phantom_data):
 
 
 def test_metadata_uses_the_image_folder_convention(phantom_data):
-    row = json.loads((phantom_data / "train" / "metadata.jsonl").read_text().splitlines()[0])
+    row = read_metadata(phantom_data / "train" / "metadata.jsonl")[0]
     for key in ("file_name", "text", "conditioning_image", "mask", "patient_id", "split", "source"):
         assert key in row
     assert (phantom_data / "train" / row["file_name"]).is_file()

@@ -1,9 +1,9 @@
-import json
 
 import pytest
 
 from synthmed.data.prepared import load_split, read_card
 from synthmed.data.subsets import nested_fractions, write_subset
+from synthmed.data.metadata import read_metadata
 
 
 def _rows(sizes: dict[str, int]) -> list[dict]:
@@ -32,7 +32,7 @@ def test_bad_fractions_are_refused():
 
 
 def test_subset_is_a_prepared_set_with_only_its_train_rows(phantom_data, tmp_path):
-    rows = [json.loads(x) for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    rows = read_metadata(phantom_data / "train" / "metadata.jsonl")
     ids = nested_fractions(rows, [0.3], seed=0)[0.3]
     out = write_subset(phantom_data, ids, tmp_path / "sub", 0.3)
     card = read_card(out)

@@ -15,6 +15,7 @@ from synthmed.core.io import SynthmedError
 from synthmed.testing import medmnist as medmnist_fixture
 from synthmed.testing import prepared_file as _png
 from synthmed.testing import prepared_rows as _rows
+from synthmed.data.metadata import read_metadata
 
 
 def _prepare(source, root, out, **options):
@@ -181,7 +182,7 @@ def test_bad_input_is_one_line_naming_the_file_and_leaves_nothing(phantom_data, 
     else:
         shutil.copytree(breastmnist[2] if fmt == "medmnist" else phantom_data, src)
     meta = src / "train" / "metadata.jsonl"
-    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    rows = read_metadata(meta)
     if damage == "drop_mask":
         del rows[1]["mask"]
     elif damage == "drop_label":

@@ -11,8 +11,9 @@ from PIL import Image
 from synthmed import pipelines
 from synthmed.config import ControlNetConfig, GenerateConfig, PrepareConfig
 from synthmed.generation.sample import to_greyscale
-from synthmed.core.io import SynthmedError, read_json, read_jsonl
+from synthmed.core.io import SynthmedError, read_json
 from synthmed.testing.generation import model_folder
+from synthmed.data.metadata import read_metadata
 
 FAST = dict(n_samples=4, steps=3, guidance_scale=2.0, scheduler="dpm", batch_size=4)
 
@@ -43,7 +44,7 @@ def test_grey_data_on_the_greyscale_backbone_gives_single_channel_images_that_we
     training = read_json(model / "training.json")
     assert training["image_channels"] == 1 and "R = G = B" in training["vae_channels"]
     syn = pipelines.generate(breast, model, GenerateConfig(**FAST), tmp_path / "syn")
-    rows = read_jsonl(syn / "train" / "metadata.jsonl")
+    rows = read_metadata(syn / "train" / "metadata.jsonl")
     card = read_json(syn / "dataset.json")
     assert len(rows) == 4 and card["channels"] == 1 and card["greyscale"]["max_colour_residual"] == 6.0
     for r in rows:
@@ -73,6 +74,6 @@ def test_colour_noise_on_grey_data_is_refused_not_averaged(breast, tiny_backbone
     assert rejected and all(r["scores"]["colour_residual"] > 6.0 for r in rejected)
     # Turning the limit off keeps the draws (still grey on disk) with their residual on record.
     syn = pipelines.generate(breast, model, GenerateConfig(**FAST, grey_max_colour=None), tmp_path / "kept")
-    rows = read_jsonl(syn / "train" / "metadata.jsonl")
+    rows = read_metadata(syn / "train" / "metadata.jsonl")
     assert all(r["provenance"]["filter_scores"]["colour_residual"] > 6.0 for r in rows)
     assert all(Image.open(syn / "train" / r["file_name"]).mode == "L" for r in rows)

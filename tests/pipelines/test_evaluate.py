@@ -10,13 +10,14 @@ from PIL import Image
 from synthmed import pipelines
 from synthmed.config import EvaluateConfig
 from synthmed.core.io import SynthmedError
+from synthmed.data.metadata import read_metadata
 
 
 def _as_synthetic(real, dst, size=None):
     """A copy of the real train split as a 'synthetic' set (provenance naming its own masks), optionally resized."""
     shutil.copytree(real, dst)
     meta = dst / "train" / "metadata.jsonl"
-    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    rows = read_metadata(meta)
     for r in rows:
         r["provenance"] = {"source_mask_id": r["id"]}
         if size:
@@ -51,7 +52,7 @@ def test_greyscale_and_rgb_sets_compare_as_rgb(phantom_data, tmp_path):
     from synthmed.data.prepared import load_split
 
     syn = _as_synthetic(phantom_data, tmp_path / "syn")
-    first = json.loads((syn / "train" / "metadata.jsonl").read_text().splitlines()[0])
+    first = read_metadata(syn / "train" / "metadata.jsonl")[0]
     path = syn / "train" / first["file_name"]
     Image.open(path).convert("L").save(path)
     images = load_split(syn, "train").images

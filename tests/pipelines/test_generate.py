@@ -16,9 +16,10 @@ from synthmed import pipelines
 from synthmed.config import FilterConfig, GenerateConfig, LayoutConfig, PlanConfig
 from synthmed.data.prepared import load_split
 from synthmed.generation.layouts import count_objects
-from synthmed.core.io import SynthmedError, load_png, read_json, read_jsonl
+from synthmed.core.io import SynthmedError, load_png, read_json
 from synthmed.testing.generation import model_folder
 from synthmed.testing.cli import run_cli
+from synthmed.data.metadata import read_metadata
 
 FAST = dict(steps=2, guidance_scale=2.0, scheduler="dpm")
 
@@ -35,7 +36,7 @@ def _files(out: Path) -> set[str]:
 def test_balancing_the_rare_class_brings_the_histogram_to_the_plan(phantom_data, model, tmp_path):
     cfg = GenerateConfig(plan=PlanConfig(mode="multiply", classes=["dead"], factor=3), layouts=LayoutConfig(copy_paste=3), batch_size=8, **FAST)
     out = pipelines.generate(phantom_data, model, cfg, tmp_path / "syn")
-    card, rows = read_json(out / "dataset.json"), read_jsonl(out / "train" / "metadata.jsonl")
+    card, rows = read_json(out / "dataset.json"), read_metadata(out / "train" / "metadata.jsonl")
     plan = card["plan"]
     real = read_json(phantom_data / "dataset.json")["splits"]["train"]["objects_per_class"]
     assert plan["unit"] == "objects" and plan["real"] == real
@@ -62,7 +63,7 @@ def test_the_plan_is_reproducible_from_the_seed(phantom_data, model, tmp_path):
     a = pipelines.generate(phantom_data, model, cfg, tmp_path / "a")
     b = pipelines.generate(phantom_data, model, cfg, tmp_path / "b")
     c = pipelines.generate(phantom_data, model, cfg.model_copy(update={"seed": 1}), tmp_path / "c")
-    rows = lambda o: [(r["source"], r["provenance"]["layout"], r["provenance"]["seed"]) for r in read_jsonl(o / "train" / "metadata.jsonl")]  # noqa: E731
+    rows = lambda o: [(r["source"], r["provenance"]["layout"], r["provenance"]["seed"]) for r in read_metadata(o / "train" / "metadata.jsonl")]  # noqa: E731
     assert rows(a) == rows(b) and rows(a) != rows(c)
     assert all((a / "train" / "images" / f"{i}.png").read_bytes() == (b / "train" / "images" / f"{i}.png").read_bytes() for i in _files(a))
 
@@ -88,7 +89,7 @@ def test_two_processes_produce_exactly_the_one_process_set(phantom_data, model, 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert read_jsonl(one / "train" / "metadata.jsonl") == read_jsonl(two / "train" / "metadata.jsonl")
+    assert read_metadata(one / "train" / "metadata.jsonl") == read_metadata(two / "train" / "metadata.jsonl")
     for sid in _files(one):
         assert (one / "train" / "images" / f"{sid}.png").read_bytes() == (two / "train" / "images" / f"{sid}.png").read_bytes()
 
@@ -108,7 +109,7 @@ def test_kill_9_then_rerun_gives_every_id_once_and_manifest_equals_files(phantom
     assert 0 < done_before < 40 and not out.exists()
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
-    rows = read_jsonl(out / "train" / "metadata.jsonl")
+    rows = read_metadata(out / "train" / "metadata.jsonl")
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) == 40 and set(ids) == {f"syn_{i:06d}" for i in range(40)}
     assert set(ids) == _files(out) == {p.stem for p in (out / "train" / "masks").glob("*.png")}
@@ -124,7 +125,7 @@ def test_the_filter_keeps_samples_above_the_threshold_and_redraws_the_rest(phant
         pipelines.generate(phantom_data, model, cfg, tmp_path / "strict")
     loose = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"min_dice": 0.0})})
     out = pipelines.generate(phantom_data, model, loose, tmp_path / "loose")
-    rows = read_jsonl(out / "train" / "metadata.jsonl")
+    rows = read_metadata(out / "train" / "metadata.jsonl")
     assert len(rows) == 8 and all(0 <= r["provenance"]["filter_scores"]["dice"] <= 1 for r in rows)
     card = read_json(out / "dataset.json")
     assert card["filter"]["by"] == "dice" and card["filter_summary"]["dropped"] == 0
@@ -132,12 +133,12 @@ def test_the_filter_keeps_samples_above_the_threshold_and_redraws_the_rest(phant
 
 def test_a_middle_threshold_drops_per_class_and_records_rejected_draws(phantom_data, model, tmp_path):
     probe = pipelines.generate(phantom_data, model, GenerateConfig(n_samples=8, batch_size=8, filter=FilterConfig(by="dice", min_dice=0.0, segmenter_steps=20, batch_size=8), **FAST), tmp_path / "probe")
-    dice = sorted(r["provenance"]["filter_scores"]["dice"] for r in read_jsonl(probe / "train" / "metadata.jsonl"))
+    dice = sorted(r["provenance"]["filter_scores"]["dice"] for r in read_metadata(probe / "train" / "metadata.jsonl"))
     threshold = (dice[3] + dice[4]) / 2
     cfg = GenerateConfig(n_samples=8, batch_size=8, filter=FilterConfig(by="dice", min_dice=threshold, attempts=1, segmenter_steps=20, batch_size=8), **FAST)
     out = pipelines.generate(phantom_data, model, cfg, tmp_path / "mid")
-    kept = read_jsonl(out / "train" / "metadata.jsonl")
-    rejected = read_jsonl(out / "rejected" / "metadata.jsonl")
+    kept = read_metadata(out / "train" / "metadata.jsonl")
+    rejected = read_metadata(out / "rejected" / "metadata.jsonl")
     assert len(kept) == 4 and len(rejected) == 4
     assert all(r["provenance"]["filter_scores"]["dice"] >= threshold for r in kept)
     assert all(r["scores"]["dice"] < threshold and (out / "rejected" / r["file_name"]).is_file() for r in rejected)
@@ -164,7 +165,7 @@ def test_a_resumed_run_with_other_settings_is_refused(phantom_data, model, tmp_p
 def test_only_the_training_split_feeds_generation(phantom_data, model, tmp_path):
     out = pipelines.generate(phantom_data, model, GenerateConfig(plan=PlanConfig(mode="balance", max_samples=10), **FAST), tmp_path / "syn")
     train_ids = set(load_split(phantom_data, "train").ids)
-    for r in read_jsonl(out / "train" / "metadata.jsonl"):
+    for r in read_metadata(out / "train" / "metadata.jsonl"):
         assert r["provenance"]["source_mask_id"] in train_ids
         donors = [p["donor_id"] for op in r["provenance"]["layout"] if op["op"] == "copy_paste" for p in op["pasted"]]
         assert set(donors) <= train_ids
@@ -186,7 +187,7 @@ def test_generate_exports_to_formats_the_source_readers_read(phantom_data, model
 def test_the_confidence_filter_scores_the_intended_class_with_a_real_trained_classifier(phantom_data, model, tmp_path):
     cfg = GenerateConfig(n_samples=4, batch_size=4, filter=FilterConfig(by="both", min_dice=0.0, min_confidence=0.0, segmenter_steps=5, classifier_steps=5, batch_size=4), **FAST)
     out = pipelines.generate(phantom_data, model, cfg, tmp_path / "syn")
-    rows = read_jsonl(out / "train" / "metadata.jsonl")
+    rows = read_metadata(out / "train" / "metadata.jsonl")
     assert all(set(r["provenance"]["filter_scores"]) == {"dice", "confidence"} and 0 <= r["provenance"]["filter_scores"]["confidence"] <= 1 for r in rows)
     assert {p.name for p in (out / "judges").iterdir()} >= {"segmenter.safetensors", "classifier.safetensors", "done.json"}
     assert "ResNet" in read_json(out / "dataset.json")["filter"]["classifier"]

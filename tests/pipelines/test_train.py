@@ -1,4 +1,3 @@
-import json
 """`train controlnet` end to end (flow function and CLI): every mode writes what plain diffusers loads."""
 
 import numpy as np
@@ -11,6 +10,7 @@ from synthmed.config import ConditioningConfig, ControlNetConfig, GenerateConfig
 from synthmed.core.io import SynthmedError, read_json
 from synthmed.models.backbone import load_backbone
 from synthmed.testing.cli import run_cli
+from synthmed.data.metadata import read_metadata
 
 
 def _cfg(bb, **kw):
@@ -59,7 +59,7 @@ def test_text_mode_writes_a_pipeline_folder_and_generates_from_prompts_alone(tin
     with pytest.raises(SynthmedError, match="filter.by dice does not apply"):  # its images follow prompts, not masks
         pipelines.generate(phantom_data, run, GenerateConfig(n_samples=1, steps=1, filter={"by": "dice"}), tmp_path / "refused")
     syn = pipelines.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=2, filter={"by": "none"}), tmp_path / "syn")
-    rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
+    rows = read_metadata(syn / "train" / "metadata.jsonl")
     assert len(rows) == 2 and all((syn / "train" / r["file_name"]).is_file() for r in rows)
     assert rows[0]["provenance"]["model_hash"] and rows[0]["provenance"]["source_mask_id"]  # the layout whose prompt it drew, on record
 

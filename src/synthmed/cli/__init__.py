@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from synthmed.cli import prepare, train, generate, evaluate, run  # noqa: F401, I001  (registers the commands, in help order)
+from synthmed.cli import prepare, train, generate, evaluate, run, ui  # noqa: F401, I001  (registers the commands, in help order)
 from synthmed.cli.app import app
 
 

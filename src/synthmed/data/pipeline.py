@@ -25,6 +25,7 @@ from synthmed.data.prepared import CARD, SPLITS, Sample, _instance_classes
 from synthmed.data.readers.base import Item, Reader
 from synthmed.core.outputs import check_output, partial_of
 from synthmed.core.io import SynthmedError, read_json, save_array, write_json, write_jsonl
+from synthmed.data.metadata import to_disk
 
 RESIZE_POLICIES = {
     "resize": "resized to SIZE x SIZE directly (aspect ratio not kept)",
@@ -473,7 +474,7 @@ def _finalise(partial: Path, out: Path, skipped, card: dict, extras: dict | None
         for r in _iter_rows(partial / "rows.jsonl"):
             if r["split"] not in handles:
                 handles[r["split"]] = open(partial / r["split"] / ".metadata.jsonl.tmp", "w")
-            handles[r["split"]].write(json.dumps({k: _flat(v) for k, v in r.items() if not k.startswith("_")}) + "\n")
+            handles[r["split"]].write(json.dumps(to_disk({k: _flat(v) for k, v in r.items() if not k.startswith("_")})) + "\n")
     finally:
         for fh in handles.values():
             fh.close()

@@ -7,8 +7,10 @@
     DIR/<split>/instances/<id>.png       instance ids (uint16), if the source has them
     DIR/<split>/conditioning/<id>.png    the ControlNet conditioning image
 
-Rows also carry `conditioning_image` and `text`, the column names diffusers' ControlNet
-training script reads, plus `label`, `patient_id`, `split` and `source` for provenance.
+Rows also carry `conditioning_image_file_name` and `text`: `datasets`' imagefolder decodes every
+`*_file_name` key as an image column (`conditioning_image`, `mask`, `instance_mask`), the columns diffusers'
+ControlNet training script reads; plus `label`, `patient_id`, `split` and `source` for provenance.
+In memory a row names its files `conditioning_image`, `mask`, ... (`data/metadata.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 
 from synthmed.data.conditioning import colour_mask
 from synthmed.data.images import read_image
-from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_json, read_jsonl, save_png, write_json, write_jsonl
+from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_json, save_png, write_json
+from synthmed.data.metadata import read_metadata, write_metadata
 
 SPLITS = ("train", "validation", "test", "unlabelled")
 CARD = "dataset.json"
@@ -75,7 +78,7 @@ def write_prepared(out: Path, samples, card: dict, progress=None, extras: dict[s
         if not rows:
             raise SynthmedError(f"{out}: no samples to write")
         for split, split_rows in rows.items():
-            write_jsonl(tmp / split / "metadata.jsonl", split_rows)
+            write_metadata(tmp / split / "metadata.jsonl", split_rows)
         card = dict(card)
         card["splits"] = {
             split: {
@@ -178,7 +181,7 @@ def load_split(root: Path, split: str, limit: int | None = None, need_masks: boo
     card = read_card(root)
     if split not in card.get("splits", {}):
         raise SynthmedError(f"{root}: no split {split!r} (has {sorted(card.get('splits', {}))})")
-    rows = read_jsonl(root / split / "metadata.jsonl")[:limit]
+    rows = read_metadata(root / split / "metadata.jsonl")[:limit]
     if not rows:
         raise SynthmedError(f"{root / split / 'metadata.jsonl'}: no samples")
     folder = root / split

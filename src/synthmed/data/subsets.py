@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_json, read_jsonl, write_json, write_jsonl
+from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_json, write_json
+from synthmed.data.metadata import read_metadata, write_metadata
 
 
 def nested_fractions(rows: list[dict], fractions: list[float], seed: int) -> dict[float, list[str]]:
@@ -44,7 +45,7 @@ def write_subset(data: Path, ids: list[str], out: Path, fraction: float) -> Path
     """A prepared data set whose train split is `ids` of `data`'s (validation/test/unlabelled linked as they are)."""
     data, out = Path(data), Path(out)
     card = read_json(data / "dataset.json")
-    rows = read_jsonl(data / "train" / "metadata.jsonl")
+    rows = read_metadata(data / "train" / "metadata.jsonl")
     keep = set(ids)
     missing = keep - {r["id"] for r in rows}
     if missing:
@@ -55,7 +56,7 @@ def write_subset(data: Path, ids: list[str], out: Path, fraction: float) -> Path
         for child in (data / "train").iterdir():
             if child.is_dir():
                 os.symlink(child.resolve(), tmp / "train" / child.name)
-        write_jsonl(tmp / "train" / "metadata.jsonl", sub)
+        write_metadata(tmp / "train" / "metadata.jsonl", sub)
         for split in card.get("splits", {}):
             if split != "train":
                 os.symlink((data / split).resolve(), tmp / split)

@@ -47,7 +47,8 @@ def plausibility(seg, syn, test, classes: list[str], cfg) -> dict:
 
 def generation_summary(synthetic: Path, seg, classes: list[str], dice_kept: float) -> dict | None:
     """The plan, the filter's counts, and this (independent) segmenter's Dice on kept vs rejected draws."""
-    from synthmed.core.io import load_png, read_json, read_jsonl
+    from synthmed.core.io import load_png, read_json
+    from synthmed.data.metadata import read_metadata
 
     card = read_json(Path(synthetic) / "dataset.json")
     if "plan" not in card:
@@ -55,7 +56,7 @@ def generation_summary(synthetic: Path, seg, classes: list[str], dice_kept: floa
     out = {"plan": card["plan"], "filter": card.get("filter"), "filter_summary": card.get("filter_summary"), "dice_kept": dice_kept}
     rejected = Path(synthetic) / "rejected" / "metadata.jsonl"
     if rejected.is_file():
-        rows = read_jsonl(rejected)
+        rows = read_metadata(rejected)
         images = np.stack([load_png(rejected.parent / r["file_name"])[..., :3] for r in rows])
         masks = np.stack([load_png(_layout_mask(Path(synthetic), r["id"])) for r in rows])
         out["dice_rejected_draws"] = dice_iou(predict(seg, images), masks, classes)["dice"]

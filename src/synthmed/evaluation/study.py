@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.config import DownstreamConfig
-from synthmed.core.io import SynthmedError, read_json, read_jsonl, write_json
+from synthmed.core.io import SynthmedError, read_json, write_json
+from synthmed.data.metadata import read_metadata
 from synthmed.core.progress import task
 
 SYNTHETIC_ARMS = ("real+synthetic", "synthetic-only", "real+classic+synthetic", "synthetic-pretrain")
@@ -39,7 +40,7 @@ class RealData:
         from synthmed.data.prepared import load_split
 
         self.root = data
-        has_masks = all("mask" in r for r in read_jsonl(data / "train" / "metadata.jsonl"))
+        has_masks = all("mask" in r for r in read_metadata(data / "train" / "metadata.jsonl"))
         self.task = cfg.task if cfg.task != "auto" else ("segmentation" if has_masks else "classification")
         seg = self.task == "segmentation"
         self.field, self.label_map = cfg.label_field, cfg.label_map or {}
@@ -175,7 +176,7 @@ class RealData:
         from synthmed.evaluation.downstream import Pool, leakage
 
         meta = path / "train" / "metadata.jsonl"
-        rows = read_jsonl(meta)
+        rows = read_metadata(meta)
         model = (rows[0].get("provenance") or {}).get("model") if rows else None
         record = Path(model) / "training.json" if model else None
         train_ids = read_json(record).get("train_ids") if record is not None and record.is_file() else None

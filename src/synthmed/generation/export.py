@@ -25,7 +25,8 @@ from synthmed.data.readers.pannuke import CLASSES as PANNUKE_CLASSES
 from synthmed.data.readers.pannuke import DEFAULT_FOLD_SPLITS, TISSUES, tissue_phrase
 from synthmed.data.prepared import read_card
 from synthmed.core.outputs import check_output
-from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_jsonl, save_png
+from synthmed.core.io import SynthmedError, atomic_dir, load_png, save_png
+from synthmed.data.metadata import read_metadata
 
 FORMATS = ("folder", "medmnist", "pannuke")
 FOLD_OF_SPLIT = {split: fold for fold, split in DEFAULT_FOLD_SPLITS.items()}
@@ -62,7 +63,7 @@ class SplitRows:
         if sid is None or self.real is None:
             return None
         if split not in self._real_rows:
-            rows = read_jsonl(self.real / split / "metadata.jsonl")
+            rows = read_metadata(self.real / split / "metadata.jsonl")
             self._real_rows[split] = {r["id"]: r for r in rows}
         found = self._real_rows[split].get(sid)
         return (self.real / split, found) if found else None
@@ -74,7 +75,7 @@ def read_split(src: Path, split: str, real: Path | None = None) -> SplitRows:
     card = read_card(src)
     if split not in card.get("splits", {}):
         raise SynthmedError(f"{src}: no split {split!r} (has {sorted(card.get('splits', {}))})")
-    rows = read_jsonl(src / split / "metadata.jsonl")
+    rows = read_metadata(src / split / "metadata.jsonl")
     if not rows:
         raise SynthmedError(f"{src / split / 'metadata.jsonl'}: no samples")
     if real is None and card.get("real_data") and Path(card["real_data"]).is_dir():

@@ -76,7 +76,7 @@ class Judges:
 def load_judges(store, data: Path, cfg: GenerateConfig, state, dice_per_image):
     """Train (process 0, once: saved in STORE/judges) and load the filter's judges; None for filter.by none."""
     from synthmed.data.prepared import read_card
-    from synthmed.core.io import read_jsonl
+    from synthmed.data.metadata import read_metadata
 
     f = cfg.filter
     if f.by == "none":
@@ -85,7 +85,7 @@ def load_judges(store, data: Path, cfg: GenerateConfig, state, dice_per_image):
     want_seg, want_clf = f.by in ("dice", "both"), f.by in ("confidence", "both")
     class_names = list(read_card(data).get("classes") or [])
     n_classes = len(class_names)
-    rows = read_jsonl(data / "train" / "metadata.jsonl")  # the rows only: images are loaded only to train
+    rows = read_metadata(data / "train" / "metadata.jsonl")  # the rows only: images are loaded only to train
     if want_seg and not all("mask" in r for r in rows):
         raise SynthmedError(f"{data}: filter by dice needs masks in the train split; use filter.by confidence")
     if want_clf and any(r.get("label") is None for r in rows):
@@ -160,6 +160,9 @@ def _thresholds(data: Path, f, seg, clf, n_classes: int, names: list[str], dice_
             from synthmed.models.tasknets import predict_proba
 
             idx = np.array([names.index(str(r.get("label"))) if str(r.get("label")) in names else -1 for r in val.rows])
+            if not (idx >= 0).any():
+                raise SynthmedError(f"{data}: no validation sample has a label of the train split ({', '.join(names)}); "
+                                    "give filter.min_confidence")
             probs = predict_proba(clf, val.images[idx >= 0])
             scores = probs[np.arange(len(probs)), idx[idx >= 0]]
             validation["confidence"] = {"mean": float(scores.mean()), "n": len(scores)}

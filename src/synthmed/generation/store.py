@@ -26,6 +26,7 @@ import numpy as np
 
 from synthmed.generation.layouts import Layout
 from synthmed.core.io import SynthmedError, load_png, read_json, read_jsonl, save_array, write_json, write_jsonl
+from synthmed.data.metadata import write_metadata
 
 LAYOUT_DIRS = ("masks", "instances", "conditioning")
 
@@ -126,7 +127,7 @@ class GenerationStore:
                    "the model draws colour (a colour-pretrained backbone?)" if grey else "")
             raise SynthmedError(f"{self.root}: the quality filter dropped every sample (scores in {self.root / 'rejected'}{why}); lower its threshold "
                                 f"or train longer, and remove {self.root} to run again with other settings")
-        write_jsonl(self.train / "metadata.jsonl", rows)
+        write_metadata(self.train / "metadata.jsonl", rows)
         self._write_rejected_manifest(items)
         card = dict(card)
         card["splits"] = {"train": _split_counts(rows, card.get("classes", []))}
@@ -161,7 +162,7 @@ class GenerationStore:
             return
         order = {it["id"]: it["index"] for it in items}
         recs.sort(key=lambda r: (order[r["id"]], r["attempt"]))
-        write_jsonl(self.root / "rejected" / "metadata.jsonl", [{"file_name": f"images/{r['id']}_a{r['attempt']}.png", **r} for r in recs])
+        write_metadata(self.root / "rejected" / "metadata.jsonl", [{"file_name": f"images/{r['id']}_a{r['attempt']}.png", **r} for r in recs])
 
 
 def _achieved(summary: dict, rows: list[dict]) -> dict:

@@ -17,7 +17,9 @@ import numpy as np
 
 def prepared_rows(out: Path) -> dict[str, dict]:
     """Every metadata row of a prepared folder, by sample id (all splits)."""
-    return {r["id"]: r for p in sorted(Path(out).glob("*/metadata.jsonl")) for r in map(json.loads, p.read_text().splitlines())}
+    from synthmed.data.metadata import read_metadata
+
+    return {r["id"]: r for p in sorted(Path(out).glob("*/metadata.jsonl")) for r in read_metadata(p)}
 
 
 def prepared_file(out: Path, row: dict, key: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from synthmed.data.phantoms.breast import (CANCER, LABEL_QUOTA, MODALITY_QUOTA, 
                                           modality_of, patient_of, render_image, split_of_patients)
 from synthmed.core.io import SynthmedError
 from synthmed.testing.cli import run_cli
+from synthmed.data.metadata import read_metadata
 
 
 def _first(n_patients, modality=None, label=None, size=64):
@@ -141,7 +142,7 @@ def test_larger_sizes_show_the_same_anatomy(patient):
 
 
 def _rows(out, split):
-    return [json.loads(line) for line in (out / split / "metadata.jsonl").read_text().splitlines()]
+    return read_metadata(out / split / "metadata.jsonl")
 
 
 def test_prepare_writes_single_channel_pngs(tmp_path):

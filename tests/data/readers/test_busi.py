@@ -11,6 +11,7 @@ from synthmed.data.pipeline import fit
 from synthmed.data.readers.busi import BUSIReader
 from synthmed.core.io import SynthmedError
 from synthmed.testing import busi as fixture
+from synthmed.data.metadata import read_metadata
 
 
 def _prepare(root, out, **kw):
@@ -18,7 +19,7 @@ def _prepare(root, out, **kw):
 
 
 def _rows(out, split):
-    return [json.loads(line) for line in (out / split / "metadata.jsonl").read_text().splitlines()]
+    return read_metadata(out / split / "metadata.jsonl")
 
 
 def _png(path):

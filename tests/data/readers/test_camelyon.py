@@ -17,6 +17,7 @@ from synthmed.data.readers.wsi import Slide, polygon_fill, read_asap
 from synthmed.core.io import SynthmedError
 from synthmed.testing import camelyon as fixture
 from synthmed.testing import prepared_file as _png
+from synthmed.data.metadata import read_metadata
 
 SMALL = {"patch_size": 64}  # the fixture's grid: 64-px patches at level 2 (default level)
 
@@ -40,7 +41,7 @@ def _prepare(root, out, options=None, **kw):
 def _rows(out):
     rows = []
     for meta in sorted(out.glob("*/metadata.jsonl")):
-        rows += [json.loads(line) for line in meta.read_text().splitlines()]
+        rows += read_metadata(meta)
     return rows
 
 

@@ -14,6 +14,7 @@ from synthmed.data.pipeline import fit
 from synthmed.data.readers.cbis_ddsm import CBISDDSMReader
 from synthmed.core.io import SynthmedError
 from synthmed.testing import cbis_ddsm as fixture
+from synthmed.data.metadata import read_metadata
 
 
 def _prepare(root, out, **kw):
@@ -21,7 +22,7 @@ def _prepare(root, out, **kw):
 
 
 def _rows(out, split):
-    return [json.loads(line) for line in (out / split / "metadata.jsonl").read_text().splitlines()]
+    return read_metadata(out / split / "metadata.jsonl")
 
 
 def _png(path):

@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import pytest
@@ -8,6 +7,7 @@ from synthmed.config import PrepareConfig
 from synthmed.data.prepared import load_split, read_card
 from synthmed.core.io import SynthmedError
 from synthmed.testing import medmnist as fixture
+from synthmed.data.metadata import read_metadata
 
 
 def _prepare(root, out, **kw):
@@ -42,7 +42,7 @@ def test_size_option_resizes_with_the_stated_policy(tmp_path):
     expected = fixture.write(tmp_path / "src", flag="dermamnist", size=64)
     card = _prepare(tmp_path / "src", tmp_path / "out", options={"flag": "dermamnist"}, size=32, resize="resize")
     assert card["image_size"] == [32, 32] and card["resize"]["policy"] == "resize"
-    row = json.loads((tmp_path / "out" / "train" / "metadata.jsonl").read_text().splitlines()[0])
+    row = read_metadata(tmp_path / "out" / "train" / "metadata.jsonl")[0]
     from PIL import Image
 
     got = np.array(Image.open(tmp_path / "out" / "train" / row["file_name"]))

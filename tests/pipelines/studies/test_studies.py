@@ -11,6 +11,7 @@ from synthmed.config import DownstreamConfig
 from synthmed.data.subsets import nested_fractions
 from synthmed.core.io import SynthmedError, write_json
 from synthmed.testing.cli import run_cli
+from synthmed.data.metadata import read_metadata
 
 
 def _fake_synthetic(real: Path, dst: Path, source_ids: list[str], model_ids: list[str]) -> Path:
@@ -20,7 +21,7 @@ def _fake_synthetic(real: Path, dst: Path, source_ids: list[str], model_ids: lis
     model.mkdir()
     write_json(model / "training.json", {"train_ids": model_ids})
     meta = dst / "train" / "metadata.jsonl"
-    rows = [json.loads(x) for x in meta.read_text().splitlines()]
+    rows = read_metadata(meta)
     for r, sid in zip(rows, source_ids * len(rows)):
         r["provenance"] = {"source_mask_id": sid, "source_split": "train", "model": str(model)}
     meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -45,7 +46,7 @@ def test_a_synthetic_set_drawn_from_a_validation_or_test_mask_is_refused(phantom
 
 def test_a_model_trained_on_more_than_the_fraction_is_refused(phantom_data, tmp_path):
     train = _ids(phantom_data, "train")
-    rows = [json.loads(x) for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    rows = read_metadata(phantom_data / "train" / "metadata.jsonl")
     half = nested_fractions(rows, [0.5], 0)[0.5]
     syn = _fake_synthetic(phantom_data, tmp_path / "syn", half[:2], train)  # masks from the half, model from all
     with pytest.raises(SynthmedError, match="refused for the 50% fraction: its model was trained on"):
@@ -128,7 +129,7 @@ def test_ablations_quick_produces_every_cell_and_they_differ(tmp_path):
     for name, cell in res["cells"].items():
         training = json.loads((out / "cells" / name / "controlnet" / "training.json").read_text())
         trained[name] = training
-        rows = [json.loads(x) for x in (out / "cells" / name / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()]
+        rows = read_metadata(out / "cells" / name / "synthetic" / "train" / "metadata.jsonl")
         firsts[name] = np.asarray(Image.open(out / "cells" / name / "synthetic" / "train" / rows[0]["file_name"]))
         assert 0 <= cell["dice_generated"]["value"] <= 1 and cell["fid"]["value"] is not None and (out / cell["report"]).is_file()
     # the setting each cell changes is the one its model was trained with ...
@@ -216,7 +217,7 @@ def test_breast_classification_quick_study_end_to_end(tmp_path):
     assert res["arch"] == "vae-encoder:tiny-breast"
     for fk in res["edge_fidelity"]:
         syn = out / "fractions" / fk / "synthetic"
-        rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
+        rows = read_metadata(syn / "train" / "metadata.jsonl")
         assert rows and all(Image.open(syn / "train" / r["file_name"]).mode == "L" for r in rows)  # 1 channel in, 1 out
         assert all(r["cancer"] == ("cancerous" if r["label"] == "malignant" else "non-cancerous") for r in rows)
         edges = res["edge_fidelity"][fk]
@@ -249,7 +250,7 @@ def test_breast_segmentation_quick_study_end_to_end(tmp_path):
     comps = res["comparisons"]["f0.50"]
     assert {"real+classic vs real", "real+classic+synthetic vs real+classic", "real+classic+oracle vs real+classic"} <= set(comps)
     syn = out / "fractions" / "f0.50" / "synthetic"
-    rows = [json.loads(x) for x in (syn / "train" / "metadata.jsonl").read_text().splitlines()]
+    rows = read_metadata(syn / "train" / "metadata.jsonl")
     assert rows and all(r.get("mask") and (syn / "train" / r["mask"]).is_file() for r in rows)  # image-mask pairs
     assert res["edge_fidelity"]["f0.50"]["n"] == len(rows)
     assert "steering" not in res
@@ -280,7 +281,7 @@ def test_every_arm_runs_and_the_ceilings_are_clean(phantom_data, tmp_path):
     apply at 100%; comparisons are against each arm's baseline; utility and worth are reported."""
     from synthmed.evaluation.downstream import ARMS
 
-    rows = [json.loads(x) for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    rows = read_metadata(phantom_data / "train" / "metadata.jsonl")
     half = nested_fractions(rows, [0.5], 0)[0.5]
     syn = _fake_synthetic(phantom_data, tmp_path / "syn", half[:2], half)
     cfg = DownstreamConfig(arms=list(ARMS), fractions=[0.5, 1.0], seeds=[0], seeds_at_lowest=[0, 1], max_steps=4, eval_every=2, patience=1,
@@ -337,7 +338,7 @@ def test_heldout_selection_meets_the_rare_class_first():
 
 
 def test_synthetic_arms_only_where_a_synthetic_set_is_planned(phantom_data, tmp_path):
-    rows = [json.loads(x) for x in (phantom_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    rows = read_metadata(phantom_data / "train" / "metadata.jsonl")
     half = nested_fractions(rows, [0.5], 0)[0.5]
     syn = _fake_synthetic(phantom_data, tmp_path / "syn", half[:2], half)
     cfg = CFG.model_copy(update={"synthetic_fractions": [0.5], "max_steps": 2})

@@ -1,6 +1,6 @@
 """diffusers' ControlNet training layout: `metadata.jsonl` rows naming an image, its conditioning image and a caption.
 
-    ROOT/metadata.jsonl                                  {"file_name": "images/0.png", "conditioning_image": ..., "text": ...}
+    ROOT/metadata.jsonl                                  {"file_name": "images/0.png", "conditioning_image[_file_name]": ..., "text": ...}
     ROOT/{train,validation|val,test}/metadata.jsonl      the same, as official splits
 
 `file_name` is the Hugging Face image-folder column; `image` (as in fill50k) is accepted too. The
@@ -21,6 +21,7 @@ from synthmed.data.readers.base import Item, Reader
 from synthmed.data.readers.files import WINDOW_NOTE, load_image, safe_ids
 from synthmed.data.readers.folder import SPLIT_DIRS
 from synthmed.core.io import SynthmedError
+from synthmed.data.metadata import from_disk
 
 SPLIT_ORDER = ("train", "validation", "test")
 # Columns of our own prepared layout that are not prompt fields.
@@ -77,6 +78,7 @@ class DiffusersReader(Reader):
                 raise SynthmedError(f"{path}:{line}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise SynthmedError(f"{path}:{line}: expected a JSON object")
+            row = from_disk(row)  # `conditioning_image_file_name` (imagefolder's image columns) reads as `conditioning_image`
             image_col = o.image_column or ("file_name" if "file_name" in row else "image")
             for what, col, flag in (("image", image_col, "image_column"), ("conditioning image", o.conditioning_column, "conditioning_column"),
                                     ("caption", o.caption_column, "caption_column")):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from synthmed.config import DownstreamConfig, RunConfig, save_config
 from synthmed.core.device import device
-from synthmed.core.io import SynthmedError, read_json, read_jsonl, write_json
+from synthmed.core.io import SynthmedError, read_json, write_json
+from synthmed.data.metadata import read_metadata
 from synthmed.core.outputs import open_output
 from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, fraction_key, run_cell, seeds_of
 
@@ -101,7 +102,7 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
     d = cfg.downstream
     synthetic = {}
     if any(a in SYNTHETIC_ARMS for a in d.arms):
-        rows = read_jsonl(data / "train" / "metadata.jsonl")
+        rows = read_metadata(data / "train" / "metadata.jsonl")
         subsets = nested_fractions(rows, d.fractions, d.subset_seed)
         for f in (f for f in d.fractions if _gets_synthetic(d, f)):
             base = out / "fractions" / fraction_key(f)
