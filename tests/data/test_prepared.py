@@ -1,3 +1,4 @@
+import json
 
 import numpy as np
 import pytest
@@ -77,10 +78,31 @@ def test_colour_mask_rejects_unknown_codes():
 
 
 def test_readable_by_hf_datasets(phantom_data):
+    """imagefolder decodes every `*_file_name` key as an image column: the pixels we wrote, not path strings."""
     datasets = pytest.importorskip("datasets")
     ds = datasets.load_dataset("imagefolder", data_dir=str(phantom_data), split="train")
-    assert ds.num_rows == read_card(phantom_data)["splits"]["train"]["n"]
-    assert "conditioning_image" in ds.column_names and "text" in ds.column_names
+    split = load_split(phantom_data, "train")
+    assert ds.num_rows == read_card(phantom_data)["splits"]["train"]["n"] == len(split)
+    for column in ("image", "conditioning_image", "mask", "instance_mask"):
+        assert isinstance(ds.features[column], datasets.Image), (column, ds.features[column])
+    assert ds.features["text"].dtype == "string"
+    i = ds["id"].index(split.ids[3])
+    assert np.array_equal(np.asarray(ds[i]["image"]), split.images[3])
+    assert np.array_equal(np.asarray(ds[i]["mask"]), split.masks[3])
+    assert np.array_equal(np.asarray(ds[i]["conditioning_image"]), load_conditioning(split)[3])
+
+
+def test_older_prepared_sets_with_plain_file_keys_still_read(phantom_data, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(phantom_data, old)
+    meta = old / "train" / "metadata.jsonl"
+    rows = [json.loads(x) for x in meta.read_text().splitlines()]
+    assert all("mask_file_name" in r and "mask" not in r for r in rows)  # the current layout on disk
+    meta.write_text("".join(json.dumps({k.removesuffix("_file_name") if k != "file_name" else k: v for k, v in r.items()}) + "\n" for r in rows))
+    a, b = load_split(phantom_data, "train"), load_split(old, "train")
+    assert a.rows == b.rows and np.array_equal(a.masks, b.masks) and np.array_equal(load_conditioning(a), load_conditioning(b))
 
 
 def test_split_without_masks_has_no_counts(phantom_data):

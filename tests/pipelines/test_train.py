@@ -157,3 +157,68 @@ def test_a_fine_tuned_decoder_is_saved_and_is_what_sampling_and_the_round_trip_u
         pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, decoder={"steps": 1, "class_weights": {"necrosis": 3}}), tmp_path / "bad")
     with pytest.raises(SynthmedError, match="decoder.steps"):
         pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, conditioning_mode="text", decoder={"steps": 1}), tmp_path / "text")
+
+
+def _wandb_records(path) -> list[dict]:
+    """The history rows of a W&B run file, read the way `wandb sync` reads it: a 7-byte header, then 32 KiB
+    blocks of LevelDB-style records (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) of protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw, block = path.read_bytes(), 32768
+    pos, buf, rows = 7, b"", []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:  # block padding
+            pos += left - 7
+            continue
+        buf, pos = buf + raw[pos:pos + length], pos + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_losses_and_validation_grids(tiny_backbone_dir, phantom_data, tmp_path, monkeypatch):
+    """W&B in offline mode (the default: nothing leaves the machine): the run folder `wandb sync` uploads holds
+    every step's loss and the validation grids as media."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, log_with="wandb", validation_every=1, validation_samples=2, validation_steps=2), tmp_path / "run")
+    (folder,) = (run / "logs" / "wandb").glob("offline-run-*")
+    grids = sorted((folder / "files" / "media" / "images").glob("validation_*.png"))
+    assert len(grids) == 2  # steps 1 and 2
+    from PIL import Image
+
+    assert Image.open(grids[-1]).size == (2 * 64, 3 * 64)  # 2 samples; rows mask, real, generated
+    history = [r for r in _wandb_records(next(folder.glob("run-*.wandb"))) if r]
+    losses = read_json(run / "training.json")["last_losses"]
+    logged = [float(h["loss"]) for h in history if "loss" in h]
+    assert logged == pytest.approx(losses[-len(logged):]) and len(logged) == 2
+    assert sum("validation_loss" in h for h in history) == 2
+
+
+def test_mlflow_local_store_holds_the_losses_and_validation_grids(tiny_backbone_dir, phantom_data, tmp_path, monkeypatch):
+    """MLflow with no server named: a SQLite store under OUT/logs that `mlflow ui --backend-store-uri` reads."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, log_with="mlflow", validation_every=1, validation_samples=2, validation_steps=2), tmp_path / "run")
+    client = mlflow.MlflowClient(f"sqlite:///{(run / 'logs' / 'mlflow.db').resolve()}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "train"]
+    (found,) = client.search_runs([experiment.experiment_id])
+    losses = read_json(run / "training.json")["last_losses"]
+    assert [m.value for m in client.get_metric_history(found.info.run_id, "loss")] == pytest.approx(losses[-2:])
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "validation_loss")] == [1, 2]
+    images = [a.path for a in client.list_artifacts(found.info.run_id, "images")]
+    assert sum(p.startswith("images/validation+step+") and p.endswith(".png") and "compressed" not in p for p in images) == 2
+    assert (run / "logs" / "mlflow-artifacts").is_dir()

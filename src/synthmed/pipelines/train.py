@@ -130,7 +130,8 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
         mark_output(out, MODEL_KIND)
         save_config(cfg, out / "train_config.yaml")
     accelerator.wait_for_everyone()
-    accelerator.init_trackers("train", config={k: v for k, v in cfg.model_dump().items() if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers("train", config={k: v for k, v in cfg.model_dump().items() if isinstance(v, (int, float, str, bool))},
+                              init_kwargs=setup.tracker_kwargs(cfg.log_with, out / "logs"))
     attention = setup.set_attention(backbone, cfg.attention, accelerator.device)
     torch.manual_seed(cfg.seed)
     started = time.time()

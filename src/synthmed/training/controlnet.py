@@ -184,6 +184,7 @@ def train(model: ControlledUNet, backbone: Backbone, data: TrainingData, cfg, ac
         if ema is not None:
             ema.step(_trainable(accelerator.unwrap_model(model)))
         done = step + 1
+        accelerator.log({"loss": losses[-1], "lr": sched.get_last_lr()[0]}, step=done)  # to the trackers (none: a no-op)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the final state too, to train on later
             run = {"from_step": start, "to_step": done, "seconds": round(time.time() - began, 1)}
             _save_checkpoint(accelerator, Path(checkpoints), done, cfg.keep_checkpoints, {"losses": losses, "runs": earlier["runs"] + [run]})

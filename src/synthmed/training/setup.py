@@ -109,6 +109,25 @@ def tracker(name: str | None):
     return name
 
 
+def tracker_kwargs(name: str | None, logs: Path) -> dict:
+    """init_kwargs that keep each tracker's record on this machine, under OUT/logs, unless the user's environment
+    names a destination: W&B offline (WANDB_MODE=online uploads; `wandb sync` later), MLflow in a SQLite file
+    (MLFLOW_TRACKING_URI names a server instead; `mlflow ui --backend-store-uri sqlite:///OUT/logs/mlflow.db`)."""
+    import os
+
+    logs = Path(logs).resolve()
+    if name == "wandb":
+        return {"wandb": {"dir": str(logs), "mode": os.environ.get("WANDB_MODE", "offline")}}
+    if name == "mlflow":
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            import mlflow
+
+            logs.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(f"sqlite:///{logs / 'mlflow.db'}")
+        return {"mlflow": {"logging_dir": str(logs / "mlflow-artifacts")}}
+    return {}
+
+
 def set_attention(backbone, kind: str, device) -> str:
     """PyTorch SDPA (diffusers' default) or xFormers; returns what is in use."""
     import importlib.util
@@ -257,6 +276,11 @@ def validator(data: Path, backbone, cfg: ControlNetConfig, accelerator):
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"validation": grid[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "mlflow":  # accelerate's MLflow tracker has no log_images
+                if accelerator.is_main_process:
+                    import mlflow
+
+                    mlflow.log_image(grid, key="validation", step=step)
             elif hasattr(tracker, "log_images"):
                 tracker.log_images({"validation": [grid]}, step=step)
 
