@@ -117,3 +117,12 @@ def test_cli_refuses_what_is_not_a_model_in_one_line(tmp_path):
     assert str(tmp_path) in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("ui", "--model", str(tmp_path), "--auth", "nopassword")
     assert proc.returncode == 2 and "--auth expects USER:PASS" in proc.stderr
+
+
+def test_prompts_follow_the_models_rule(quick, session):
+    train = read_metadata(quick / "data" / "train" / "metadata.jsonl")
+    assert session.prompt_for(train[0]) == train[0]["text"]  # a text-prompted model reads its data set's prompt
+    label = str(train[0]["label"])
+    texts = [r["text"] for r in train if str(r["label"]) == label]
+    picked = session.prompt_for(None, label)  # a picked class: its commonest training prompt
+    assert picked in texts and texts.count(picked) == max(texts.count(t) for t in texts)

@@ -128,11 +128,11 @@ def _generate_tab(session: Session, splits: list[str], status) -> None:
 
     def run(kind, chosen, up, painted, text, sch, st, gs, cs, sd, n, progress=gr.Progress()):
         try:
-            progress(0, desc="sampling")
             src = resolve(kind, chosen, up, painted)
             cfg = session.settings(scheduler=sch, steps=int(st), guidance_scale=float(gs), conditioning_scale=float(cs))
             seeds = [int(sd) + i for i in range(int(n))] if n else [int(sd)]
-            drawn = session.draw(src, text or "", seeds, cfg)
+            progress((0, len(seeds)), desc="sampling", unit="images")
+            drawn = session.draw(src, text or "", seeds, cfg, lambda done: progress((done, len(seeds)), desc="sampling", unit="images"))
         except (SynthmedError, ValueError) as exc:
             return (_error(exc),) + (gr.skip(),) * 6
         d = drawn[0]

@@ -179,7 +179,11 @@ class Session:
         if label is not None:
             fields["label"] = label
         if row is None and self.training.get("prompt_source", "text") == "text":
-            return ""
+            # a text-prompted model read its data set's prompts: the commonest one of the class's training samples
+            from collections import Counter
+
+            texts = Counter(r.get("text", "") for r in self.rows.get("train", []) if label is not None and str(r.get("label")) == str(label))
+            return texts.most_common(1)[0][0] if texts else ""
         item = {"row_fields": fields, "prompt": fields.get("text", ""), "label": fields.get("label")}
         return prompt_rule(self.data, self.training)([item])[0]
 
@@ -199,8 +203,8 @@ class Session:
             self._sampler_key = key
         return self._sampler
 
-    def draw(self, source: Source, prompt: str, seeds: list[int], cfg: GenerateConfig) -> list[Drawn]:
-        """Draw the source once per seed and judge each image."""
+    def draw(self, source: Source, prompt: str, seeds: list[int], cfg: GenerateConfig, progress=None) -> list[Drawn]:
+        """Draw the source once per seed and judge each image; progress(images done) after each batch."""
         from synthmed.generation.draw import as_rgb, draw_all, grey_limit
 
         if source.conditioning.shape[:2] != self.size:
@@ -210,7 +214,7 @@ class Session:
             raise SynthmedError(f"conditioning has {source.conditioning.shape[2]} channel(s), but the model was trained on {want}")
         n = len(seeds)
         cond = np.repeat(source.conditioning[None], n, 0)
-        stored = draw_all(self.sampler(cfg), cond, [prompt] * n, [int(s) for s in seeds], cfg.batch_size, grey_limit(self.card, cfg))
+        stored = draw_all(self.sampler(cfg), cond, [prompt] * n, [int(s) for s in seeds], cfg.batch_size, grey_limit(self.card, cfg), progress)
         out = []
         for image, seed in zip(stored, seeds):
             d = Drawn(_shown(source.conditioning), image, prompt, int(seed), self.sampler(cfg).settings.record(), source.mask, real=source.real)
