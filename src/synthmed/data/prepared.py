@@ -24,6 +24,7 @@ import numpy as np
 from synthmed.data.conditioning import colour_mask
 from synthmed.data.images import read_image
 from synthmed.core.io import SynthmedError, atomic_dir, load_png, read_json, save_png, write_json
+from synthmed.data.arrays import DiskArray, fingerprint, lazy_bytes, split_arrays
 from synthmed.data.metadata import read_metadata, write_metadata
 
 SPLITS = ("train", "validation", "test", "unlabelled")
@@ -134,13 +135,14 @@ def _write_sample(folder: Path, s: Sample) -> dict:
 
 @dataclass
 class PreparedSplit:
-    """One split of a prepared data set, loaded into memory (small data sets only)."""
+    """One split of a prepared data set: rows, and images/masks as arrays (in memory) or DiskArrays (large splits:
+    read by rows, `data/arrays.py`); index them in batches, `np.asarray` where the whole split is needed."""
 
     root: Path
     split: str
     rows: list[dict]
-    images: np.ndarray  # (N, H, W, 3) uint8
-    masks: np.ndarray | None  # (N, H, W) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8, or a DiskArray of that shape
+    masks: np.ndarray | None  # (N, H, W) uint8, or a DiskArray
 
     @property
     def ids(self) -> list[str]:
@@ -185,31 +187,34 @@ def load_split(root: Path, split: str, limit: int | None = None, need_masks: boo
     if not rows:
         raise SynthmedError(f"{root / split / 'metadata.jsonl'}: no samples")
     folder = root / split
-    images = np.stack(_same_size([rgb_image(read_image(folder / _field(r, "file_name", folder))) for r in rows], rows, "file_name", folder))
     has_masks = all("mask" in r for r in rows)
     if need_masks and not has_masks:
         raise SynthmedError(f"{folder / 'metadata.jsonl'}: split {split!r} has no masks")
-    masks = None
+    first = rgb_image(read_image(folder / _field(rows[0], "file_name", folder)))
+    n_codes = len(card.get("classes") or []) or None
+
+    def image(i: int) -> np.ndarray:
+        arr = first if i == 0 else rgb_image(read_image(folder / _field(rows[i], "file_name", folder)))
+        if arr.shape[:2] != first.shape[:2]:
+            raise SynthmedError(f"{folder / rows[i]['file_name']}: size {arr.shape[1]}x{arr.shape[0]} differs from {folder / rows[0]['file_name']} "
+                                f"({first.shape[1]}x{first.shape[0]}); prepare with --size")
+        return arr
+
+    readers = {"images": image}
     if has_masks:
-        n_codes = len(card.get("classes") or []) or None
-        masks = np.stack([read_mask(folder / r["mask"], images.shape[1:3], n_codes) for r in rows])
-    return PreparedSplit(root, split, rows, images, masks)
+        readers["masks"] = lambda i: read_mask(folder / rows[i]["mask"], first.shape[:2], n_codes)
+    if len(rows) * first.nbytes * (4 if has_masks else 3) // 3 > lazy_bytes():  # large: decoded once, read by rows
+        key = fingerprint(folder, rows, ("file_name", "mask"), extra=repr((split, len(rows), n_codes)))
+        arrays = split_arrays(key, len(rows), readers)
+    else:
+        arrays = {kind: np.stack([read(i) for i in range(len(rows))]) for kind, read in readers.items()}
+    return PreparedSplit(root, split, rows, arrays["images"], arrays.get("masks"))
 
 
 def _field(row: dict, key: str, folder: Path) -> str:
     if not row.get(key):
         raise SynthmedError(f"{folder / 'metadata.jsonl'}: sample {row.get('id', '?')} has no {key}")
     return row[key]
-
-
-def _same_size(arrays: list[np.ndarray], rows: list[dict], key: str, folder: Path) -> list[np.ndarray]:
-    """Refuse a split whose files differ in size, naming the first one that differs from the first file."""
-    first = arrays[0].shape[:2]
-    for arr, row in zip(arrays, rows):
-        if arr.shape[:2] != first:
-            raise SynthmedError(f"{folder / row[key]}: size {arr.shape[1]}x{arr.shape[0]} differs from {folder / rows[0][key]} "
-                                f"({first[1]}x{first[0]}); prepare with --size")
-    return arrays
 
 
 def _label_map(path: Path, shape: tuple[int, int], what: str, values: str) -> np.ndarray:
@@ -250,19 +255,31 @@ def rgb_image(arr: np.ndarray) -> np.ndarray:
 def load_conditioning(split: PreparedSplit) -> np.ndarray:
     """The split's conditioning images (N, H, W, C) uint8 as written by `prepare`: C is the file's own
     channel count (1 for a greyscale PNG such as an edge map, 3 for colour, K for an .npy stack).
-    Each must have its image's size and the first one's channel count."""
+    Each must have its image's size and the first one's channel count. A large split's (images in a DiskArray)
+    is a DiskArray too, decoded once beside them."""
     folder = split.root / split.split
     shape = split.images.shape[1:3]
-    out = []
-    for r in split.rows:
-        path = folder / _field(r, "conditioning_image", folder)
-        arr = _channels_last(load_conditioning_file(path))
-        if arr.shape[:2] != shape:
-            raise SynthmedError(f"{path}: conditioning size {arr.shape[1]}x{arr.shape[0]} differs from its image's {shape[1]}x{shape[0]}")
-        if out and arr.shape[2] != out[0].shape[2]:
-            raise SynthmedError(f"{path}: {arr.shape[2]} conditioning channel(s), but {folder / split.rows[0]['conditioning_image']} has {out[0].shape[2]}")
-        out.append(arr)
-    return np.stack(out)
+    first = _conditioning(folder, split.rows[0], shape)
+
+    def read(i: int) -> np.ndarray:
+        arr = first if i == 0 else _conditioning(folder, split.rows[i], shape)
+        if arr.shape[2] != first.shape[2]:
+            raise SynthmedError(f"{folder / split.rows[i]['conditioning_image']}: {arr.shape[2]} conditioning channel(s), "
+                                f"but {folder / split.rows[0]['conditioning_image']} has {first.shape[2]}")
+        return arr
+
+    if isinstance(split.images, DiskArray):
+        key = fingerprint(folder, split.rows, ("conditioning_image",), extra=repr(("conditioning", split.split, len(split))))
+        return split_arrays(key, len(split), {"conditioning": read})["conditioning"]
+    return np.stack([read(i) for i in range(len(split))])
+
+
+def _conditioning(folder: Path, row: dict, shape) -> np.ndarray:
+    path = folder / _field(row, "conditioning_image", folder)
+    arr = _channels_last(load_conditioning_file(path))
+    if arr.shape[:2] != tuple(shape):
+        raise SynthmedError(f"{path}: conditioning size {arr.shape[1]}x{arr.shape[0]} differs from its image's {shape[1]}x{shape[0]}")
+    return arr
 
 
 def _channels_last(arr: np.ndarray) -> np.ndarray:

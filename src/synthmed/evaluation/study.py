@@ -80,6 +80,7 @@ class RealData:
 
     def masks_of(self, masks: np.ndarray, where: str) -> np.ndarray:
         """Mask codes of the card's classes as codes of the classes the model learns (mask_classes)."""
+        masks = np.asarray(masks)
         if self.lut is None:
             return masks
         if masks.size and int(masks.max()) >= len(self.lut):

@@ -16,8 +16,8 @@ DENSENET_MIN_SIZE = 32  # DenseNet121 downsamples by 32; smaller inputs would po
 
 
 def to_unit_range(images_uint8: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1] (ControlNet conditioning range)."""
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(255.0)
+    """(N, H, W, C) uint8 (an array, or a DiskArray: read whole) -> (N, C, H, W) float in [0, 1] (ControlNet conditioning range)."""
+    return torch.from_numpy(np.asarray(images_uint8)).permute(0, 3, 1, 2).float().div(255.0)
 
 
 def build_segmenter(n_classes: int, in_channels: int = 3) -> UNet:
@@ -123,7 +123,7 @@ def feature_dim(model: torch.nn.Module) -> int:
 
 
 def _check_images(name: str, images: np.ndarray) -> None:
-    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:
+    if getattr(images, "ndim", None) != 4 or getattr(images, "dtype", None) != np.uint8:  # an array or a DiskArray
         got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}"
         raise ValueError(f"{name} expects (N, H, W, C) uint8 images, but got {got}")
 

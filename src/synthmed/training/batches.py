@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synthmed.data.arrays import DiskArray
 from synthmed.models.backbone import Backbone
 from synthmed.training.common import dihedral, to_model_range
 
@@ -123,6 +124,36 @@ class TrainingData:
         return backbone.encode_prompts([table[int(r)] for r in rows]).float().cpu()
 
 
+class TorchRows:
+    """Rows of a large split's DiskArray as the tensors the loop indexes one sample at a time: `rows[i]` reads row i
+    ((C, H, W) with channels_first, in [-1, 1] with model_range), so the split never sits in memory whole."""
+
+    def __init__(self, array: DiskArray, channels_first: bool = False, model_range: bool = False):
+        self.array, self.channels_first, self.model_range = array, channels_first, model_range
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        n, *rest = self.array.shape
+        return (n, rest[-1], *rest[:-1]) if self.channels_first else (n, *rest)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        row = torch.from_numpy(self.array[int(i)])
+        if self.channels_first:
+            row = row.permute(2, 0, 1).contiguous()
+        return row.float().div(127.5).sub(1.0) if self.model_range else row
+
+
+def _rows(array, channels_first: bool = False):
+    """A uint8 array as one tensor (in memory), or a DiskArray as TorchRows (large splits)."""
+    if isinstance(array, DiskArray):
+        return TorchRows(array, channels_first)
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.permute(0, 3, 1, 2).contiguous() if channels_first else t
+
+
 def _encode(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
     """Scaled VAE latents (fp32, CPU) of images in [-1, 1], in the VAE's own precision."""
     return backbone.encode_images(images.to(backbone.vae.dtype)).float().cpu()
@@ -157,13 +188,13 @@ def build_training_data(backbone: Backbone, images: np.ndarray, cond_images: np.
         prompts=unique,
         views=allowed_views(*images.shape[1:3], flips, views),
         image_size=tuple(images.shape[1:3]),
-        conditioning=None if cond_images is None else torch.from_numpy(cond_images if cond_images.ndim == 4 else cond_images[..., None]).permute(0, 3, 1, 2).contiguous(),
-        masks=None if masks is None else torch.from_numpy(np.ascontiguousarray(masks)),
+        conditioning=None if cond_images is None else _rows(cond_images if cond_images.ndim == 4 else cond_images[..., None], channels_first=True),
+        masks=None if masks is None else _rows(masks),
         crop=tuple(crop) if crop else None,
         scale=tuple(scale),
     )
     if not cache:
-        data.images = to_model_range(images)  # (N, 3, H, W)
+        data.images = TorchRows(images, channels_first=True, model_range=True) if isinstance(images, DiskArray) else to_model_range(images)  # (N, 3, H, W)
         return data
     data.prompt_table = backbone.encode_prompts(unique + [""]).float().cpu()
     if cache_dir is not None:

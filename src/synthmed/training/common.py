@@ -24,8 +24,8 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 
 
 def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) uint8 -> (N, C, H, W) float in [-1, 1]."""
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    """(N, H, W, C) uint8 (an array, or a DiskArray: read whole) -> (N, C, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(images_uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 

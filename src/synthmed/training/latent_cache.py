@@ -72,9 +72,16 @@ def cache_key(vae, images: np.ndarray, views: tuple[int, ...]) -> str:
         for name, t in sorted(part.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(repr((str(vae.dtype), float(vae.config.scaling_factor), tuple(views), images.shape)).encode())
-    h.update(np.ascontiguousarray(images).data)
+    h.update(repr((str(vae.dtype), float(vae.config.scaling_factor), tuple(views), tuple(images.shape))).encode())
+    h.update(pixel_digest(images).encode())
     return h.hexdigest()[:20]
+
+
+def pixel_digest(images) -> str:
+    """sha256 of the images' bytes: a large split's DiskArray carries it (hashed as it was written), an array in
+    memory is hashed now; both give the same value for the same pixels."""
+    digest = getattr(images, "digest", None)
+    return digest if digest else hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
 
 
 def cached_latents(backbone, images: np.ndarray, views: tuple[int, ...], root: Path, process_index: int = 0, num_processes: int = 1,

@@ -60,8 +60,9 @@ def class_weights(data: Path, weights: dict | None, masks):
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise SynthmedError(f"{data}: class_weights names {unknown}, which the data set does not have (classes: {', '.join(names)})")
-    if masks is not None and int(masks.max()) >= len(names):
-        raise SynthmedError(f"{data}: masks hold class code {int(masks.max())}, beyond the card's {len(names) - 1} classes")
+    top = -1 if masks is None else max((int(masks[i:i + 256].max()) for i in range(0, len(masks), 256)), default=-1)  # by chunks: a DiskArray
+    if top >= len(names):
+        raise SynthmedError(f"{data}: masks hold class code {top}, beyond the card's {len(names) - 1} classes")
     return torch.tensor([float(weights.get(n, 1.0)) for n in names])
 
 

@@ -25,7 +25,9 @@ def _seg_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def class_weights(masks: np.ndarray, n_classes: int, cap: float = 10.0) -> torch.Tensor:
     """Median-frequency balancing (Eigen & Fergus 2015): weight_c = median(freq) / freq_c over the classes present
     (background included), square-rooted and capped, so a class 100x rarer than the median weighs 10x; absent classes 1."""
-    counts = np.bincount(masks.ravel(), minlength=n_classes + 1)[: n_classes + 1].astype(np.float64)
+    counts = np.zeros(n_classes + 1, np.float64)
+    for start in range(0, len(masks), 256):  # in chunks: masks may be a DiskArray of a large split
+        counts += np.bincount(np.asarray(masks[start:start + 256]).ravel(), minlength=n_classes + 1)[: n_classes + 1]
     present = counts > 0
     w = np.ones(n_classes + 1)
     w[present] = np.sqrt(np.median(counts[present]) / counts[present])
@@ -39,8 +41,8 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps
     With `checkpoint`, an interrupted training continues from its last save (batches are functions of (seed, step))."""
     torch.manual_seed(seed)
     model = build_segmenter(n_classes, images.shape[-1]).to(device)
-    x_all = to_unit_range(images)  # (N, 3, H, W)
-    y_all = torch.from_numpy(masks.astype(np.int64))[:, None]  # (N, 1, H, W)
+    # Batches are converted as they are drawn (images and masks may be DiskArrays of a large split): uint8 stays
+    # the only copy in memory, and the numbers are those of converting everything first.
     weight = class_weights(masks, n_classes).to(device) if class_weighting == "median_frequency" else None
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -50,9 +52,10 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps
     model.train()
     for step in range(start, steps):
         g = step_generator(seed, step, stream=9)
-        idx = batch_indices(len(x_all), batch_size, step, seed + 9)
+        idx = batch_indices(len(images), batch_size, step, seed + 9).numpy()
         k = int(torch.randint(0, 8, (1,), generator=g))
-        x, y = dihedral(x_all[idx], k), dihedral(y_all[idx], k)
+        x = dihedral(to_unit_range(images[idx]), k)  # (B, 3, H, W)
+        y = dihedral(torch.from_numpy(np.asarray(masks[idx]).astype(np.int64))[:, None], k)  # (B, 1, H, W)
         loss = loss_fn(model(_seg_jitter(x, g).to(device)), y.to(device))
         optimiser_step(loss, model.parameters(), opt, sched, clip=None)
         losses.append(loss.item())
@@ -106,8 +109,7 @@ def train_classifier(
         raise ValueError(f"train_classifier expects N >= 1, steps >= 1 and batch_size >= 2 (BatchNorm), but got N={len(images)}, steps={steps}, batch_size={batch_size}")
     torch.manual_seed(seed)
     model = build_classifier(n_classes, images.shape[-1], arch).to(device)
-    x_all = to_unit_range(images)  # (N, C, H, W)
-    y_all = torch.from_numpy(np.asarray(labels).astype(np.int64))  # (N,)
+    y_all = torch.from_numpy(np.asarray(labels).astype(np.int64))  # (N,); images are converted batch by batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = warmup_cosine(opt, steps, warmup_fraction=0.1, floor=0.02)
     checkpoint = checkpoint or PhaseCheckpoint(None, "classifier", 1)
@@ -115,9 +117,9 @@ def train_classifier(
     model.train()
     for step in range(start, steps):
         g = step_generator(seed, step, stream=11)
-        idx = balanced_indices(y_all, batch_size, step, seed + 11) if class_balanced else batch_indices(len(x_all), batch_size, step, seed + 11)
+        idx = balanced_indices(y_all, batch_size, step, seed + 11) if class_balanced else batch_indices(len(images), batch_size, step, seed + 11)
         k = int(torch.randint(0, 8, (1,), generator=g))
-        x = _jitter(dihedral(x_all[idx], k), g)
+        x = _jitter(dihedral(to_unit_range(images[idx.numpy()]), k), g)
         loss = F.cross_entropy(model(x.to(device)), y_all[idx].to(device))
         optimiser_step(loss, model.parameters(), opt, sched, clip=None)
         losses.append(loss.item())

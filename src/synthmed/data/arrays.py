@@ -1,0 +1,192 @@
+"""A split's pixels on disk: one .npy per split and kind (images, masks), written once, read by rows.
+
+`load_split` keeps small splits in memory. A split larger than `lazy_bytes()` (default 1 GiB of uint8 pixels;
+$SYNTHMED_LAZY_BYTES) is decoded once into `SYNTHMED_CACHE/arrays/<fingerprint>/` and read back as `DiskArray`s:
+indexing reads only the rows asked for (positioned reads, no memory map, so a pass over 16,000 images at 512 px
+does not grow the process's resident memory), and `np.asarray` still gives the whole array to code that needs it.
+The fingerprint covers the metadata file, every referenced file's size and modification time and the pixel rules,
+so an edited set is decoded again; the prepared folder itself is never written to (it may be read-only or shared).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from synthmed.core.io import read_json, write_json
+
+LAZY_ENV = "SYNTHMED_LAZY_BYTES"
+DEFAULT_LAZY_BYTES = 1 << 30
+READ_ROWS = 256  # rows per positioned read when a whole range is asked for
+_VERSION = "1"  # bump when the pixel rules (data/images.py) or this file format change
+
+
+def lazy_bytes() -> int:
+    """Splits with more uint8 pixel bytes than this are read from disk by rows."""
+    value = os.environ.get(LAZY_ENV)
+    return int(value) if value not in (None, "") else DEFAULT_LAZY_BYTES
+
+
+def arrays_root() -> Path:
+    """$SYNTHMED_CACHE/arrays, else $XDG_CACHE_HOME/synthmed/arrays, else ~/.cache/synthmed/arrays."""
+    base = os.environ.get("SYNTHMED_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synthmed"
+    return Path(base) / "arrays"
+
+
+class DiskArray(np.lib.mixins.NDArrayOperatorsMixin):  # operators go through __array_ufunc__
+    """(N, ...) rows of a .npy file. `a[i]`, `a[i:j]`, `a[index array]`, `a[bool mask]` read only those rows;
+    `np.asarray(a)` reads everything. `digest` is the sha256 of the rows' bytes (a content key for caches)."""
+
+    def __init__(self, path: Path, digest: str | None = None):
+        self.path, self.digest = Path(path), digest
+        with open(self.path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, self.dtype = read_header(fh)
+            self.offset = fh.tell()
+        if fortran:
+            raise ValueError(f"DiskArray expects a C-ordered array, but {self.path} is Fortran-ordered")
+        self.shape = tuple(shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
+    nbytes = property(lambda self: self.size * self.dtype.itemsize)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DiskArray({self.path}, shape={self.shape}, dtype={self.dtype})"
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 in one read."""
+        n = max(0, stop - start)
+        with open(self.path, "rb") as fh:
+            data = os.pread(fh.fileno(), n * self.row_bytes, self.offset + start * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape(n, *self.shape[1:]).copy()
+
+    def take(self, idx) -> np.ndarray:
+        """Rows at integer positions `idx` (any order, repeats allowed), each read once."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} rows")
+        idx = np.where(idx < 0, idx + len(self), idx)
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        with open(self.path, "rb") as fh:
+            for pos, i in enumerate(idx.tolist()):
+                out[pos] = np.frombuffer(os.pread(fh.fileno(), self.row_bytes, self.offset + i * self.row_bytes), self.dtype).reshape(self.shape[1:])
+        return out
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"index {int(key)} out of range for {len(self)} rows")
+            out = self._rows(i, i + 1)[0]
+            return out[rest] if rest else out
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            out = self._rows(start, stop)[::step] if step > 0 else self.take(np.arange(start, stop, step))
+        else:
+            arr = np.asarray(key)
+            if arr.dtype == bool:
+                if arr.shape != (len(self),):
+                    raise IndexError(f"boolean index of shape {arr.shape} for {len(self)} rows")
+                arr = np.flatnonzero(arr)
+            out = self.take(arr).reshape(*np.shape(arr), *self.shape[1:])
+        return out[(slice(None), *rest)] if rest else out
+
+    def __iter__(self):
+        for start in range(0, len(self), READ_ROWS):
+            yield from self._rows(start, min(len(self), start + READ_ROWS))
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._rows(0, len(self))
+        return out if dtype is None else out.astype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
+
+    # Anything else an ndarray does (methods, operators, ufuncs, numpy functions) works on the whole array, read
+    # once: correct everywhere, bounded only where a consumer indexes in batches (the large-data paths do).
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("path", "digest", "shape", "dtype", "offset", "row_bytes"):
+            raise AttributeError(name)
+        return getattr(np.asarray(self), name)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(np.asarray(x) if isinstance(x, DiskArray) else x for x in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        def load(x):
+            if isinstance(x, DiskArray):
+                return np.asarray(x)
+            if isinstance(x, (list, tuple)):
+                return type(x)(load(y) for y in x)
+            return x
+
+        return func(*load(args), **{k: load(v) for k, v in kwargs.items()})
+
+
+
+def fingerprint(folder: Path, rows: list[dict], keys: tuple[str, ...], extra: str = "") -> str:
+    """What a split's arrays depend on: its metadata, each referenced file's name, size and mtime, the rules."""
+    h = hashlib.sha256((_VERSION + extra).encode())
+    meta = folder / "metadata.jsonl"
+    h.update(meta.read_bytes() if meta.is_file() else b"")
+    for r in rows:
+        for k in keys:
+            if r.get(k):
+                st = (folder / r[k]).stat()
+                h.update(f"{r[k]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def split_arrays(key: str, n: int, readers: dict[str, callable]) -> dict[str, DiskArray]:
+    """{kind: DiskArray} of n rows each, decoded once by readers[kind](i) -> row and kept under arrays_root()/key."""
+    folder = arrays_root() / key
+    done = folder / "done.json"
+    if done.is_file():
+        record = read_json(done)
+        return {kind: DiskArray(folder / f"{kind}.npy", record["digests"][kind]) for kind in readers}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{key}.{os.getpid()}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        digests = {kind: _write_rows(tmp / f"{kind}.npy", n, read) for kind, read in readers.items()}
+        write_json(tmp / "done.json", {"n": n, "digests": digests})
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same arrays first: theirs are identical
+            if not (folder / "done.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return split_arrays(key, n, readers)
+
+
+def _write_rows(path: Path, n: int, read) -> str:
+    """Write read(0..n-1) as one (n, ...) .npy, streaming (one row in memory); -> sha256 of the rows' bytes."""
+    first = np.ascontiguousarray(read(0))
+    h = hashlib.sha256()
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+                                                  "shape": (n, *first.shape)})
+        for i in range(n):
+            row = first if i == 0 else np.ascontiguousarray(read(i))
+            if row.shape != first.shape or row.dtype != first.dtype:
+                raise ValueError(f"row {i}: {row.shape} {row.dtype}, but row 0 is {first.shape} {first.dtype}")
+            data = row.tobytes()
+            h.update(data)
+            fh.write(data)
+    return h.hexdigest()
