@@ -24,7 +24,8 @@ def pair(tmp_path):
 
 
 @pytest.mark.parametrize("key", [0, 7, -1, -23, slice(None), slice(3, 11), slice(2, 20, 3), slice(None, None, -2), slice(20, 3, -4), slice(30, 40),
-                                 [4, 1, 4, 22], np.array([[0, 5], [6, 2]]), np.arange(23) % 3 == 0, (slice(1, 4), 2), (np.array([3, 1]), slice(None), 1)])
+                                 [4, 1, 4, 22], np.array([[0, 5], [6, 2]]), np.arange(23) % 3 == 0, (slice(1, 4), 2), (np.array([3, 1]), slice(None), 1),
+                                 (Ellipsis, 0), (Ellipsis, None), None])
 def test_disk_array_indexes_like_numpy(pair, key):
     ref, arr = pair
     want = ref[key]
@@ -45,6 +46,7 @@ def test_disk_array_whole_and_iteration(pair):
 
 
 def test_large_splits_read_from_disk_give_the_same_split(phantom_data, monkeypatch):
+    monkeypatch.setenv("SYNTHMED_LAZY_BYTES", str(1 << 40))  # small: in memory
     memory = load_split(phantom_data, "train")
     assert isinstance(memory.images, np.ndarray)
     monkeypatch.setenv("SYNTHMED_LAZY_BYTES", "0")  # every split counts as large

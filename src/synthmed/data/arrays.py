@@ -83,6 +83,9 @@ class DiskArray(np.lib.mixins.NDArrayOperatorsMixin):  # operators go through __
         return out
 
     def __getitem__(self, key):
+        first = key[0] if isinstance(key, tuple) and key else key
+        if first is Ellipsis or first is None:  # x[..., k], x[None]: numpy's own indexing of the whole array
+            return np.asarray(self)[key]
         rest = ()
         if isinstance(key, tuple):
             key, rest = key[0], key[1:]

@@ -261,11 +261,14 @@ def validator(data: Path, backbone, cfg: ControlNetConfig, accelerator):
     """validate(model, step): validation loss and a grid (mask | real | generated) to the trackers."""
     from synthmed.training.validation import validation_grid, validation_loss
 
+    import numpy as np
+
     from synthmed.data.prepared import load_conditioning, load_split
     from synthmed.training.batches import build_training_data
 
     vsplit = load_split(data, "validation", limit=cfg.validation_samples)
-    vcond = None if cfg.conditioning_mode == "text" else load_conditioning(vsplit)
+    vsplit.images = np.asarray(vsplit.images)  # a few fixed samples: in memory even when the split is read from disk
+    vcond = None if cfg.conditioning_mode == "text" else np.asarray(load_conditioning(vsplit))
     vprompts = trained_prompts(vsplit, cfg.conditioning_mode, cfg.prompt_source, cfg.label_prompt)
     vdata = build_training_data(backbone, vsplit.images, vcond, vprompts, flips=False)
 

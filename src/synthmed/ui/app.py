@@ -8,6 +8,7 @@ line in the page's status box (`SynthmedError`, `ValueError`), never as a stack 
 from __future__ import annotations
 
 import html
+import math
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing about the user's data leaves the machine
@@ -167,8 +168,9 @@ def _browse_tab(session: Session, status) -> None:
     with gr.Row():
         cls = gr.Dropdown(["all"] + names, value="all", label="class")
         kept = gr.Radio(["all", "kept", "rejected"], value="all", label="filter verdict")
-        smin = gr.Number(value=round(min(scores), 4) if scores else None, label="score at least")
-        smax = gr.Number(value=round(max(scores), 4) if scores else None, label="score at most")
+        # the range shown covers every score (rounded outwards), so the first view lists every sample
+        smin = gr.Number(value=math.floor(min(scores) * 1e4) / 1e4 if scores else None, label="score at least")
+        smax = gr.Number(value=math.ceil(max(scores) * 1e4) / 1e4 if scores else None, label="score at most")
     count = gr.HTML(first[0], elem_id="browse-count")
     shown = gr.State(first[2])
     gallery = gr.Gallery(first[1], columns=10, height=420, allow_preview=False, elem_id="browse-gallery", label="synthetic samples")
