@@ -74,7 +74,7 @@ def commands(work: Path, a) -> dict[str, list[str]]:
         "generate": cli + ["generate", "--data", str(data), "--model", str(run), "--out", str(syn), "--n", "4", "--steps", "2", "--batch-size", "4",
                            "--filter", "dice", "-s", "filter.min_dice=0", "-s", "filter.segmenter.steps=20"],
         "evaluate": cli + ["evaluate", "--data", str(data), "--synthetic", str(syn), "--out", str(work / "evaluation"),
-                           "-s", "segmenter.steps=20", "-s", "paired_regeneration=0", "-s", "n_boot=20"],
+                           "-s", "segmenter.steps=20", "-s", "domain.steps=20", "-s", "paired_regeneration=0", "-s", "n_boot=20"],
         "downstream": cli + ["evaluate", "downstream", "--data", str(data), "--out", str(work / "study"), "-s", "arms=[real]",
                              "-s", "fractions=[1.0]", "-s", "seeds=[0]", "-s", "training.steps=20", "-s", "eval_every=10"],
     }
