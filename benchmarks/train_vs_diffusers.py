@@ -259,12 +259,9 @@ def check_vae_factor(folder: Path) -> None:
 
 
 def diffusers_layout(data: Path, out: Path) -> Path:
-    """A copy of the train split that `datasets.load_dataset(imagefolder)` decodes the way the script needs.
-
-    In the prepared layout `conditioning_image` is a path string, but the script calls
-    `.convert("RGB")` on that column: `conditioning_image_file_name` makes `datasets` load it as
-    an image column named `conditioning_image`. Files are hard links (copies across file systems).
-    """
+    """A copy of the train split with only the script's three columns (`file_name`, `conditioning_image_file_name`,
+    `text`: `datasets` decodes the first two as images), so its other splits and nested provenance fields stay out
+    of the timed run. Files are hard links (copies across file systems)."""
     src = data / "train"
     out.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -439,9 +436,12 @@ def cli(cmd: list[str], env: dict, what: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """A prepared split's rows with synthmed's in-memory column names (either metadata layout)."""
+    from synthmed.data.metadata import read_metadata
+
     if not path.is_file():
         sys.exit(f"error: {path}: not found (--data expects a prepared data set with a train split)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metadata(path)
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from synthmed.core.io import load_png
+from synthmed.data.metadata import read_metadata
 from synthmed.report.html import CSS, ci, fmt, rgb
 
 ARM_COLOURS = {"real": "#37c", "real+synthetic": "#2a7", "synthetic-only": "#c73", "real+classic": "#888", "real+classic+synthetic": "#7a3",
@@ -107,7 +108,7 @@ def sample_grid(synthetic: str, folder: Path, name: str, n: int = 8) -> str | No
     meta = Path(synthetic) / "train" / "metadata.jsonl"
     if not meta.is_file():
         return None
-    rows = [json.loads(line) for line in meta.read_text().splitlines()[:n]]
+    rows = read_metadata(meta)[:n]
     tiles = []
     for r in rows:
         image = rgb(load_png(meta.parent / r["file_name"]))
