@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 import sys
+from pathlib import Path
+
+CACHE_ENV = "SYNTHMED_CACHE"
+
+
+def cache_root() -> Path:
+    """Where synthmed keeps what it can rebuild (latents, decoded splits, the UI's judges): $SYNTHMED_CACHE, else
+    $XDG_CACHE_HOME/synthmed, else ~/.cache/synthmed."""
+    return Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synthmed")
 
 
 def environment() -> dict:

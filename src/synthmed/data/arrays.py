@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synthmed.core.environment import cache_root
 from synthmed.core.io import read_json, write_json
 
 LAZY_ENV = "SYNTHMED_LAZY_BYTES"
@@ -32,9 +33,8 @@ def lazy_bytes() -> int:
 
 
 def arrays_root() -> Path:
-    """$SYNTHMED_CACHE/arrays, else $XDG_CACHE_HOME/synthmed/arrays, else ~/.cache/synthmed/arrays."""
-    base = os.environ.get("SYNTHMED_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synthmed"
-    return Path(base) / "arrays"
+    """The decoded splits' folder in the synthmed cache (core.environment.cache_root)."""
+    return cache_root() / "arrays"
 
 
 class DiskArray(np.lib.mixins.NDArrayOperatorsMixin):  # operators go through __array_ufunc__

@@ -24,17 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthmed.core.environment import cache_root
 from synthmed.core.io import write_json
 from synthmed.core.outputs import OutputLock
 from synthmed.training.common import dihedral, to_model_range
 
-CACHE_ENV = "SYNTHMED_CACHE"
-
-
 def default_root() -> Path:
-    """$SYNTHMED_CACHE, else $XDG_CACHE_HOME/synthmed, else ~/.cache/synthmed; latents go under latents/."""
-    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synthmed"
-    return Path(base) / "latents"
+    """The latents' folder in the synthmed cache (core.environment.cache_root)."""
+    return cache_root() / "latents"
 
 
 class LatentStore:

@@ -263,14 +263,14 @@ class Session:
             need = {"segmenter"} if cfg.filter.by == "dice" else {"classifier"} if cfg.filter.by == "confidence" else {"segmenter", "classifier"}
             if need <= have:
                 return self.synthetic / "judges"
-        from synthmed.training.latent_cache import default_root
+        from synthmed.core.environment import cache_root
 
         digest = hashlib.sha256()
         for s in ("train", "validation"):
             meta = self.data / s / "metadata.jsonl"
             digest.update(meta.read_bytes() if meta.is_file() else b"")
         digest.update(cfg.filter.model_dump_json().encode() + str(cfg.seed).encode() + str(self.data.resolve()).encode())
-        root = self.judges_dir or default_root().parent / "ui-judges"
+        root = self.judges_dir or cache_root() / "ui-judges"
         return root / digest.hexdigest()[:16] / "judges"
 
     # ---- browse ---------------------------------------------------------------------------------------------------
