@@ -37,20 +37,25 @@ def arrays_root() -> Path:
     return cache_root() / "arrays"
 
 
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, byte offset of the data) of a C-ordered .npy file, for positioned reads of its rows."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+    if fortran:
+        raise ValueError(f"npy_header expects a C-ordered array, but {path} is Fortran-ordered")
+    return tuple(shape), dtype, offset
+
+
 class DiskArray(np.lib.mixins.NDArrayOperatorsMixin):  # operators go through __array_ufunc__
     """(N, ...) rows of a .npy file. `a[i]`, `a[i:j]`, `a[index array]`, `a[bool mask]` read only those rows;
     `np.asarray(a)` reads everything. `digest` is the sha256 of the rows' bytes (a content key for caches)."""
 
     def __init__(self, path: Path, digest: str | None = None):
         self.path, self.digest = Path(path), digest
-        with open(self.path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, self.dtype = read_header(fh)
-            self.offset = fh.tell()
-        if fortran:
-            raise ValueError(f"DiskArray expects a C-ordered array, but {self.path} is Fortran-ordered")
-        self.shape = tuple(shape)
+        self.shape, self.dtype, self.offset = npy_header(self.path)
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     ndim = property(lambda self: len(self.shape))

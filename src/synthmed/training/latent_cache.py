@@ -27,6 +27,7 @@ import torch
 from synthmed.core.environment import cache_root
 from synthmed.core.io import write_json
 from synthmed.core.outputs import OutputLock
+from synthmed.data.arrays import npy_header
 from synthmed.training.common import dihedral, to_model_range
 
 def default_root() -> Path:
@@ -39,11 +40,7 @@ class LatentStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        with open(self.path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            self.shape, _, self.dtype = read_header(fh)
-            self.offset = fh.tell()
+        self.shape, self.dtype, self.offset = npy_header(self.path)
         self.row = int(np.prod(self.shape[2:])) * self.dtype.itemsize
 
     def __len__(self) -> int:
