@@ -103,7 +103,7 @@ def _generate_tab(session: Session, splits: list[str], status) -> None:
     grid = gr.Gallery(label="same mask, N seeds", columns=8, elem_id="seed-grid")
 
     def pick(split_name, evt: gr.SelectData):
-        sid = session.thumbnails(split_name)[evt.index][1]
+        sid = session.rows[split_name][evt.index]["id"]  # the picker shows the split's rows in order
         src = session.from_data(split_name, sid)
         return (split_name, sid), session.prompt_for(src.row), f"<p id='picked'>picked {html.escape(split_name)}/{html.escape(sid)}</p>"
 

@@ -212,12 +212,12 @@ class Session:
         want = int(self.training.get("conditioning_channels") or source.conditioning.shape[2])
         if source.conditioning.shape[2] != want:
             raise SynthmedError(f"conditioning has {source.conditioning.shape[2]} channel(s), but the model was trained on {want}")
-        n = len(seeds)
+        n, sampler, shown = len(seeds), self.sampler(cfg), _shown(source.conditioning)
         cond = np.repeat(source.conditioning[None], n, 0)
-        stored = draw_all(self.sampler(cfg), cond, [prompt] * n, [int(s) for s in seeds], cfg.batch_size, grey_limit(self.card, cfg), progress)
+        stored = draw_all(sampler, cond, [prompt] * n, [int(s) for s in seeds], cfg.batch_size, grey_limit(self.card, cfg), progress)
         out = []
         for image, seed in zip(stored, seeds):
-            d = Drawn(_shown(source.conditioning), image, prompt, int(seed), self.sampler(cfg).settings.record(), source.mask, real=source.real)
+            d = Drawn(shown, image, prompt, int(seed), sampler.settings.record(), source.mask, real=source.real)
             self.judge(d, as_rgb(image[None])[0])
             out.append(d)
         return out
@@ -327,7 +327,7 @@ def results_html(path: Path) -> str:
             data = Path(tmp, Path(m.group(1)).name).read_bytes()
             return f"src='data:image/png;base64,{base64.b64encode(data).decode()}'"
 
-        return re.sub(r"src='[^']*?/([^'/]+\.png)'", lambda m: inline(m), text)
+        return re.sub(r"src='[^']*?/([^'/]+\.png)'", inline, text)
 
 
 def per_class_dice(pred: np.ndarray, mask: np.ndarray, classes: list[str]) -> dict[str, float | None]:
@@ -347,9 +347,11 @@ def overlay(image: np.ndarray, codes: np.ndarray, palette: np.ndarray) -> np.nda
 
 
 def _shown(cond: np.ndarray) -> np.ndarray:
-    """A conditioning array as an RGB picture: 3 channels as they are, 1 as grey, others by their first 3 (or 1)."""
+    """A conditioning array as an RGB picture: 3 channels as they are, any other count by its first channel in grey."""
+    from synthmed.data.prepared import rgb_image
+
     c = cond if cond.ndim == 3 else cond[..., None]
-    return np.repeat(c[..., :1], 3, -1) if c.shape[2] != 3 else c
+    return rgb_image(c if c.shape[2] == 3 else c[..., 0])
 
 
 def _pixels(image, where: str) -> np.ndarray:
