@@ -269,7 +269,7 @@ def load_conditioning(split: PreparedSplit) -> np.ndarray:
         return arr
 
     if isinstance(split.images, DiskArray):
-        key = fingerprint(folder, split.rows, ("conditioning_image",), extra=repr(("conditioning", split.split, len(split))))
+        key = fingerprint(folder, split.rows, ("conditioning_image",), extra=repr(("conditioning", split.split, len(split), tuple(shape))))  # the size it was checked against
         return split_arrays(key, len(split), {"conditioning": read})["conditioning"]
     return np.stack([read(i) for i in range(len(split))])
 
