@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from synthmed.training.decoder import decoder_batch, finetune_decoder, focus_pixels
+from synthmed.training.decoder import FocusPixels, decoder_batch, finetune_decoder
 
 
 def _cfg(**kw):
@@ -16,18 +16,48 @@ def test_focused_crops_hold_the_weighted_class_and_carry_its_weights():
     masks = np.zeros((3, 32, 32), np.uint8)
     masks[1, 20:23, 5:8] = 4  # one small rare object in one image
     weights = torch.tensor([1.0, 1, 1, 1, 20.0, 1])
-    focus = focus_pixels(masks, weights)
-    assert len(focus) == 1 and focus[0][0] == 20.0 and set(focus[0][1][:, 0]) == {1}
-    images = torch.zeros(3, 3, 32, 32)
-    images[1, :, 20:23, 5:8] = 1.0
-    w_all = weights[torch.from_numpy(masks.astype(np.int64))][:, None]
-    x, w = decoder_batch(images, w_all, focus, 8, 16, 0.5, np.random.default_rng(0))
+    focus = FocusPixels(masks, weights)
+    assert len(focus) == 1 and focus.weights() == [20.0] and focus.count(0) == 9
+    assert [focus.pixel(0, j) for j in range(9)] == [tuple(p) for p in np.argwhere(masks == 4)]  # argwhere's order, one mask read each
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    images[1, 20:23, 5:8] = 255
+    x, w = decoder_batch(images, masks, weights, focus, 8, 16, 0.5, np.random.default_rng(0))
     assert x.shape == (8, 3, 16, 16) and w.shape == (8, 1, 16, 16)
     # the first half is centred near the rare object: every one of those crops holds it, with its weight
     assert all((w[i] == 20.0).sum() == 9 and (x[i] == 1.0).all(0).sum() == 9 for i in range(4))
     # no weighted class: plain random crops only
-    x2, w2 = decoder_batch(images, torch.ones(3, 1, 32, 32), [], 8, 16, 0.5, np.random.default_rng(0))
+    x2, w2 = decoder_batch(images, None, None, None, 8, 16, 0.5, np.random.default_rng(0))
     assert (w2 == 1).all() and x2.shape == (8, 3, 16, 16)
+
+
+def test_focus_pixels_are_found_across_chunks_like_argwhere():
+    rng = np.random.default_rng(3)
+    masks = rng.choice(6, size=(11, 9, 9), p=[0.6, 0.1, 0.1, 0.1, 0.02, 0.08]).astype(np.uint8)
+    focus = FocusPixels(masks, torch.tensor([1.0, 2, 1, 1, 20, 1]), chunk=4)
+    assert focus.weights() == [2.0, 20.0]
+    for i, code in enumerate((1, 4)):
+        where = np.argwhere(masks == code)
+        assert focus.count(i) == len(where)
+        assert all(focus.pixel(i, j) == tuple(where[j]) for j in range(len(where)))
+
+
+def test_the_fine_tune_reads_a_disk_split_by_rows_and_learns_the_same(tiny, tmp_path):
+    """A split on disk (never read whole) gives the decoder the same batches, hence the same losses and weights."""
+    from synthmed.data.arrays import DiskArray
+
+    class RowsOnly(DiskArray):
+        def __array__(self, dtype=None, copy=None):
+            raise AssertionError(f"{self.path.name} was read whole")
+
+    load, arrays = tiny
+    weights = torch.tensor([1.0, 1, 1, 1, 20.0, 1])
+    np.save(tmp_path / "images.npy", arrays["images"])
+    np.save(tmp_path / "masks.npy", arrays["masks"])
+    mem, disk = load(), load()
+    want = finetune_decoder(mem, arrays["images"], arrays["masks"], weights, _cfg())
+    got = finetune_decoder(disk, RowsOnly(tmp_path / "images.npy"), RowsOnly(tmp_path / "masks.npy"), weights, _cfg())
+    assert got == want
+    assert all(torch.equal(v, mem.vae.state_dict()[k]) for k, v in disk.vae.state_dict().items())
 
 
 def test_the_decoder_learns_while_the_encoder_and_latents_stay(tiny, tmp_path):

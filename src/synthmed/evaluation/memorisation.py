@@ -77,12 +77,21 @@ def pixel_embedding(images: np.ndarray, size: int = 32) -> np.ndarray:
     On unit vectors L2 distance is sqrt(2 - 2 cos), i.e. (one minus) the Pearson correlation of
     the downsampled images. A flat image has no structure to match and maps to the zero vector.
     """
-    x = np.asarray(images)
-    if x.ndim != 4 or x.shape[0] == 0 or x.dtype != np.uint8:
-        raise ValueError(f"pixel_embedding expects non-empty (N, H, W, C) uint8 images, but got shape {x.shape} and dtype {x.dtype}")
+    shape, dtype = _shape_dtype(images)
+    if len(shape) != 4 or shape[0] == 0 or dtype != np.uint8:
+        raise ValueError(f"pixel_embedding expects non-empty (N, H, W, C) uint8 images, but got shape {shape} and dtype {dtype}")
     if size < 1:
         raise ValueError(f"pixel_embedding expects size >= 1, but got {size}")
-    return np.concatenate([_embed_chunk(x[i : i + 256], size) for i in range(0, len(x), 256)])  # chunks: 50k full-size images never go float at once
+    # chunks: 50k full-size images never go float at once, and a split on disk (data.arrays.DiskArray) is read 256 rows at a time
+    return np.concatenate([_embed_chunk(np.asarray(images[i : i + 256]), size) for i in range(0, shape[0], 256)])
+
+
+def _shape_dtype(a) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of an array-like without reading it whole (a DiskArray has both; a list is converted)."""
+    if hasattr(a, "shape") and hasattr(a, "dtype"):
+        return tuple(a.shape), np.dtype(a.dtype)
+    a = np.asarray(a)
+    return a.shape, a.dtype
 
 
 def _embed_chunk(x: np.ndarray, size: int) -> np.ndarray:
@@ -121,7 +130,7 @@ def audit(
     if feature_metric not in METRICS:
         raise ValueError(f"audit expects feature_metric in {METRICS}, but got {feature_metric!r}")
     if ratio is not None and len(train_pixels) < 2:
-        raise ValueError(f"audit expects >= 2 training images for the ratio rule, but got shape {np.shape(train_pixels)}")
+        raise ValueError(f"audit expects >= 2 training images for the ratio rule, but got shape {_shape_dtype(train_pixels)[0]}")
     spaces = {"pixel": ([pixel_embedding(a, size) for a in (synthetic_pixels, train_pixels, test_pixels)], "l2")}
     feats = (synthetic_feats, train_feats, test_feats)
     if any(f is not None for f in feats):
@@ -228,11 +237,11 @@ def _stats(d: np.ndarray) -> dict:
 
 def _check_pixels(syn, train, test) -> None:
     """The three pixel sets: non-empty (N, H, W, C) uint8 with one image shape."""
-    shapes = [np.shape(a) for a in (syn, train, test)]
+    shapes = [_shape_dtype(a)[0] for a in (syn, train, test)]
     for name, a in zip(("synthetic", "train", "test"), (syn, train, test)):
-        a = np.asarray(a)
-        if a.ndim != 4 or a.shape[0] == 0 or a.dtype != np.uint8:
-            raise ValueError(f"audit expects non-empty (N, H, W, C) uint8 {name} images, but got shape {a.shape} and dtype {a.dtype}")
+        shape, dtype = _shape_dtype(a)
+        if len(shape) != 4 or shape[0] == 0 or dtype != np.uint8:
+            raise ValueError(f"audit expects non-empty (N, H, W, C) uint8 {name} images, but got shape {shape} and dtype {dtype}")
     if len({s[1:] for s in shapes}) != 1:
         raise ValueError(f"audit expects synthetic, train and test images of one (H, W, C), but got shapes {shapes[0]}, {shapes[1]} and {shapes[2]}")
 

@@ -17,33 +17,55 @@ def one_hot(masks: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(t, n_classes + 1).permute(0, 3, 1, 2).float()
 
 
-def dice_iou(pred: np.ndarray, target: np.ndarray, class_names: list[str]) -> dict:
+class DiceIoU:
+    """Dice and IoU per foreground class, accumulated over batches of (pred, target) code maps (`add`), then
+    `result()`: the numbers of one `dice_iou` call on all of them, without holding every map at once."""
+
+    def __init__(self, class_names: list[str]):
+        self.classes = list(class_names)
+        self.metrics = {"dice": DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True),
+                        "iou": MeanIoU(include_background=False, reduction="mean_batch", ignore_empty=True)}
+        self.fg = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
+        self.present = torch.zeros(len(self.classes))
+        self.n = 0
+
+    def add(self, pred: np.ndarray, target: np.ndarray) -> None:
+        pred, target = np.asarray(pred), np.asarray(target)
+        if pred.shape != target.shape:
+            raise ValueError(f"dice_iou expects equal shapes, but got {pred.shape} and {target.shape}")
+        p, t = one_hot(pred, len(self.classes)), one_hot(target, len(self.classes))
+        for metric in self.metrics.values():
+            metric(p, t)
+        self.present += t[:, 1:].sum(dim=(0, 2, 3))
+        self.fg(torch.as_tensor((pred > 0)[:, None], dtype=torch.float32), torch.as_tensor((target > 0)[:, None], dtype=torch.float32))
+        self.n += len(pred)
+
+    def result(self) -> dict:
+        absent = (self.present == 0).numpy()  # MONAI reports 0 there; it is "not applicable"
+        per_class = {name: np.where(absent, np.nan, metric.aggregate().cpu().numpy()) for name, metric in self.metrics.items()}  # (K,)
+        return {
+            "dice": _nanmean(per_class["dice"]),
+            "iou": _nanmean(per_class["iou"]),
+            "dice_foreground": float(self.fg.aggregate()),
+            "per_class": {n: {"dice": _num(d), "iou": _num(i)} for n, d, i in zip(self.classes, per_class["dice"], per_class["iou"])},
+            "n_images": self.n,
+        }
+
+
+def dice_iou(pred: np.ndarray, target: np.ndarray, class_names: list[str], chunk: int = 256) -> dict:
     """Dice and IoU per foreground class and their mean over classes.
 
     A class's score averages the images whose target contains it (MONAI's ignore_empty), so
     a rare class is scored where it exists; the mean is over classes that occur at all.
+    Images go through in chunks of `chunk` (one-hot maps are K + 1 floats per pixel; either array
+    may be a split on disk), accumulated by `DiceIoU`: the scores are those of one pass on everything.
     """
     if pred.shape != target.shape:
         raise ValueError(f"dice_iou expects equal shapes, but got {pred.shape} and {target.shape}")
-    k = len(class_names)
-    p, t = one_hot(pred, k), one_hot(target, k)
-    per_class = {}
-    for name, metric in (("dice", DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)), ("iou", MeanIoU(include_background=False, reduction="mean_batch", ignore_empty=True))):
-        metric(p, t)
-        per_class[name] = metric.aggregate().cpu().numpy()  # (K,)
-    absent = (t[:, 1:].sum(dim=(0, 2, 3)) == 0).numpy()  # MONAI reports 0 there; it is "not applicable"
-    for name in per_class:
-        per_class[name] = np.where(absent, np.nan, per_class[name])
-    fg_p, fg_t = (pred > 0)[:, None], (target > 0)[:, None]
-    fg = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
-    fg(torch.as_tensor(fg_p, dtype=torch.float32), torch.as_tensor(fg_t, dtype=torch.float32))
-    return {
-        "dice": _nanmean(per_class["dice"]),
-        "iou": _nanmean(per_class["iou"]),
-        "dice_foreground": float(fg.aggregate()),
-        "per_class": {n: {"dice": _num(d), "iou": _num(i)} for n, d, i in zip(class_names, per_class["dice"], per_class["iou"])},
-        "n_images": int(pred.shape[0]),
-    }
+    acc = DiceIoU(class_names)
+    for start in range(0, max(len(pred), 1), chunk):
+        acc.add(pred[start:start + chunk], target[start:start + chunk])
+    return acc.result()
 
 
 def derangement(n: int, seed: int) -> np.ndarray:

@@ -26,26 +26,43 @@ def reconstruct(backbone, images: np.ndarray, batch_size: int = 32) -> np.ndarra
     vae = backbone.vae
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_model_range(images[i : i + batch_size]).to(vae.device, vae.dtype)
+        x = to_model_range(np.asarray(images[i : i + batch_size])).to(vae.device, vae.dtype)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         out.append(((rec.float().cpu() + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8))
     return np.concatenate(out)
 
 
+class ClassErrors:
+    """Mean absolute round-trip error per mask class (pixels; "background" too) or per image label (images),
+    accumulated over batches (`add`); `result()` is {class: {"mae", "n"}}."""
+
+    def __init__(self, classes: list[str], per_pixel: bool):
+        self.names = ["background", *classes] if per_pixel else list(classes)
+        self.per_pixel = per_pixel
+        self.sums, self.counts = np.zeros(len(self.names)), np.zeros(len(self.names), np.int64)
+
+    def add(self, images: np.ndarray, recon: np.ndarray, masks: np.ndarray | None = None, labels: list[str] | None = None) -> None:
+        err = np.abs(recon.astype(np.float64) - np.asarray(images).astype(np.float64)).mean(-1)  # (n, H, W)
+        if self.per_pixel:
+            codes = np.asarray(masks).ravel()
+            self.sums += np.bincount(codes, weights=err.ravel(), minlength=len(self.names))[: len(self.names)]
+            self.counts += np.bincount(codes, minlength=len(self.names))[: len(self.names)]
+            return
+        per_image = err.mean((1, 2))
+        for i, name in enumerate(self.names):
+            sel = np.array([lab == name for lab in (labels or [])], bool)
+            self.sums[i] += per_image[sel].sum()
+            self.counts[i] += sel.sum()
+
+    def result(self) -> dict:
+        return {name: {"mae": float(s / n) if n else None, "n": int(n)} for name, s, n in zip(self.names, self.sums, self.counts)}
+
+
 def class_errors(images: np.ndarray, recon: np.ndarray, masks: np.ndarray | None, classes: list[str], labels: list[str] | None = None) -> dict:
     """{class: {"mae", "n"}}: error per mask class (pixels; "background" too) or per image label (images)."""
-    err = np.abs(recon.astype(np.float64) - images.astype(np.float64)).mean(-1)  # (N, H, W)
-    out = {}
-    if masks is not None:
-        for code, name in enumerate(["background", *classes]):
-            sel = masks == code
-            out[name] = {"mae": float(err[sel].mean()) if sel.any() else None, "n": int(sel.sum())}
-        return out
-    per_image = err.mean((1, 2))
-    for name in classes:
-        sel = np.array([lab == name for lab in (labels or [])], bool)
-        out[name] = {"mae": float(per_image[sel].mean()) if sel.any() else None, "n": int(sel.sum())}
-    return out
+    acc = ClassErrors(classes, masks is not None)
+    acc.add(images, recon, masks, labels)
+    return acc.result()
 
 
 def rare_ratio(errors: dict, rare: str, classes: list[str]) -> float | None:
@@ -55,13 +72,8 @@ def rare_ratio(errors: dict, rare: str, classes: list[str]) -> float | None:
     return None if mine is None or not others else float(mine / np.mean(others))
 
 
-def judged(segmenter, images: np.ndarray, recon: np.ndarray, masks: np.ndarray, classes: list[str]) -> dict:
-    """A real-trained judge's per-class Dice on the originals and on their round trips, and the ratio."""
-    from synthmed.evaluation.metrics import dice_iou
-    from synthmed.models.tasknets import predict
-
-    on_real = dice_iou(predict(segmenter, images), masks, classes)
-    on_rec = dice_iou(predict(segmenter, recon), masks, classes)
+def _judge_table(on_real: dict, on_rec: dict, classes: list[str]) -> dict:
+    """A real-trained judge's per-class Dice on the originals and on their round trips (`dice_iou` results), and the ratio."""
     out = {}
     for c in classes:
         a, b = on_real["per_class"][c]["dice"], on_rec["per_class"][c]["dice"]
@@ -74,7 +86,10 @@ def judged(segmenter, images: np.ndarray, recon: np.ndarray, masks: np.ndarray, 
 def rarest(masks: np.ndarray | None, classes: list[str], labels: list[str] | None = None) -> str:
     """The class with the fewest pixels (masks) or images (labels) that is present at all."""
     if masks is not None:
-        counts = np.bincount(masks.ravel(), minlength=len(classes) + 1)[1 : len(classes) + 1]
+        counts = np.zeros(len(classes) + 1, np.int64)
+        for i in range(0, len(masks), 256):  # in chunks: the masks may be a split on disk
+            counts += np.bincount(np.asarray(masks[i : i + 256]).ravel(), minlength=len(classes) + 1)[: len(classes) + 1]
+        counts = counts[1:]
     else:
         counts = np.array([sum(lab == c for lab in labels or []) for c in classes])
     present = [(n, c) for n, c in zip(counts, classes) if n > 0]
@@ -82,13 +97,31 @@ def rarest(masks: np.ndarray | None, classes: list[str], labels: list[str] | Non
 
 
 def round_trip(backbone, images: np.ndarray, masks: np.ndarray | None, classes: list[str], rare: str | None = None,
-               labels: list[str] | None = None, segmenter=None) -> dict:
-    """The whole check on one split (module doc)."""
-    recon = reconstruct(backbone, images)
+               labels: list[str] | None = None, segmenter=None, keep: int | None = None, chunk: int = 256) -> tuple[dict, np.ndarray]:
+    """The whole check on one split (module doc), `chunk` images at a time (the split may be on disk): the
+    results and the round trips of the first `keep` images (all of them when None)."""
+    from synthmed.evaluation.metrics import DiceIoU
+    from synthmed.models.tasknets import predict
+
     rare = rare or rarest(masks, classes, labels)
-    errors = class_errors(images, recon, masks, classes, labels)
+    errors = ClassErrors(classes, masks is not None)
+    judge = segmenter is not None and masks is not None
+    on_real, on_rec = (DiceIoU(classes), DiceIoU(classes)) if judge else (None, None)
+    kept = []
+    for i in range(0, len(images), chunk):
+        x = np.asarray(images[i : i + chunk])
+        recon = reconstruct(backbone, x)
+        m = np.asarray(masks[i : i + chunk]) if masks is not None else None
+        errors.add(x, recon, m, None if labels is None else labels[i : i + chunk])
+        if judge:
+            on_real.add(predict(segmenter, x), m)
+            on_rec.add(predict(segmenter, recon), m)
+        if keep is None or sum(map(len, kept)) < keep:
+            kept.append(recon)
+    errors = errors.result()
     res = {"n_images": len(images), "unit": "pixels" if masks is not None else "images", "rare_class": rare,
            "mae": errors, "rare_vs_other_classes": rare_ratio(errors, rare, classes)}
-    if segmenter is not None and masks is not None:
-        res["judge"] = judged(segmenter, images, recon, masks, classes)
-    return res, recon
+    if judge:
+        res["judge"] = _judge_table(on_real.result(), on_rec.result(), classes)
+    recon = np.concatenate(kept) if kept else np.zeros((0, *images.shape[1:]), np.uint8)
+    return res, recon if keep is None else recon[:keep]

@@ -170,7 +170,7 @@ def roundtrip_section(bb, part, masks, classes, labels, segmenter, grid: int = 8
     """The round-trip check of one split with a loaded backbone; '_grid' holds the originals-over-round-trips image."""
     from synthmed.evaluation.roundtrip import round_trip
 
-    res, recon = round_trip(bb, part.images, masks, classes, labels=labels, segmenter=segmenter)
+    res, recon = round_trip(bb, part.images, masks, classes, labels=labels, segmenter=segmenter, keep=grid)
     n = min(grid, len(part))
     res["_grid"] = np.concatenate([np.concatenate(list(part.images[:n]), axis=1), np.concatenate(list(recon[:n]), axis=1)], axis=0)
     return res

@@ -23,39 +23,68 @@ from synthmed.training.backbone import gradient_l1
 from synthmed.training.common import PhaseCheckpoint, dihedral, optimiser_step, to_model_range, warmup_cosine
 
 
-def focus_pixels(masks: np.ndarray, class_weights: torch.Tensor) -> list[tuple[float, np.ndarray]]:
-    """[(weight, (k, 3) array of n, y, x)] for every class weighted above 1 that the masks hold."""
-    out = []
-    for code, w in enumerate(class_weights.tolist()):
-        if w > 1 and code > 0:
-            where = np.argwhere(masks == code)
-            if len(where):
-                out.append((float(w), where))
-    return out
+class FocusPixels:
+    """The pixels of every class weighted above 1 that the masks hold, without listing them: per class its weight
+    and per image a running count, so that pixel j of a class (in `np.argwhere(masks == code)` order) is found by
+    reading one mask. Masks may be a split on disk (read 256 at a time here, one per draw later)."""
+
+    def __init__(self, masks, class_weights: torch.Tensor, chunk: int = 256):
+        self.masks = masks
+        codes = [(code, float(w)) for code, w in enumerate(class_weights.tolist()) if w > 1 and code > 0]
+        counts = np.zeros((len(masks), len(codes)), np.int64)
+        for start in range(0, len(masks), chunk):
+            m = np.asarray(masks[start : start + chunk])
+            for j, (code, _) in enumerate(codes):
+                counts[start : start + len(m), j] = (m == code).reshape(len(m), -1).sum(1)
+        cums = np.cumsum(counts, axis=0)
+        self.classes = [(w, code, cums[:, j]) for j, (code, w) in enumerate(codes) if len(masks) and cums[-1, j] > 0]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def weights(self) -> list[float]:
+        return [w for w, _, _ in self.classes]
+
+    def count(self, i: int) -> int:
+        return int(self.classes[i][2][-1])
+
+    def pixel(self, i: int, j: int) -> tuple[int, int, int]:
+        """(n, y, x) of pixel j of class i, in the order np.argwhere lists them."""
+        _, code, cum = self.classes[i]
+        n = int(np.searchsorted(cum, j, side="right"))
+        y, x = np.argwhere(np.asarray(self.masks[n]) == code)[j - (cum[n - 1] if n else 0)]
+        return n, int(y), int(x)
 
 
 def _crop_corner(centre: int, size: int, crop: int, jitter: int, rng) -> int:
     return int(np.clip(centre - crop // 2 + rng.integers(-jitter, jitter + 1), 0, size - crop))
 
 
-def decoder_batch(images: torch.Tensor, weights: torch.Tensor, focus: list, batch_size: int, crop: int, focus_share: float, rng):
-    """A batch of crops (images, per-pixel weights): `focus_share` of them centred near a pixel of a weighted
-    class (a class drawn in proportion to its weight, then one of its pixels), the rest anywhere; each in one
-    of the 8 dihedral views."""
-    _, _, h, w = images.shape
+def decoder_batch(images, masks, class_weights: torch.Tensor | None, focus: FocusPixels | None, batch_size: int, crop: int,
+                  focus_share: float, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of crops (images in the model's range, per-pixel weights): `focus_share` of them centred near a
+    pixel of a weighted class (a class drawn in proportion to its weight, then one of its pixels), the rest
+    anywhere; each in one of the 8 dihedral views. `images` (N, H, W, C) uint8 and `masks` (N, H, W) may be
+    splits on disk: only the rows the batch crops from are read."""
+    n_images, h, w = len(images), images.shape[1], images.shape[2]
     n_focus = int(round(focus_share * batch_size)) if focus else 0
-    probs = np.array([f[0] for f in focus]) / sum(f[0] for f in focus) if focus else None
-    xs, ws = [], []
+    probs = np.array(focus.weights()) / sum(focus.weights()) if focus else None
+    picks = []
     for b in range(batch_size):
         if b < n_focus:
-            where = focus[int(rng.choice(len(focus), p=probs))][1]
-            n, y, x = where[rng.integers(len(where))]
+            i = int(rng.choice(len(focus), p=probs))
+            n, y, x = focus.pixel(i, int(rng.integers(focus.count(i))))
             y0, x0 = _crop_corner(y, h, crop, crop // 4, rng), _crop_corner(x, w, crop, crop // 4, rng)
         else:
-            n, y0, x0 = int(rng.integers(len(images))), int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-        k = int(rng.integers(8))
-        xs.append(dihedral(images[n, :, y0 : y0 + crop, x0 : x0 + crop], k))
-        ws.append(dihedral(weights[n, :, y0 : y0 + crop, x0 : x0 + crop], k))
+            n, y0, x0 = int(rng.integers(n_images)), int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+        picks.append((n, y0, x0, int(rng.integers(8))))
+    rows = sorted({p[0] for p in picks})
+    at = {n: r for r, n in enumerate(rows)}
+    x_rows = to_model_range(np.asarray(images[rows]))  # (R, C, H, W)
+    w_rows = (class_weights.float()[torch.from_numpy(np.asarray(masks[rows]).astype(np.int64))][:, None] if class_weights is not None
+              else torch.ones(len(rows), 1, h, w))
+    xs = [dihedral(x_rows[at[n], :, y0 : y0 + crop, x0 : x0 + crop], k) for n, y0, x0, k in picks]
+    ws = [dihedral(w_rows[at[n], :, y0 : y0 + crop, x0 : x0 + crop], k) for n, y0, x0, k in picks]
     return torch.stack(xs), torch.stack(ws)
 
 
@@ -78,12 +107,9 @@ def finetune_decoder(backbone, images: np.ndarray, masks: np.ndarray | None, cla
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:
         p.requires_grad_(True)
-    x_all = to_model_range(images)
-    if masks is not None and class_weights is not None:
-        w_all = class_weights.float()[torch.from_numpy(masks.astype(np.int64))][:, None]
-        focus = focus_pixels(masks, class_weights)
-    else:
-        w_all, focus = torch.ones(len(images), 1, *images.shape[1:3]), []
+    if masks is None or class_weights is None:
+        masks, class_weights = None, None
+    focus = FocusPixels(masks, class_weights) if masks is not None else None
     crop = min(cfg.crop, *images.shape[1:3])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.steps)
@@ -92,7 +118,7 @@ def finetune_decoder(backbone, images: np.ndarray, masks: np.ndarray | None, cla
     start, losses = ckpt.restore(parts, opt, sched)
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
-        x, w = decoder_batch(x_all, w_all, focus, cfg.batch_size, crop, cfg.focus_share, rng)
+        x, w = decoder_batch(images, masks, class_weights, focus, cfg.batch_size, crop, cfg.focus_share, rng)
         x, w = x.to(device), w.to(device)
         vae.decoder.train()
         with torch.no_grad():
