@@ -89,3 +89,16 @@ def test_round_trip_of_a_disk_split_in_chunks_equals_one_pass(tmp_path):
     # the one-pass numbers are the plain definition: mean |recon - image| over the pixels of the class
     err = np.abs(recon.astype(float) - images.astype(float)).mean(-1)
     assert want["mae"]["b"]["mae"] == pytest.approx(err[masks == 2].mean(), rel=1e-9)
+
+
+def test_segmenter_predictions_read_a_disk_split_by_batches(tmp_path):
+    import torch
+
+    from synthmed.models.tasknets import build_segmenter, predict
+
+    torch.manual_seed(0)
+    model = build_segmenter(3).eval()
+    images = np.random.default_rng(4).integers(0, 255, (21, 16, 16, 3), dtype=np.uint8)
+    want = predict(model, images, batch_size=32)
+    assert want.shape == (21, 16, 16) and np.array_equal(predict(model, on_disk(tmp_path, "x", images), batch_size=8), want)
+    assert predict(model, images[:0]).shape == (0, 16, 16)

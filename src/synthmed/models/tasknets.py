@@ -27,11 +27,10 @@ def build_segmenter(n_classes: int, in_channels: int = 3) -> UNet:
 
 @torch.no_grad()
 def predict(model: UNet, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Class-code maps (N, H, W) uint8 for (N, H, W, 3) uint8 images."""
-    x = to_unit_range(images)
+    """Class-code maps (N, H, W) uint8 for (N, H, W, 3) uint8 images (converted a batch at a time: a split on disk is read by rows)."""
     device = next(model.parameters()).device
-    out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy().astype(np.uint8)
+    out = [model(to_unit_range(images[i : i + batch_size]).to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy().astype(np.uint8) if out else np.zeros((0, *images.shape[1:3]), np.uint8)
 
 
 def build_classifier(n_classes: int, in_channels: int = 3, arch: str = "resnet") -> ResNet | DenseNet121:
