@@ -119,3 +119,18 @@ def test_disk_array_does_what_an_array_does_by_reading_it_whole(pair):
     assert np.array_equal(arr > 100, ref > 100) and np.array_equal(arr == 3, ref == 3) and int((arr == ref).sum()) == ref.size
     assert np.array_equal(np.stack([arr[0], arr[1]]), ref[:2]) and np.array_equal(np.concatenate([arr, ref]), np.concatenate([ref, ref]))
     assert np.array_equal(arr + 1, ref + 1) and np.array_equal(np.unique(arr), np.unique(ref)) and np.array_equal(np.isin(arr, [3, 4]), np.isin(ref, [3, 4]))
+
+
+def test_code_counts_read_by_rows_equal_one_bincount(tmp_path):
+    from synthmed.data.arrays import code_counts
+
+    class RowsOnly(DiskArray):
+        def __array__(self, dtype=None, copy=None):
+            raise AssertionError("read whole")
+
+    masks = np.random.default_rng(5).integers(0, 7, (19, 6, 5), dtype=np.uint8)
+    np.save(tmp_path / "m.npy", masks)
+    want = np.bincount(masks.ravel(), minlength=7)
+    assert np.array_equal(code_counts(RowsOnly(tmp_path / "m.npy"), 7, chunk=4), want)
+    assert np.array_equal(code_counts(masks, 5), want[:5])  # codes beyond n_codes are not counted
+    assert code_counts(masks[:0], 3).tolist() == [0, 0, 0]

@@ -49,6 +49,15 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), dtype, offset
 
 
+def code_counts(masks, n_codes: int, chunk: int = 256) -> np.ndarray:
+    """(n_codes,) int64 pixel count of each code 0..n_codes-1 over (N, H, W) masks, read `chunk` rows at a time
+    (a split on disk is never read whole); codes >= n_codes are not counted."""
+    counts = np.zeros(n_codes, np.int64)
+    for start in range(0, len(masks), chunk):
+        counts += np.bincount(np.asarray(masks[start : start + chunk]).ravel(), minlength=n_codes)[:n_codes]
+    return counts
+
+
 class DiskArray(np.lib.mixins.NDArrayOperatorsMixin):  # operators go through __array_ufunc__
     """(N, ...) rows of a .npy file. `a[i]`, `a[i:j]`, `a[index array]`, `a[bool mask]` read only those rows;
     `np.asarray(a)` reads everything. `digest` is the sha256 of the rows' bytes (a content key for caches)."""

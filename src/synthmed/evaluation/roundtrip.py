@@ -26,7 +26,7 @@ def reconstruct(backbone, images: np.ndarray, batch_size: int = 32) -> np.ndarra
     vae = backbone.vae
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_model_range(np.asarray(images[i : i + batch_size])).to(vae.device, vae.dtype)
+        x = to_model_range(images[i : i + batch_size]).to(vae.device, vae.dtype)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         out.append(((rec.float().cpu() + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8))
     return np.concatenate(out)
@@ -86,10 +86,9 @@ def _judge_table(on_real: dict, on_rec: dict, classes: list[str]) -> dict:
 def rarest(masks: np.ndarray | None, classes: list[str], labels: list[str] | None = None) -> str:
     """The class with the fewest pixels (masks) or images (labels) that is present at all."""
     if masks is not None:
-        counts = np.zeros(len(classes) + 1, np.int64)
-        for i in range(0, len(masks), 256):  # in chunks: the masks may be a split on disk
-            counts += np.bincount(np.asarray(masks[i : i + 256]).ravel(), minlength=len(classes) + 1)[: len(classes) + 1]
-        counts = counts[1:]
+        from synthmed.data.arrays import code_counts
+
+        counts = code_counts(masks, len(classes) + 1)[1:]  # in chunks: the masks may be a split on disk
     else:
         counts = np.array([sum(lab == c for lab in labels or []) for c in classes])
     present = [(n, c) for n, c in zip(counts, classes) if n > 0]

@@ -30,6 +30,7 @@ from synthmed.core.outputs import OutputLock
 from synthmed.data.arrays import npy_header
 from synthmed.training.common import dihedral, to_model_range
 
+
 def default_root() -> Path:
     """The latents' folder in the synthmed cache (core.environment.cache_root)."""
     return cache_root() / "latents"

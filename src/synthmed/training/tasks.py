@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import DenseNet121, ResNet, UNet
 
+from synthmed.data.arrays import code_counts
 from synthmed.models.tasknets import _check_images, _check_labels, build_classifier, build_segmenter, to_unit_range
 from synthmed.training.common import PhaseCheckpoint, batch_indices, dihedral, optimiser_step, step_generator, warmup_cosine
 
@@ -25,9 +26,7 @@ def _seg_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def class_weights(masks: np.ndarray, n_classes: int, cap: float = 10.0) -> torch.Tensor:
     """Median-frequency balancing (Eigen & Fergus 2015): weight_c = median(freq) / freq_c over the classes present
     (background included), square-rooted and capped, so a class 100x rarer than the median weighs 10x; absent classes 1."""
-    counts = np.zeros(n_classes + 1, np.float64)
-    for start in range(0, len(masks), 256):  # in chunks: masks may be a DiskArray of a large split
-        counts += np.bincount(np.asarray(masks[start:start + 256]).ravel(), minlength=n_classes + 1)[: n_classes + 1]
+    counts = code_counts(masks, n_classes + 1).astype(np.float64)  # in chunks: masks may be a DiskArray of a large split
     present = counts > 0
     w = np.ones(n_classes + 1)
     w[present] = np.sqrt(np.median(counts[present]) / counts[present])
