@@ -15,6 +15,11 @@ peak resident set (ru_maxrss from wait4):
     evaluate    synthmed evaluate: FID/KID over the whole train split, plausibility, memorisation
     downstream  synthmed evaluate downstream: one cell (real arm, fraction 1, one seed, a few steps)
 
+Every stage runs with its splits on disk (SYNTHMED_LAZY_BYTES=1, as a 16,000-image split is at any size) and
+SYNTHMED_ROWS_ONLY=1: a stage that reads a split whole fails instead of passing on a small N, so a peak measured
+at a small N is the peak at a large one, up to what grows per image (metadata rows, features, indices).
+The decoded splits and the latent cache live under the work folder (SYNTHMED_CACHE=WORK/cache).
+
 Prints a table (seconds, peak RSS, whether under --budget-gb) and writes --json. Only compare figures
 from one run on one machine.
 """
@@ -24,12 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 STAGES = ("prepare", "train", "generate", "evaluate", "downstream")
+OUTPUTS = {"prepare": ("data",), "train": ("run", "latent-cache"), "generate": ("synthetic",), "evaluate": ("evaluation",), "downstream": ("study",)}
 
 
 def write_source(root: Path, n: int, size: int, seed: int = 0) -> None:
@@ -85,7 +92,8 @@ def measure(cmd: list[str], log: Path) -> dict:
     process's own and that of the children it waited for, e.g. prepare's workers)."""
     started = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, SYNTHMED_NO_PROGRESS="1"))
+        env = dict(os.environ, SYNTHMED_NO_PROGRESS="1", SYNTHMED_LAZY_BYTES="1", SYNTHMED_ROWS_ONLY="1", SYNTHMED_CACHE=str(log.parent / "cache"))
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     return {"seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3), "exit": os.waitstatus_to_exitcode(status)}
@@ -114,6 +122,8 @@ def main() -> None:
     for stage, cmd in commands(work, a).items():
         if stage not in a.stages:
             continue
+        for name in OUTPUTS[stage]:  # a stage run again (--stages) starts from nothing of its own
+            shutil.rmtree(work / name, ignore_errors=True)
         r = {"stage": stage, **measure(cmd, work / f"{stage}.log")}
         rows.append(r)
         ok = "failed: see " + str(work / f"{stage}.log") if r["exit"] else ("yes" if r["peak_rss_gb"] < a.budget_gb else "NO")

@@ -134,3 +134,13 @@ def test_code_counts_read_by_rows_equal_one_bincount(tmp_path):
     assert np.array_equal(code_counts(RowsOnly(tmp_path / "m.npy"), 7, chunk=4), want)
     assert np.array_equal(code_counts(masks, 5), want[:5])  # codes beyond n_codes are not counted
     assert code_counts(masks[:0], 3).tolist() == [0, 0, 0]
+
+
+def test_rows_only_mode_refuses_a_whole_read_but_not_batches(pair, monkeypatch):
+    ref, arr = pair
+    monkeypatch.setenv("SYNTHMED_ROWS_ONLY", "1")
+    assert np.array_equal(arr[3:9], ref[3:9]) and np.array_equal(np.stack(list(arr)), ref)  # rows and iteration still work
+    with pytest.raises(RuntimeError, match=r"a\.npy: read whole \(23 rows\)"):
+        np.asarray(arr)
+    with pytest.raises(RuntimeError, match="read whole"):
+        arr.max()

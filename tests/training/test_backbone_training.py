@@ -72,3 +72,20 @@ def test_interrupted_backbone_training_resumes_exactly(phantom_data, tmp_path, m
         a, b = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
     assert straight.vae.config.scaling_factor == pytest.approx(resumed.vae.config.scaling_factor)
+
+
+def test_backbone_training_reads_a_split_on_disk_by_batches_with_the_same_weights(phantom_data, tmp_path, monkeypatch):
+    """`train backbone` on an unlabelled split decoded to disk, with whole reads refused: the same weights."""
+    import torch
+
+    cfg = BackboneConfig(vae_steps=3, unet_steps=2, vae_batch_size=4, unet_batch_size=4, vae_crop=32)
+    memory = load_backbone(pipelines.train_backbone(phantom_data, cfg, tmp_path / "memory"))
+    monkeypatch.setenv("SYNTHMED_LAZY_BYTES", "1")
+    monkeypatch.setenv("SYNTHMED_ROWS_ONLY", "1")
+    monkeypatch.setenv("SYNTHMED_CACHE", str(tmp_path / "cache"))
+    disk = load_backbone(pipelines.train_backbone(phantom_data, cfg, tmp_path / "disk"))
+    assert list((tmp_path / "cache" / "arrays").iterdir())
+    for part in ("vae", "unet"):
+        a, b = getattr(memory, part).state_dict(), getattr(disk, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert disk.vae.config.scaling_factor == memory.vae.config.scaling_factor

@@ -21,6 +21,7 @@ from synthmed.core.environment import cache_root
 from synthmed.core.io import read_json, write_json
 
 LAZY_ENV = "SYNTHMED_LAZY_BYTES"
+ROWS_ONLY_ENV = "SYNTHMED_ROWS_ONLY"  # "1": reading a split on disk whole is an error (benchmarks/scale.py checks with it)
 DEFAULT_LAZY_BYTES = 1 << 30
 READ_ROWS = 256  # rows per positioned read when a whole range is asked for
 _VERSION = "1"  # bump when the pixel rules (data/images.py) or this file format change
@@ -126,6 +127,8 @@ class DiskArray(np.lib.mixins.NDArrayOperatorsMixin):  # operators go through __
             yield from self._rows(start, min(len(self), start + READ_ROWS))
 
     def __array__(self, dtype=None, copy=None):
+        if os.environ.get(ROWS_ONLY_ENV) == "1":
+            raise RuntimeError(f"{self.path}: read whole ({len(self)} rows) while ${ROWS_ONLY_ENV}=1: this step does not stream")
         out = self._rows(0, len(self))
         return out if dtype is None else out.astype(dtype)
 
@@ -153,6 +156,61 @@ class DiskArray(np.lib.mixins.NDArrayOperatorsMixin):  # operators go through __
 
         return func(*load(args), **{k: load(v) for k, v in kwargs.items()})
 
+
+
+class Rows:
+    """Chosen rows of an (N, ...) array (in memory or a DiskArray), read only when indexed, optionally mapped
+    through a lookup table as they are read (`lut[rows]`: mask codes of merged classes). A study's pools are
+    Rows of the train split: a fraction, its held-out patients or a synthetic set cost no memory until a batch
+    is drawn. `a[i]`, `a[i:j]`, `a[index array]`, `a[bool mask]` read those rows; `subset(idx)` is a smaller
+    view; iteration reads READ_ROWS rows at a time; `np.asarray(a)` reads everything."""
+
+    def __init__(self, base, idx=None, lut: np.ndarray | None = None):
+        self.base, self.lut = base, lut
+        self.idx = np.arange(len(base)) if idx is None else np.asarray(idx, dtype=np.int64).reshape(-1)
+        self.shape = (len(self.idx), *base.shape[1:])
+        self.dtype = base.dtype if lut is None else lut.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __repr__(self) -> str:
+        return f"Rows({len(self)} of {self.base!r})"
+
+    def subset(self, idx) -> Rows:
+        """The rows at positions `idx` of this view (indices or a boolean mask), as a view."""
+        idx = np.asarray(idx)
+        return Rows(self.base, self.idx[np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)], self.lut)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        if isinstance(self.base, DiskArray):
+            out = self.base.take(rows)
+        else:
+            out = np.asarray(self.base[rows])
+        return out if self.lut is None else self.lut[out]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self._read(self.idx[[key]])[0]
+        if isinstance(key, slice):
+            return self._read(self.idx[key])
+        key = np.asarray(key)
+        rows = self.idx[np.flatnonzero(key) if key.dtype == bool else key.astype(np.int64)]
+        return self._read(rows.reshape(-1)).reshape(*rows.shape, *self.shape[1:])
+
+    def __iter__(self):
+        for start in range(0, len(self), READ_ROWS):
+            yield from self[start : start + READ_ROWS]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._read(self.idx)
+        return out if dtype is None else out.astype(dtype)
+
+
+def take_rows(a, idx):
+    """`a[idx]` as a view where `a` is Rows (nothing read), else numpy's indexing (a copy)."""
+    return a.subset(idx) if isinstance(a, Rows) else a[idx]
 
 
 def fingerprint(folder: Path, rows: list[dict], keys: tuple[str, ...], extra: str = "") -> str:

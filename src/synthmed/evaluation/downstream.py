@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from synthmed.config.settings import ARM_ALIASES, DOWNSTREAM_ARMS
-from synthmed.training.common import optimiser_step, warmup_cosine
+from synthmed.training.common import accumulated_step, optimiser_step, warmup_cosine
 from synthmed.models.tasknets import to_unit_range
 
 EXTRA_SOURCES = ("synthetic", "heldout", "oracle")  # what an arm adds to the real subset
@@ -198,7 +198,7 @@ class ClassicAugmentation:
         return (x * factor).clamp(0, 1), y
 
 
-def build_model(task: str, n_classes: int, in_channels: int, arch: str):
+def build_model(task: str, n_classes: int, in_channels: int, arch: str, image_size: int | None = None):
     """The downstream model: a MONAI U-Net (segmentation, K + 1 outputs) or ResNet/DenseNet (classification)."""
     if task == "segmentation":
         from synthmed.models.tasknets import build_segmenter
@@ -206,7 +206,7 @@ def build_model(task: str, n_classes: int, in_channels: int, arch: str):
         return build_segmenter(n_classes, in_channels)
     from synthmed.models.tasknets import build_classifier
 
-    return build_classifier(n_classes, in_channels, arch)
+    return build_classifier(n_classes, in_channels, arch, image_size=image_size)
 
 
 def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes: int, settings: TrainSettings, seed: int,
@@ -222,7 +222,7 @@ def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes
     if task not in TASKS:
         raise ValueError(f"train_cell expects task in {TASKS}, but got {task!r}")
     torch.manual_seed(seed)
-    model = build_model(task, n_classes, pools[0].images.shape[-1], settings.arch).to(device)
+    model = build_model(task, n_classes, pools[0].images.shape[-1], settings.arch, image_size=min(pools[0].images.shape[1:3])).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=settings.class_weights) if task == "segmentation" else None
     transform = ClassicAugmentation() if classic else None
     balanced = task == "classification" and settings.class_balanced
@@ -240,10 +240,13 @@ def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes
             if transform is not None:
                 x, y2 = transform(x, y if task == "segmentation" else None, seed + stream, step)
                 y = y2 if task == "segmentation" else y
-            out = model(x.to(device))
-            loss = loss_fn(out, y.to(device)) if loss_fn else F.cross_entropy(out, y.to(device))
-            optimiser_step(loss, model.parameters(), opt, sched, clip=None)
-            if each(step, steps, loss.item()):
+            if task == "segmentation":  # U-Net (instance norm): large images train in micro-batches, same gradient
+                loss = accumulated_step(lambda xs, ys: loss_fn(model(xs.to(device)), ys.to(device)), x, y, model.parameters(), opt, sched, clip=None)
+            else:  # batch norm: the batch is one pass
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                optimiser_step(loss, model.parameters(), opt, sched, clip=None)
+                loss = loss.item()
+            if each(step, steps, loss):
                 return step
         return steps
 

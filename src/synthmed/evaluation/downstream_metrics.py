@@ -43,24 +43,35 @@ from scipy import stats
 from synthmed.evaluation.metrics import dice_iou, one_hot
 
 
-def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[str]) -> dict:
-    """Dice, IoU and HD95 (pixels) per foreground class and their means over classes (module doc)."""
-    pred, target = np.asarray(pred), np.asarray(target)
+def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[str], chunk: int = 64) -> dict:
+    """Dice, IoU and HD95 (pixels) per foreground class and their means over classes (module doc).
+
+    Images go through `chunk` at a time (one-hot maps are K + 1 floats per pixel; either array may be read
+    from disk by rows): the numbers are those of one pass over all of them."""
     _check_masks(pred, target, class_names)
     k = len(class_names)
     overlap = dice_iou(pred, target, list(class_names))
-    p, t = one_hot(pred, k), one_hot(target, k)  # (N, K + 1, H, W)
-    in_p, in_t = p.sum(dim=(2, 3)) > 0, t.sum(dim=(2, 3)) > 0  # (N, K + 1)
+    hd_sum, n_hd, n_images, n_missed, n_spurious = (np.zeros(k + 1) for _ in range(5))
+    for start in range(0, len(pred), chunk):
+        p, t = one_hot(np.asarray(pred[start : start + chunk]), k), one_hot(np.asarray(target[start : start + chunk]), k)  # (n, K + 1, H, W)
+        in_p, in_t = p.sum(dim=(2, 3)) > 0, t.sum(dim=(2, 3)) > 0  # (n, K + 1)
+        for c in range(1, k + 1):
+            both = in_p[:, c] & in_t[:, c]
+            if both.any():
+                hd_sum[c] += float(compute_hausdorff_distance(p[both, c : c + 1], t[both, c : c + 1], include_background=True, percentile=95).sum())
+            n_hd[c] += int(both.sum())
+            n_images[c] += int(in_t[:, c].sum())
+            n_missed[c] += int((in_t[:, c] & ~in_p[:, c]).sum())
+            n_spurious[c] += int((in_p[:, c] & ~in_t[:, c]).sum())
     per_class = {}
     for c, name in enumerate(class_names, start=1):
-        both = in_p[:, c] & in_t[:, c]
         per_class[name] = {
             **overlap["per_class"][name],
-            "hd95": _hd95(p[both, c : c + 1], t[both, c : c + 1]),
-            "n_images": int(in_t[:, c].sum()),
-            "n_hd95": int(both.sum()),
-            "n_missed": int((in_t[:, c] & ~in_p[:, c]).sum()),
-            "n_spurious": int((in_p[:, c] & ~in_t[:, c]).sum()),
+            "hd95": float(hd_sum[c] / n_hd[c]) if n_hd[c] else None,  # mean over the images holding the class in both
+            "n_images": int(n_images[c]),
+            "n_hd95": int(n_hd[c]),
+            "n_missed": int(n_missed[c]),
+            "n_spurious": int(n_spurious[c]),
         }
     return {
         "dice": _opt(overlap["dice"]),
@@ -71,23 +82,17 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[
     }
 
 
-def _check_masks(pred: np.ndarray, target: np.ndarray, class_names: list[str]) -> None:
-    """Raise ValueError unless pred/target are equal-shape (N, H, W) codes 0..len(class_names)."""
+def _check_masks(pred: np.ndarray, target: np.ndarray, class_names: list[str], chunk: int = 256) -> None:
+    """Raise ValueError unless pred/target are equal-shape (N, H, W) codes 0..len(class_names) (read by chunks)."""
     if len(class_names) < 1:
         raise ValueError("segmentation_scores expects at least one class name, but got none")
-    if pred.shape != target.shape or pred.ndim != 3 or pred.size == 0:
-        raise ValueError(f"segmentation_scores expects two non-empty (N, H, W) arrays of one shape, but got {pred.shape} and {target.shape}")
+    if tuple(pred.shape) != tuple(target.shape) or len(pred.shape) != 3 or pred.shape[0] == 0:
+        raise ValueError(f"segmentation_scores expects two non-empty (N, H, W) arrays of one shape, but got {tuple(pred.shape)} and {tuple(target.shape)}")
     for x in (pred, target):
-        if (x.min() < 0 or x.max() > len(class_names)):
-            raise ValueError(f"segmentation_scores expects codes in 0..{len(class_names)}, but got {x.min()}..{x.max()}")
-
-
-def _hd95(p: torch.Tensor, t: torch.Tensor) -> float | None:
-    """Mean HD95 over images of (n, 1, H, W) masks that all contain the class; None if n = 0."""
-    if len(p) == 0:
-        return None
-    hd = compute_hausdorff_distance(p, t, include_background=True, percentile=95)  # (n, 1)
-    return float(hd.mean())
+        for start in range(0, len(x), chunk):
+            part = np.asarray(x[start : start + chunk])
+            if part.min() < 0 or part.max() > len(class_names):
+                raise ValueError(f"segmentation_scores expects codes in 0..{len(class_names)}, but got {part.min()}..{part.max()}")
 
 
 def classification_scores(

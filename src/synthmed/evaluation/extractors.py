@@ -31,7 +31,7 @@ def _check_inception(cfg) -> None:
 
 def _domain(train, cfg, device: str):
     """The penultimate layer of a classifier trained on the real train split's labels (works offline)."""
-    from synthmed.models.tasknets import build_classifier, features
+    from synthmed.models.tasknets import build_classifier, features, stem_key
     from synthmed.training.cache import cached_model, data_key
     from synthmed.training.tasks import train_classifier
 
@@ -43,8 +43,9 @@ def _domain(train, cfg, device: str):
         with task("evaluate: train domain classifier (real train split)", cfg.domain.steps) as update:
             return train_classifier(train.images, np.array([names.index(x) for x in labels]), len(names), cfg.domain.steps, cfg.domain.batch_size, cfg.domain.lr, cfg.seed + 1, update, device=device)
 
-    key = {**data_key(train.root, train), "steps": cfg.domain.steps, "classes": names, "seed": cfg.seed + 1}
-    model = cached_model(cfg.model_cache, "domain-classifier", key, lambda: build_classifier(len(names), train.images.shape[-1]), fit, device)
+    size = min(train.images.shape[1:3])
+    key = {**data_key(train.root, train), "steps": cfg.domain.steps, "classes": names, "seed": cfg.seed + 1, **stem_key(size)}
+    model = cached_model(cfg.model_cache, "domain-classifier", key, lambda: build_classifier(len(names), train.images.shape[-1], image_size=size), fit, device)
     def extract(x):
         return features(model, x).astype(np.float64)
 

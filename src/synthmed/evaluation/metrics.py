@@ -88,15 +88,19 @@ def _num(x) -> float | None:
     return None if not np.isfinite(x) else float(x)
 
 
-def dice_per_image(pred: np.ndarray, target: np.ndarray, n_classes: int) -> np.ndarray:
+def dice_per_image(pred: np.ndarray, target: np.ndarray, n_classes: int, chunk: int = 256) -> np.ndarray:
     """(N,) Dice of each image, averaged over the foreground classes its target contains.
 
-    An image whose target is all background scores 1 if the prediction is too, else 0.
-    """
-    if pred.shape != target.shape:
-        raise ValueError(f"dice_per_image expects equal shapes, but got {pred.shape} and {target.shape}")
+    An image whose target is all background scores 1 if the prediction is too, else 0. Images go through
+    `chunk` at a time (either array may be a split on disk)."""
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"dice_per_image expects equal shapes, but got {tuple(pred.shape)} and {tuple(target.shape)}")
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    scores = metric(one_hot(pred, n_classes), one_hot(target, n_classes)).numpy()  # (N, K), nan where absent
-    empty = ~np.isfinite(scores).any(1)
-    out = np.where(empty, 0.0, np.nanmean(np.where(empty[:, None], 0.0, scores), axis=1))
-    return np.where(empty, (pred.reshape(len(pred), -1) == 0).all(1).astype(float), out)
+    out = []
+    for start in range(0, len(pred), chunk):
+        p, t = np.asarray(pred[start : start + chunk]), np.asarray(target[start : start + chunk])
+        scores = metric(one_hot(p, n_classes), one_hot(t, n_classes)).numpy()  # (n, K), nan where absent
+        empty = ~np.isfinite(scores).any(1)
+        mean = np.where(empty, 0.0, np.nanmean(np.where(empty[:, None], 0.0, scores), axis=1))
+        out.append(np.where(empty, (p.reshape(len(p), -1) == 0).all(1).astype(float), mean))
+    return np.concatenate(out) if out else np.zeros(0)

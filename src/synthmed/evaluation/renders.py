@@ -148,7 +148,7 @@ class _SteeringPlan:
 
     def classifier(self, ecfg, device: str):
         """The judge: trained on the real train split's target field (cached by data, settings and seed)."""
-        from synthmed.models.tasknets import build_classifier
+        from synthmed.models.tasknets import build_classifier, stem_key
         from synthmed.training.cache import cached_model, data_key
         from synthmed.training.tasks import train_classifier
 
@@ -158,8 +158,10 @@ class _SteeringPlan:
             with task("evaluate: train steering classifier (real train split)", cfg.classifier.steps) as update:
                 return train_classifier(train.images, self.y, len(self.targets), cfg.classifier.steps, cfg.classifier.batch_size, cfg.classifier.lr, cfg.seed + 3, update, device=device)
 
-        key = {**data_key(self.data, train), "target": self.target_field, "label_map": self.label_map, "steps": cfg.classifier.steps, "seed": cfg.seed + 3}
-        return cached_model(ecfg.model_cache, "steering-classifier", key, lambda: build_classifier(len(self.targets), train.images.shape[-1]), fit, device)
+        size = min(train.images.shape[1:3])
+        key = {**data_key(self.data, train), "target": self.target_field, "label_map": self.label_map, "steps": cfg.classifier.steps, "seed": cfg.seed + 3,
+               **stem_key(size)}
+        return cached_model(ecfg.model_cache, "steering-classifier", key, lambda: build_classifier(len(self.targets), train.images.shape[-1], image_size=size), fit, device)
 
     def grid(self, out: Path, grey: np.ndarray, texts: list[str], predicted: list[str]) -> list[dict]:
         """The first 8 maps: their real image and each class's render (saved in `out`) with its prompt and verdict."""

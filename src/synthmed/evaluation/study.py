@@ -21,6 +21,7 @@ import numpy as np
 
 from synthmed.config import DownstreamConfig
 from synthmed.core.io import SynthmedError, read_json, write_json
+from synthmed.data.arrays import READ_ROWS, Rows, code_counts, take_rows
 from synthmed.data.metadata import read_metadata
 from synthmed.core.progress import task
 
@@ -55,6 +56,8 @@ class RealData:
                 raise SynthmedError(f"{data}: classification needs a {self.field!r} on every sample; {missing} has none")
             # every split's labels: a class the training split lacks still counts (recall 0), it is not dropped
             self.classes = sorted({self.target_of(r) for r in rows})
+        # views of the splits' targets (read by batches); mask codes checked once, here
+        self.train_targets, self.val_targets, self.test_targets = (self.targets(s, str(data)) for s in (self.train, self.val, self.test))
         self.held_out = set(self.val.ids) | set(self.test.ids)
         self.absent_from_train = [c for c in self.classes if c not in {self.target_of(r) for r in self.train.rows}] if not seg else []
         self.index = {sid: i for i, sid in enumerate(self.train.ids)}
@@ -78,14 +81,14 @@ class RealData:
         self.lut = np.array([0] + [merged.index(merge.get(n, n)) + 1 for n in names], np.uint8)
         return merged
 
-    def masks_of(self, masks: np.ndarray, where: str) -> np.ndarray:
-        """Mask codes of the card's classes as codes of the classes the model learns (mask_classes)."""
-        masks = np.asarray(masks)
-        if self.lut is None:
-            return masks
-        if masks.size and int(masks.max()) >= len(self.lut):
-            raise SynthmedError(f"{where}: mask code {int(masks.max())} is beyond the data set's {len(self.lut) - 1} classes")
-        return self.lut[masks]
+    def masks_of(self, masks, where: str) -> Rows:
+        """Mask codes of the card's classes as codes of the classes the model learns (mask_classes), as a view
+        that reads (and maps) rows when a batch is drawn; the codes are checked here, a chunk at a time."""
+        if self.lut is not None:
+            top = max((int(np.asarray(masks[s : s + READ_ROWS]).max()) for s in range(0, len(masks), READ_ROWS)), default=0)
+            if top >= len(self.lut):
+                raise SynthmedError(f"{where}: mask code {top} is beyond the data set's {len(self.lut) - 1} classes")
+        return Rows(masks, lut=self.lut)
 
     def target_of(self, row: dict) -> str | None:
         """A row's classification target: its label_field value, through label_map."""
@@ -104,8 +107,8 @@ class RealData:
 
     def _rarest(self) -> str:
         if self.task == "segmentation":
-            masks = self.targets(self.train, str(self.root))
-            counts = [(int((masks == k).sum()), c) for k, c in enumerate(self.classes, 1)]
+            pixels = code_counts(self.train_targets, len(self.classes) + 1)
+            counts = [(int(pixels[k]), c) for k, c in enumerate(self.classes, 1)]
         else:
             labels = [self.target_of(r) for r in self.train.rows]
             counts = [(labels.count(c), c) for c in self.classes if c in labels]
@@ -114,15 +117,15 @@ class RealData:
     def pool(self, ids: list[str]):
         from synthmed.evaluation.downstream import Pool
 
-        idx = np.array([self.index[i] for i in ids])
-        return Pool(self.train.images[idx], self.targets(self.train, str(self.root))[idx])
+        idx = np.array([self.index[i] for i in ids], dtype=np.int64)
+        return Pool(Rows(self.train.images, idx), take_rows(self.train_targets, idx))
 
     def composition(self, pool) -> np.ndarray:
         """Per-sample class amounts (N, K): pixels of each foreground class, or a one-hot label."""
         k = len(self.classes)
         if self.task == "segmentation":
-            return np.stack([np.bincount(m.ravel(), minlength=k + 1)[1 : k + 1] for m in pool.targets])
-        return np.eye(k)[pool.targets]
+            return np.stack([np.bincount(m.ravel(), minlength=k + 1)[1 : k + 1] for m in pool.targets]).reshape(-1, k)
+        return np.eye(k)[np.asarray(pool.targets)]
 
     def ceiling_targets(self, ids: list[str], synthetic) -> tuple[np.ndarray, int]:
         """(class targets, sample count) a ceiling arm is chosen to: the synthetic pool's own composition and
@@ -142,10 +145,10 @@ class RealData:
         if not candidates:
             return None, []
         targets, n = self.ceiling_targets(ids, synthetic)
-        everyone = Pool(self.train.images[candidates], self.targets(self.train, str(self.root))[candidates])
+        everyone = Pool(Rows(self.train.images, candidates), take_rows(self.train_targets, candidates))
         pick = select_to_targets(self.composition(everyone), targets, n, seed)
         chosen = [self.train.rows[candidates[i]]["id"] for i in pick]
-        return Pool(everyone.images[pick], everyone.targets[pick]), chosen
+        return Pool(everyone.images.subset(pick), take_rows(everyone.targets, pick)), chosen
 
     def oracle_pool(self, card: dict, ids: list[str], synthetic, seed: int, candidates_per_sample: int = 4):
         """Fresh samples of a generated data set from slides/patients no split holds, chosen to the same class
@@ -188,7 +191,7 @@ class RealData:
         keep = np.arange(len(syn))
         if cfg.synthetic_count is not None and cfg.synthetic_count < len(syn):
             keep = np.sort(np.random.default_rng(cfg.subset_seed).permutation(len(syn))[: cfg.synthetic_count])
-        return Pool(syn.images[keep], self.targets(syn, str(meta))[keep])
+        return Pool(Rows(syn.images, keep), take_rows(self.targets(syn, str(meta)), keep))
 
 
 def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, seed: int, extras, cfg: DownstreamConfig, label: str) -> dict | None:
@@ -210,7 +213,7 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
     extra = extras.get(spec.extra) if spec.extra else None
     try:
         pools, classic = ds.arm_pools(arm, real.pool(ids), extras)
-        val = ds.Pool(real.val.images, real.targets(real.val, str(real.root)))
+        val = ds.Pool(real.val.images, real.val_targets)
         mixes = cfg.mix if isinstance(cfg.mix, list) else [cfg.mix]
         weights = None
         if real.task == "segmentation" and cfg.training.class_weighting == "median_frequency":
@@ -232,7 +235,7 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
             if len(tried) > 1:
                 record["mix_chosen_on_validation"] = {str(m): float(v) for v, m, _, _ in tried}
         pred = ds.predict(real.task, model, real.test.images)
-        truth = real.targets(real.test, str(real.root))
+        truth = real.test_targets
         scores = segmentation_scores(pred, truth, real.classes) if real.task == "segmentation" else classification_scores(pred, truth, real.classes, positive=real.positive)
     except (KeyboardInterrupt, SystemExit):
         raise

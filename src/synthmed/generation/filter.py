@@ -96,8 +96,9 @@ def load_judges(store, data: Path, cfg: GenerateConfig, state, dice_per_image):
         _train_judges(folder, data, cfg, want_seg, want_clf, n_classes, names, device, dice_per_image)
     state.wait_for_everyone()
     seg = load_weights(build_segmenter(n_classes), folder / "segmenter.safetensors", device) if want_seg else None
-    clf = load_weights(build_classifier(len(names)), folder / "classifier.safetensors", device) if want_clf else None
-    thresholds = read_json(folder / "done.json")["thresholds"]
+    done = read_json(folder / "done.json")
+    clf = load_weights(build_classifier(len(names), image_size=done.get("image_size")), folder / "classifier.safetensors", device) if want_clf else None  # its stem strides by size
+    thresholds = done["thresholds"]
     return Judges(f, seg, clf, n_classes, {n: i for i, n in enumerate(names)}, thresholds, dice_per_image, class_names)
 
 
@@ -125,7 +126,7 @@ def _train_judges(folder: Path, data: Path, cfg: GenerateConfig, want_seg: bool,
     thresholds = _thresholds(data, f, seg, clf, n_classes, names, dice_per_image)
     write_json(folder / "done.json", {"segmenter_steps": f.segmenter.steps, "segmenter_class_weighting": f.segmenter.class_weighting,
                                       "classifier_steps": f.classifier.steps, "seed": cfg.seed + JUDGE_SEED,
-                                      "classes": names, "thresholds": thresholds})
+                                      "classes": names, "thresholds": thresholds, "image_size": int(min(train.images.shape[1:3]))})
     for state in folder.glob("*-state.pt"):
         state.unlink()
 

@@ -13,6 +13,25 @@ from monai.networks.nets import DenseNet121, ResNet, UNet
 ARCHS = ("resnet", "densenet", "vae-encoder:<backbone>")
 RESNET_WIDTHS = (32, 64, 128, 256)  # half of ResNet-18's (64, ..., 512): ~2.8M parameters, features D = 256
 DENSENET_MIN_SIZE = 32  # DenseNet121 downsamples by 32; smaller inputs would pool to 0 x 0
+LARGE_INPUT = 128  # px: from this size the ResNet's stem strides 2, as ResNet-18's does (activations 4x smaller)
+INFER_PIXELS = 64 * 128 * 128  # pixels per inference batch: the batch sizes asked for up to 128 px, fewer above
+
+
+def infer_batch(batch_size: int, height: int, width: int) -> int:
+    """Images per inference call: `batch_size`, fewer for large images (at most INFER_PIXELS pixels, at least 1).
+    Each image's output does not depend on its batch (eval mode), so this bounds memory, not results."""
+    return max(1, min(batch_size, INFER_PIXELS // max(1, height * width)))
+
+
+def stem_stride(image_size: int | None) -> int:
+    """The ResNet classifier's stem stride for images of this size (None: small)."""
+    return 2 if image_size is not None and image_size >= LARGE_INPUT else 1
+
+
+def stem_key(image_size: int | None) -> dict:
+    """What a cached classifier's key adds for its architecture at this size ({} for small images, whose
+    caches predate the strided stem)."""
+    return {"stem_stride": 2} if stem_stride(image_size) == 2 else {}
 
 
 def to_unit_range(images_uint8: np.ndarray) -> torch.Tensor:
@@ -29,15 +48,18 @@ def build_segmenter(n_classes: int, in_channels: int = 3) -> UNet:
 def predict(model: UNet, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Class-code maps (N, H, W) uint8 for (N, H, W, 3) uint8 images (converted a batch at a time: a split on disk is read by rows)."""
     device = next(model.parameters()).device
+    batch_size = infer_batch(batch_size, *images.shape[1:3])
     out = [model(to_unit_range(images[i : i + batch_size]).to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy().astype(np.uint8) if out else np.zeros((0, *images.shape[1:3]), np.uint8)
 
 
-def build_classifier(n_classes: int, in_channels: int = 3, arch: str = "resnet") -> ResNet | DenseNet121:
-    """A 2D MONAI classifier with n_classes logits.
+def build_classifier(n_classes: int, in_channels: int = 3, arch: str = "resnet", image_size: int | None = None) -> ResNet | DenseNet121:
+    """A 2D MONAI classifier with n_classes logits, for images of `image_size` px (the smaller side; None: small).
 
     "resnet": monai ResNet with ResNet-18's layout (basic blocks, [2, 2, 2, 2]) at RESNET_WIDTHS, and a
-    3x3 stride-1 stem + max-pool (total stride 16) so 28 px images keep a 2 x 2 final map.
+    3x3 stride-1 stem + max-pool (total stride 16) so 28 px images keep a 2 x 2 final map; from LARGE_INPUT
+    (128 px) the stem strides 2 (total stride 32, ResNet-18's): a 512 px batch of 16 would otherwise hold
+    16 x 32 x 512 x 512 floats per stem activation (0.5 GB each) in training.
     "densenet": the stock monai DenseNet121 (features D = 1024); inputs under 32 px are upsampled by a
     forward pre-hook, so any caller (also `model(x)` directly) can give it 28 px images.
     "vae-encoder:BACKBONE": EncoderClassifier on that backbone's VAE encoder (a preset with shipped weights,
@@ -48,7 +70,8 @@ def build_classifier(n_classes: int, in_channels: int = 3, arch: str = "resnet")
     if in_channels < 1:
         raise ValueError(f"build_classifier expects in_channels >= 1, but got {in_channels}")
     if arch == "resnet":
-        return ResNet("basic", [2, 2, 2, 2], list(RESNET_WIDTHS), spatial_dims=2, n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, num_classes=n_classes)
+        return ResNet("basic", [2, 2, 2, 2], list(RESNET_WIDTHS), spatial_dims=2, n_input_channels=in_channels, conv1_t_size=3,
+                      conv1_t_stride=stem_stride(image_size), num_classes=n_classes)
     if arch == "densenet":
         model = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=n_classes)
         model.register_forward_pre_hook(_upsample_small_inputs)
@@ -144,6 +167,7 @@ def _batched(model: torch.nn.Module, images: np.ndarray, batch_size: int, name: 
     if images.shape[-1] != in_channels:
         raise ValueError(f"{name} expects images with {in_channels} channels, but got {images.shape[-1]}")
     device = next(model.parameters()).device
+    batch_size = infer_batch(batch_size, *images.shape[1:3])
     for i in range(0, len(images), batch_size):
         yield to_unit_range(images[i : i + batch_size]).to(device)
 

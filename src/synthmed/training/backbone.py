@@ -31,12 +31,14 @@ def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
 
 
-def _random_crops(images: torch.Tensor, idx: torch.Tensor, crop: int, g: torch.Generator) -> torch.Tensor:
-    """Random crops of a batch (the VAE is convolutional, so crops train it at a quarter of the cost)."""
-    _, _, h, w = images.shape
+def _random_crops(images, idx: torch.Tensor, crop: int, g: torch.Generator) -> torch.Tensor:
+    """Random crops of a batch of (N, H, W, 3) uint8 images (the VAE is convolutional, so crops train it at a
+    quarter of the cost), in [-1, 1]; only the batch's rows are read (the images may be a split on disk)."""
+    h, w = images.shape[1:3]
     ys = torch.randint(0, h - crop + 1, (len(idx),), generator=g)
     xs = torch.randint(0, w - crop + 1, (len(idx),), generator=g)
-    out = [dihedral(images[i, :, y : y + crop, x : x + crop], int(k)) for i, y, x, k in zip(idx, ys, xs, torch.randint(0, 8, (len(idx),), generator=g))]
+    rows = to_model_range(images[idx.numpy()])  # (B, 3, H, W)
+    out = [dihedral(rows[j, :, y : y + crop, x : x + crop], int(k)) for j, (y, x, k) in enumerate(zip(ys, xs, torch.randint(0, 8, (len(idx),), generator=g)))]
     return torch.stack(out)
 
 
@@ -47,15 +49,14 @@ def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None, state_
     (config.BackboneConfig). With `state_dir`, the phase checkpoints there and resumes from it.
     """
     vae = backbone.vae.train().requires_grad_(True)
-    data = to_model_range(images)  # (N, 3, H, W)
-    crop = min(cfg.vae_crop, data.shape[-1])
+    crop = min(cfg.vae_crop, images.shape[2])
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = _one_cycle(opt, cfg.vae_lr, cfg.vae_steps)
     ckpt = PhaseCheckpoint(state_dir, "vae", cfg.checkpoint_every)
     start, losses = ckpt.restore(vae, opt, sched)
     for step in range(start, cfg.vae_steps):
         g = step_generator(cfg.seed, step)
-        x = _random_crops(data, batch_indices(len(data), cfg.vae_batch_size, step, cfg.seed), crop, g)
+        x = _random_crops(images, batch_indices(len(images), cfg.vae_batch_size, step, cfg.seed), crop, g)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         loss = F.l1_loss(rec, x) + 0.5 * gradient_l1(rec, x) + cfg.kl_weight * post.kl().mean()
@@ -66,7 +67,7 @@ def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None, state_
             progress(step + 1, cfg.vae_steps, losses[-1])
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        means = torch.cat([vae.encode(data[i : i + 64]).latent_dist.mean for i in range(0, min(len(data), 512), 64)])
+        means = torch.cat([vae.encode(to_model_range(images[i : i + 64])).latent_dist.mean for i in range(0, min(len(images), 512), 64)])
     # As SD did: scale latents to unit variance so the noise schedule sees the intended SNR.
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     return losses
@@ -74,9 +75,8 @@ def train_vae(backbone: Backbone, images: np.ndarray, cfg, progress=None, state_
 
 @torch.no_grad()
 def encode_dataset(backbone: Backbone, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Scaled VAE latent means for all images: (N, 4, h, w)."""
-    data = to_model_range(images)
-    return torch.cat([backbone.encode_images(data[i : i + batch_size]) for i in range(0, len(data), batch_size)])
+    """Scaled VAE latent means for all images: (N, 4, h, w) (the images are read a batch at a time)."""
+    return torch.cat([backbone.encode_images(to_model_range(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
 
 
 def train_text_to_image(backbone: Backbone, images: np.ndarray, prompts: list[str], cfg, progress=None, state_dir: Path | None = None) -> list[float]:

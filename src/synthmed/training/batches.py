@@ -167,18 +167,29 @@ def _stack(items: list) -> torch.Tensor | None:
     return None if items[0] is None else torch.stack(items)
 
 
+ENCODE_PIXELS = 32 * 128 * 128  # pixels per VAE-encode batch: 32 images up to 128 px, 8 at 256 px, 2 at 512 px
+
+
+def encode_batch(height: int, width: int) -> int:
+    """Images per VAE-encode batch at this size (1 to 32)."""
+    return max(1, min(32, ENCODE_PIXELS // max(1, height * width)))
+
+
 @torch.no_grad()
 def build_training_data(backbone: Backbone, images: np.ndarray, cond_images: np.ndarray | None, prompts: list[str],
                         masks: np.ndarray | None = None, cache: bool = True, flips: bool = True, views: int = 8,
-                        crop: tuple[int, int] | None = None, scale: tuple[float, float] = (1.0, 1.0), batch_size: int = 32,
+                        crop: tuple[int, int] | None = None, scale: tuple[float, float] = (1.0, 1.0), batch_size: int | None = None,
                         cache_dir: Path | None = None, processes: tuple = (0, 1, lambda: None), progress=None) -> TrainingData:
     """Training tensors from uint8 arrays: images (N, H, W, 3), conditioning (N, H, W, Cc), masks (N, H, W).
 
     With `cache`, every allowed view is VAE-encoded once and every distinct prompt text-encoded
     once; crops/rescaling cannot be cached and raise ValueError with `cache`. With `cache_dir` the
     latents live on disk (training/latent_cache.py: shared by the `processes` (rank, world, barrier),
-    reused by later runs) instead of in memory; they are the same numbers either way.
+    reused by later runs) instead of in memory; they are the same numbers either way. Images are encoded
+    `batch_size` at a time (default: `encode_batch`, 32 up to 128 px, fewer above: the VAE's activations grow
+    with the pixels, and its mid-block attention with their square).
     """
+    batch_size = batch_size or encode_batch(*images.shape[1:3])
     if cache and (crop is not None or tuple(scale) != (1.0, 1.0)):
         raise ValueError("build_training_data expects cache=False with random crops or rescaling (every crop is a new image to encode)")
     unique = sorted(set(prompts))

@@ -132,6 +132,42 @@ def optimiser_step(loss: torch.Tensor, params, optimizer, scheduler, clip: float
     scheduler.step()
 
 
+TRAIN_PIXELS = 16 * 256 * 256  # pixels per forward/backward pass of a task network's training step
+
+
+def micro_batches(batch: int, pixels: int) -> int:
+    """Into how many equal parts a training batch of `batch` images of `pixels` pixels each is split so that a
+    part holds at most TRAIN_PIXELS pixels (1 up to 16 images of 256 x 256; 4 parts of 4 at 512 px)."""
+    for k in range(1, batch + 1):
+        if batch % k == 0 and (batch // k) * pixels <= TRAIN_PIXELS:
+            return k
+    return batch
+
+
+def accumulated_step(loss_of, x: torch.Tensor, y: torch.Tensor, params, optimizer, scheduler, clip: float | None = 1.0) -> float:
+    """One optimiser step on a batch, its forward/backward passes in `micro_batches` equal parts with the
+    gradients of their mean loss accumulated: activation memory bounded at any image size. For networks without
+    batch statistics (MONAI's U-Net: instance norm) and a loss that is a mean over images (Dice) or over pixels
+    (unweighted cross-entropy) this is the full batch's gradient; a class-weighted cross-entropy is normalised
+    per part. With one part it is `optimiser_step(loss_of(x, y))` exactly. Returns the loss."""
+    k = micro_batches(len(x), int(x.shape[-1] * x.shape[-2]))
+    if k == 1:
+        loss = loss_of(x, y)
+        optimiser_step(loss, params, optimizer, scheduler, clip)
+        return loss.item()
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for xs, ys in zip(x.chunk(k), y.chunk(k)):
+        loss = loss_of(xs, ys) / k
+        loss.backward()
+        total += loss.item()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    scheduler.step()
+    return total
+
+
 class PhaseCheckpoint:
     """Atomic checkpoints of one training phase (model, optimiser, schedule, losses), loaded weights-only.
 

@@ -12,7 +12,7 @@ from monai.networks.nets import DenseNet121, ResNet, UNet
 
 from synthmed.data.arrays import code_counts
 from synthmed.models.tasknets import _check_images, _check_labels, build_classifier, build_segmenter, to_unit_range
-from synthmed.training.common import PhaseCheckpoint, batch_indices, dihedral, optimiser_step, step_generator, warmup_cosine
+from synthmed.training.common import PhaseCheckpoint, accumulated_step, batch_indices, dihedral, optimiser_step, step_generator, warmup_cosine
 
 
 def _seg_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -55,9 +55,8 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, n_classes: int, steps
         k = int(torch.randint(0, 8, (1,), generator=g))
         x = dihedral(to_unit_range(images[idx]), k)  # (B, 3, H, W)
         y = dihedral(torch.from_numpy(np.asarray(masks[idx]).astype(np.int64))[:, None], k)  # (B, 1, H, W)
-        loss = loss_fn(model(_seg_jitter(x, g).to(device)), y.to(device))
-        optimiser_step(loss, model.parameters(), opt, sched, clip=None)
-        losses.append(loss.item())
+        loss = accumulated_step(lambda xs, ys: loss_fn(model(xs.to(device)), ys.to(device)), _seg_jitter(x, g), y, model.parameters(), opt, sched, clip=None)
+        losses.append(loss)
         checkpoint.maybe_save(step + 1, steps, model, opt, sched, losses)
         if progress:
             progress(step + 1, steps, losses[-1])
@@ -107,7 +106,7 @@ def train_classifier(
     if len(images) == 0 or steps < 1 or batch_size < 2:
         raise ValueError(f"train_classifier expects N >= 1, steps >= 1 and batch_size >= 2 (BatchNorm), but got N={len(images)}, steps={steps}, batch_size={batch_size}")
     torch.manual_seed(seed)
-    model = build_classifier(n_classes, images.shape[-1], arch).to(device)
+    model = build_classifier(n_classes, images.shape[-1], arch, image_size=min(images.shape[1:3])).to(device)
     y_all = torch.from_numpy(np.asarray(labels).astype(np.int64))  # (N,); images are converted batch by batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = warmup_cosine(opt, steps, warmup_fraction=0.1, floor=0.02)

@@ -245,6 +245,6 @@ def test_lesion_segmentation_merges_the_lesion_classes_in_every_pool(tmp_path):
     pool, _ = real.oracle_pool(card, ids, real.pool(ids), seed=0)
     assert set(np.unique(pool.targets).tolist()) <= {0, 1} and (pool.targets == 1).any()
     plain = RealData(data, DownstreamConfig(task="segmentation"), card)
-    assert plain.classes == ["benign", "malignant"] and plain.targets(plain.train, "train").max() == 2
+    assert plain.classes == ["benign", "malignant"] and np.asarray(plain.targets(plain.train, "train")).max() == 2
     with pytest.raises(SynthmedError, match="mask_classes names \\['tumour'\\]"):
         RealData(data, DownstreamConfig(task="segmentation", mask_classes={"tumour": "lesion"}), card)
