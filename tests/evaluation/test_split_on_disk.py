@@ -102,3 +102,17 @@ def test_segmenter_predictions_read_a_disk_split_by_batches(tmp_path):
     want = predict(model, images, batch_size=32)
     assert want.shape == (21, 16, 16) and np.array_equal(predict(model, on_disk(tmp_path, "x", images), batch_size=8), want)
     assert predict(model, images[:0]).shape == (0, 16, 16)
+
+
+def test_segmentation_scores_and_per_image_dice_in_chunks_equal_one_pass(masks):
+    """The study's test scores (Dice, IoU, HD95, counts) and its validation score, on splits read by rows."""
+    from synthmed.evaluation.downstream_metrics import segmentation_scores
+    from synthmed.evaluation.metrics import dice_per_image
+
+    pred, target, pred_d, target_d = masks
+    classes = ["a", "b", "c", "absent"]
+    want = segmentation_scores(pred, target, classes, chunk=1000)
+    for chunk in (1, 4, 36):
+        assert segmentation_scores(pred_d, target_d, classes, chunk=chunk) == want
+    assert want["per_class"]["c"]["n_images"] == 5 and want["per_class"]["c"]["hd95"] is not None
+    np.testing.assert_array_equal(dice_per_image(pred_d, target_d, 4, chunk=4), dice_per_image(pred, target, 4, chunk=1000))

@@ -51,15 +51,15 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[
     _check_masks(pred, target, class_names)
     k = len(class_names)
     overlap = dice_iou(pred, target, list(class_names))
-    hd_sum, n_hd, n_images, n_missed, n_spurious = (np.zeros(k + 1) for _ in range(5))
+    hd = [[] for _ in range(k + 1)]  # per class: each image's HD95 (a float32 tensor per chunk)
+    n_images, n_missed, n_spurious = (np.zeros(k + 1, np.int64) for _ in range(3))
     for start in range(0, len(pred), chunk):
         p, t = one_hot(np.asarray(pred[start : start + chunk]), k), one_hot(np.asarray(target[start : start + chunk]), k)  # (n, K + 1, H, W)
         in_p, in_t = p.sum(dim=(2, 3)) > 0, t.sum(dim=(2, 3)) > 0  # (n, K + 1)
         for c in range(1, k + 1):
             both = in_p[:, c] & in_t[:, c]
             if both.any():
-                hd_sum[c] += float(compute_hausdorff_distance(p[both, c : c + 1], t[both, c : c + 1], include_background=True, percentile=95).sum())
-            n_hd[c] += int(both.sum())
+                hd[c].append(compute_hausdorff_distance(p[both, c : c + 1], t[both, c : c + 1], include_background=True, percentile=95).reshape(-1))
             n_images[c] += int(in_t[:, c].sum())
             n_missed[c] += int((in_t[:, c] & ~in_p[:, c]).sum())
             n_spurious[c] += int((in_p[:, c] & ~in_t[:, c]).sum())
@@ -67,9 +67,9 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[
     for c, name in enumerate(class_names, start=1):
         per_class[name] = {
             **overlap["per_class"][name],
-            "hd95": float(hd_sum[c] / n_hd[c]) if n_hd[c] else None,  # mean over the images holding the class in both
+            "hd95": float(torch.cat(hd[c]).mean()) if hd[c] else None,  # mean over the images holding the class in both
             "n_images": int(n_images[c]),
-            "n_hd95": int(n_hd[c]),
+            "n_hd95": int(sum(len(h) for h in hd[c])),
             "n_missed": int(n_missed[c]),
             "n_spurious": int(n_spurious[c]),
         }
