@@ -184,10 +184,7 @@ class Rows:
         return Rows(self.base, self.idx[np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)], self.lut)
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
-        if isinstance(self.base, DiskArray):
-            out = self.base.take(rows)
-        else:
-            out = np.asarray(self.base[rows])
+        out = np.asarray(self.base[rows])  # a DiskArray reads just these rows
         return out if self.lut is None else self.lut[out]
 
     def __getitem__(self, key):

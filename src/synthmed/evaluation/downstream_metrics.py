@@ -5,8 +5,8 @@ undefined (a class that never occurs, a test with too few pairs). Conventions:
 
 Segmentation (`segmentation_scores`), per foreground class and image:
 - Dice/IoU: MONAI DiceMetric / MeanIoU (include_background=False, ignore_empty=True) through
-  `metrics.dice_iou`: a class's score averages the images whose target contains it. A class
-  missed in such an image scores 0 there; a class predicted in an image whose target lacks it
+  `metrics.DiceIoU` (the accumulator of `metrics.dice_iou`): a class's score averages the images whose
+  target contains it. A class missed in such an image scores 0 there; a class predicted in an image whose target lacks it
   (a spurious detection) is not scored (it is counted in "n_spurious").
 - HD95: MONAI compute_hausdorff_distance(percentile=95), symmetric, Euclidean, in pixels; an
   image enters only where the class is in both target and prediction (a distance to an empty
@@ -40,21 +40,26 @@ import torch
 from monai.metrics import compute_hausdorff_distance, compute_roc_auc
 from scipy import stats
 
-from synthmed.evaluation.metrics import dice_iou, one_hot
+from synthmed.evaluation.metrics import DiceIoU, one_hot
 
 
 def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[str], chunk: int = 64) -> dict:
     """Dice, IoU and HD95 (pixels) per foreground class and their means over classes (module doc).
 
-    Images go through `chunk` at a time (one-hot maps are K + 1 floats per pixel; either array may be read
+    Images are read once, `chunk` at a time (one-hot maps are K + 1 floats per pixel; either array may be read
     from disk by rows): the numbers are those of one pass over all of them."""
     _check_masks(pred, target, class_names)
     k = len(class_names)
-    overlap = dice_iou(pred, target, list(class_names))
+    acc = DiceIoU(list(class_names))
     hd = [[] for _ in range(k + 1)]  # per class: each image's HD95 (a float32 tensor per chunk)
     n_images, n_missed, n_spurious = (np.zeros(k + 1, np.int64) for _ in range(3))
     for start in range(0, len(pred), chunk):
-        p, t = one_hot(np.asarray(pred[start : start + chunk]), k), one_hot(np.asarray(target[start : start + chunk]), k)  # (n, K + 1, H, W)
+        pc, tc = np.asarray(pred[start : start + chunk]), np.asarray(target[start : start + chunk])
+        for part in (pc, tc):
+            if part.min() < 0 or part.max() > k:
+                raise ValueError(f"segmentation_scores expects codes in 0..{k}, but got {part.min()}..{part.max()}")
+        acc.add(pc, tc)
+        p, t = one_hot(pc, k), one_hot(tc, k)  # (n, K + 1, H, W)
         in_p, in_t = p.sum(dim=(2, 3)) > 0, t.sum(dim=(2, 3)) > 0  # (n, K + 1)
         for c in range(1, k + 1):
             both = in_p[:, c] & in_t[:, c]
@@ -63,6 +68,7 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[
             n_images[c] += int(in_t[:, c].sum())
             n_missed[c] += int((in_t[:, c] & ~in_p[:, c]).sum())
             n_spurious[c] += int((in_p[:, c] & ~in_t[:, c]).sum())
+    overlap = acc.result()
     per_class = {}
     for c, name in enumerate(class_names, start=1):
         per_class[name] = {
@@ -82,17 +88,13 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[
     }
 
 
-def _check_masks(pred: np.ndarray, target: np.ndarray, class_names: list[str], chunk: int = 256) -> None:
-    """Raise ValueError unless pred/target are equal-shape (N, H, W) codes 0..len(class_names) (read by chunks)."""
+def _check_masks(pred: np.ndarray, target: np.ndarray, class_names: list[str]) -> None:
+    """Raise ValueError unless there are class names and pred/target are equal-shape non-empty (N, H, W) arrays
+    (their codes are checked chunk by chunk as they are read)."""
     if len(class_names) < 1:
         raise ValueError("segmentation_scores expects at least one class name, but got none")
     if tuple(pred.shape) != tuple(target.shape) or len(pred.shape) != 3 or pred.shape[0] == 0:
         raise ValueError(f"segmentation_scores expects two non-empty (N, H, W) arrays of one shape, but got {tuple(pred.shape)} and {tuple(target.shape)}")
-    for x in (pred, target):
-        for start in range(0, len(x), chunk):
-            part = np.asarray(x[start : start + chunk])
-            if part.min() < 0 or part.max() > len(class_names):
-                raise ValueError(f"segmentation_scores expects codes in 0..{len(class_names)}, but got {part.min()}..{part.max()}")
 
 
 def classification_scores(

@@ -17,10 +17,10 @@ LARGE_INPUT = 128  # px: from this size the ResNet's stem strides 2, as ResNet-1
 INFER_PIXELS = 64 * 128 * 128  # pixels per inference batch: the batch sizes asked for up to 128 px, fewer above
 
 
-def infer_batch(batch_size: int, height: int, width: int) -> int:
-    """Images per inference call: `batch_size`, fewer for large images (at most INFER_PIXELS pixels, at least 1).
+def infer_batch(batch_size: int, height: int, width: int, pixels: int = INFER_PIXELS) -> int:
+    """Images per inference call: `batch_size`, fewer for large images (at most `pixels` pixels, at least 1).
     Each image's output does not depend on its batch (eval mode), so this bounds memory, not results."""
-    return max(1, min(batch_size, INFER_PIXELS // max(1, height * width)))
+    return max(1, min(batch_size, pixels // max(1, height * width)))
 
 
 def stem_stride(image_size: int | None) -> int:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from synthmed.data.arrays import DiskArray
 from synthmed.models.backbone import Backbone
+from synthmed.models.tasknets import infer_batch
 from synthmed.training.common import dihedral, to_model_range
 
 
@@ -172,7 +173,7 @@ ENCODE_PIXELS = 32 * 128 * 128  # pixels per VAE-encode batch: 32 images up to 1
 
 def encode_batch(height: int, width: int) -> int:
     """Images per VAE-encode batch at this size (1 to 32)."""
-    return max(1, min(32, ENCODE_PIXELS // max(1, height * width)))
+    return infer_batch(32, height, width, ENCODE_PIXELS)
 
 
 @torch.no_grad()

@@ -126,6 +126,11 @@ def optimiser_step(loss: torch.Tensor, params, optimizer, scheduler, clip: float
     """Backward pass, optional gradient-norm clipping, optimiser and schedule step."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    _apply_gradients(params, optimizer, scheduler, clip)
+
+
+def _apply_gradients(params, optimizer, scheduler, clip: float | None) -> None:
+    """Optional gradient-norm clipping, then the optimiser and schedule step."""
     if clip:
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
@@ -161,10 +166,7 @@ def accumulated_step(loss_of, x: torch.Tensor, y: torch.Tensor, params, optimize
         loss = loss_of(xs, ys) / k
         loss.backward()
         total += loss.item()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-    scheduler.step()
+    _apply_gradients(params, optimizer, scheduler, clip)
     return total
 
 
