@@ -308,6 +308,10 @@ class DownstreamConfig(_Strict):
                                                                "benign: non-cancerous, normal: non-cancerous}; unmapped values are kept")
     positive_class: str | None = Field(None, description="binary classification: the class whose probability gives AUC and sensitivity at 90% "
                                                          "specificity (default: the rare class)")
+    synthetic_trust: Literal["none", "judge"] = Field("none", description="segmentation: judge leaves out of the loss every pixel of a synthetic "
+                                                                           "sample where the generation filter's segmenter (trained on the same real "
+                                                                           "subset) disagrees with its mask: a label is trusted only where the image "
+                                                                           "carries it; none: every pixel counts")
     mask_classes: dict[str, str] | None = Field(None, description="segmentation: mask classes merged into the classes the model learns, e.g. "
                                                                  "{benign: lesion, malignant: lesion} for lesion segmentation; unmapped classes are kept")
 

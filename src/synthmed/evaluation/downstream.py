@@ -33,6 +33,7 @@ from synthmed.training.common import accumulated_step, optimiser_step, warmup_co
 from synthmed.models.tasknets import to_unit_range
 
 EXTRA_SOURCES = ("synthetic", "heldout", "oracle")  # what an arm adds to the real subset
+IGNORE = 255  # a target code left out of the segmentation loss (synthetic pixels the trust judge does not confirm)
 ARMS = DOWNSTREAM_ARMS
 TASKS = ("segmentation", "classification")
 
@@ -209,6 +210,17 @@ def build_model(task: str, n_classes: int, in_channels: int, arch: str, image_si
     return build_classifier(n_classes, in_channels, arch, image_size=image_size)
 
 
+def segmentation_loss(class_weights=None):
+    """Dice + cross-entropy on softmax outputs and integer targets (B, 1, H, W), class weights in both terms, with
+    IGNORE pixels left out of both: MONAI's DiceLoss and torch's cross-entropy with their ignore_index. On targets
+    without IGNORE it is MONAI's DiceCELoss(to_onehot_y=True, softmax=True, weight=class_weights), value and gradient."""
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(to_onehot_y=True, softmax=True, weight=class_weights, ignore_index=IGNORE)
+    ce = torch.nn.CrossEntropyLoss(weight=class_weights, ignore_index=IGNORE)
+    return lambda logits, y: dice(logits, y) + ce(logits, y[:, 0].long())
+
+
 def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes: int, settings: TrainSettings, seed: int,
                progress=None, device: str = "cpu", pretrain: Pool | None = None):
     """Train one cell's model; returns (model in eval mode with the best validation weights, record).
@@ -217,13 +229,11 @@ def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes
     and the step training stopped at. Validation score: mean foreground Dice, or balanced accuracy.
     With `pretrain`, the model first trains `settings.pretrain_steps` steps on that pool alone (no early
     stopping), then fine-tunes on `pools` with a fresh optimiser and schedule."""
-    from monai.losses import DiceCELoss
-
     if task not in TASKS:
         raise ValueError(f"train_cell expects task in {TASKS}, but got {task!r}")
     torch.manual_seed(seed)
     model = build_model(task, n_classes, pools[0].images.shape[-1], settings.arch, image_size=min(pools[0].images.shape[1:3])).to(device)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=settings.class_weights) if task == "segmentation" else None
+    loss_fn = segmentation_loss(settings.class_weights) if task == "segmentation" else None
     transform = ClassicAugmentation() if classic else None
     balanced = task == "classification" and settings.class_balanced
 

@@ -193,6 +193,43 @@ class RealData:
             keep = np.sort(np.random.default_rng(cfg.subset_seed).permutation(len(syn))[: cfg.synthetic_count])
         return Pool(Rows(syn.images, keep), take_rows(self.targets(syn, str(meta)), keep))
 
+    def trusted_pool(self, pool, path: Path, allowed: set[str]) -> tuple:
+        """The synthetic pool with every pixel where the generation filter's segmenter disagrees with the sample's
+        mask set to IGNORE (left out of the loss: a label is trusted only where the image carries it), and what
+        was kept. The judge was trained on the generate run's real data; refused unless that is within `allowed`."""
+        from synthmed.data.prepared import read_card
+        from synthmed.evaluation.downstream import IGNORE, Pool
+        from synthmed.models.tasknets import build_segmenter, load_weights, predict
+
+        weights, card = path / "judges" / "segmenter.safetensors", read_card(path)
+        if self.task != "segmentation":
+            raise SynthmedError(f"{path}: synthetic_trust judge is for segmentation (per-pixel labels), not {self.task}")
+        if not weights.is_file():
+            raise SynthmedError(f"{path}: synthetic_trust judge needs the filter's segmenter in {weights} (generate with filter.by dice or both)")
+        source = Path(card.get("real_data") or "")
+        meta = source / "train" / "metadata.jsonl"
+        if not meta.is_file():
+            raise SynthmedError(f"{path}: synthetic_trust judge: the judge's training data {source} is not readable, so it cannot be checked against the fraction")
+        outside = sorted({r["id"] for r in read_metadata(meta)} - allowed)
+        if outside:
+            raise SynthmedError(f"{path}: synthetic_trust judge was trained on {len(outside)} samples outside this fraction's subset (e.g. {outside[0]})")
+        judge = load_weights(build_segmenter(len(card.get("classes") or [])), weights)
+        lut = self.lut if self.lut is not None else np.arange(256, dtype=np.uint8)
+        targets = np.empty((len(pool), *pool.targets.shape[1:]), np.uint8)
+        trusted = np.zeros(len(self.classes) + 1, np.int64)
+        total = np.zeros_like(trusted)
+        for s in range(0, len(pool), READ_ROWS):
+            rows = np.arange(s, min(s + READ_ROWS, len(pool)))
+            mask = np.asarray(pool.targets[rows])  # codes of the classes learnt (mask_classes applied)
+            agree = lut[predict(judge, np.asarray(pool.images[rows]))] == mask
+            targets[rows] = np.where(agree, mask, IGNORE)
+            trusted += np.bincount(mask[agree].ravel(), minlength=len(trusted))[: len(trusted)]
+            total += np.bincount(mask.ravel(), minlength=len(trusted))[: len(trusted)]
+        info = {"by": "judge", "judge": str(weights.resolve()), "trusted_pixels": round(float(trusted.sum() / max(total.sum(), 1)), 4),
+                "trusted_per_class": {c: round(float(trusted[k] / total[k]), 4) if total[k] else None
+                                      for k, c in enumerate(["background", *self.classes])}}
+        return Pool(pool.images, targets), info
+
 
 def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, seed: int, extras, cfg: DownstreamConfig, label: str) -> dict | None:
     """Train and score one cell unless it has finished; a crash is written to error.json, not raised.
@@ -246,7 +283,7 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
     n_extra = len(extra) if extra is not None else 0
     result = {"fraction": f, "arm": arm, "seed": seed, "task": real.task, "n_real": 0 if not spec.real else len(ids),
               "extra": spec.extra, "n_extra": n_extra, "n_synthetic": n_extra if spec.extra == "synthetic" else 0,
-              "classic_augmentation": classic, "test": scores, "training": record, "seconds": round(time.time() - started, 1)}
+              "classic_augmentation": classic, **({"synthetic_trust": cfg.synthetic_trust} if spec.extra == "synthetic" else {}), "test": scores, "training": record, "seconds": round(time.time() - started, 1)}
     write_json(done, result)
     (folder / "error.json").unlink(missing_ok=True)
     return result

@@ -44,7 +44,9 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
         if path is not None and need:
             extras[f]["synthetic"] = real.synthetic_pool(Path(path), f, set(subsets[f]), cfg)
             sources[f] = str(Path(path).resolve())
-        extras[f], ceilings[f], why = _ceiling_pools(real, card, f, subsets[f], extras[f], cfg)
+        extras[f], ceilings[f], why = _ceiling_pools(real, card, f, subsets[f], extras[f], cfg)  # to the synthetic set's whole masks
+        if cfg.synthetic_trust == "judge" and "synthetic" in extras[f]:
+            extras[f]["synthetic"], ceilings[f]["synthetic_trust"] = real.trusted_pool(extras[f]["synthetic"], Path(path), set(subsets[f]))
         ceilings[f]["synthetic_arms"] = _gets_synthetic(cfg, f)
         skipped += [{"fraction": f, "arm": a, "why": w} for a, w in why.items()]
     cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in seeds_of(cfg, f)
