@@ -75,3 +75,30 @@ def test_rows_read_only_what_is_indexed_and_map_codes(tmp_path):
     np.testing.assert_array_equal(view[np.array([True, False, False, True])], lut[base[[7, 4]]])
     np.testing.assert_array_equal(np.stack(list(view)), lut[base[[7, 2, 9, 4]]])
     np.testing.assert_array_equal(view[2], lut[base[9]])
+
+
+def test_cells_in_worker_processes_score_as_the_serial_loop_at_the_same_threads(phantom_data, tmp_path, monkeypatch):
+    import torch
+
+    from synthmed.pipelines.studies import downstream as study
+
+    cfg = DownstreamConfig(arms=["real", "real+classic", "real+classic+oracle"], fractions=[0.5], seeds=[0, 1], max_steps=4,
+                           eval_every=2, patience=1, batch_size=4, mix=0.5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = pipelines.downstream(phantom_data, cfg, tmp_path / "serial")
+        torch.set_num_threads(2)  # two workers get one thread each
+        monkeypatch.setattr(study, "run_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a cell ran in the parent")))
+        pooled = pipelines.downstream(phantom_data, cfg.model_copy(update={"workers": 2}), tmp_path / "pooled")
+    finally:
+        torch.set_num_threads(threads)
+    assert not pooled["errors"] and pooled["n_finished"] == serial["n_finished"] == 6
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            a, b = (json.loads((tmp_path / run / "cells" / "f0.50" / arm / f"seed{seed}" / "result.json").read_text()) for run in ("serial", "pooled"))
+            assert b["threads"] == a["threads"] == 1
+            assert b["test"] == a["test"] and b["training"]["curve"] == a["training"]["curve"], (arm, seed)
+    assert pooled["summary"] == serial["summary"]
+    again = pipelines.downstream(phantom_data, cfg.model_copy(update={"workers": 2}), tmp_path / "pooled")  # resumed: nothing left to run
+    assert again["n_finished"] == 6

@@ -308,6 +308,9 @@ class DownstreamConfig(_Strict):
                                                                "benign: non-cancerous, normal: non-cancerous}; unmapped values are kept")
     positive_class: str | None = Field(None, description="binary classification: the class whose probability gives AUC and sensitivity at 90% "
                                                          "specificity (default: the rare class)")
+    workers: int = Field(1, ge=1, description="cells trained at once, each in its own process with its share of the CPU threads (on a "
+                                               "few cores, 2 single-thread cells use them better than one two-thread cell); a cell's "
+                                               "numbers depend on its seed and its thread count")
     synthetic_trust: Literal["none", "judge"] = Field("none", description="segmentation: judge leaves out of the loss every pixel of a synthetic "
                                                                            "sample where the generation filter's segmenter (trained on the same real "
                                                                            "subset) disagrees with its mask: a label is trusted only where the image "

@@ -233,7 +233,8 @@ def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes
         raise ValueError(f"train_cell expects task in {TASKS}, but got {task!r}")
     torch.manual_seed(seed)
     model = build_model(task, n_classes, pools[0].images.shape[-1], settings.arch, image_size=min(pools[0].images.shape[1:3])).to(device)
-    loss_fn = segmentation_loss(settings.class_weights) if task == "segmentation" else None
+    weights = None if settings.class_weights is None else torch.as_tensor(settings.class_weights, dtype=torch.float32).to(device)
+    loss_fn = segmentation_loss(weights) if task == "segmentation" else None
     transform = ClassicAugmentation() if classic else None
     balanced = task == "classification" and settings.class_balanced
 

@@ -18,8 +18,10 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from synthmed.config import DownstreamConfig
+from synthmed.core.device import device
 from synthmed.core.io import SynthmedError, read_json, write_json
 from synthmed.data.arrays import READ_ROWS, Rows, code_counts, take_rows
 from synthmed.data.metadata import read_metadata
@@ -262,7 +264,7 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
             settings = ds.TrainSettings(cfg.training.steps, cfg.eval_every, cfg.patience, cfg.training.batch_size, cfg.training.lr,
                                         mix, cfg.arch, pretrain_steps=cfg.pretrain_steps, class_weights=weights)
             with task(label + (f", mix {mix}" if len(mixes) > 1 and len(pools) == 2 else ""), cfg.training.steps) as update:
-                model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), settings, seed, update,
+                model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), settings, seed, update, device=device(),
                                               pretrain=(extra if spec.extra else pools[0]) if spec.pretrain else None)
             tried.append((record["best_val_score"], mix, model, record))
         best = max(range(len(tried)), key=lambda i: tried[i][0])  # the first of equal scores
@@ -283,7 +285,8 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
     n_extra = len(extra) if extra is not None else 0
     result = {"fraction": f, "arm": arm, "seed": seed, "task": real.task, "n_real": 0 if not spec.real else len(ids),
               "extra": spec.extra, "n_extra": n_extra, "n_synthetic": n_extra if spec.extra == "synthetic" else 0,
-              "classic_augmentation": classic, **({"synthetic_trust": cfg.synthetic_trust} if spec.extra == "synthetic" else {}), "test": scores, "training": record, "seconds": round(time.time() - started, 1)}
+              "classic_augmentation": classic, **({"synthetic_trust": cfg.synthetic_trust} if spec.extra == "synthetic" else {}), "test": scores, "training": record, "seconds": round(time.time() - started, 1),
+              "threads": torch.get_num_threads()}  # a cell's numbers depend on its thread count in the last bits
     write_json(done, result)
     (folder / "error.json").unlink(missing_ok=True)
     return result

@@ -19,16 +19,38 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
     """Run (or resume) the cells of a downstream study and write OUT/results.json.
 
     `synthetic` maps a fraction (or None: every fraction) to a synthetic set (a `generate` output)."""
-    from synthmed.data.prepared import read_card
-    from synthmed.data.subsets import nested_fractions
-
     data, out = Path(data), Path(out)
     open_output(out, "downstream")
     save_config(cfg, out / "downstream_config.yaml")
+    real, subsets, extras, sources, ceilings, skipped = _setup(data, cfg, synthetic or {})
+    cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in seeds_of(cfg, f)
+             if not any(s["fraction"] == f and s["arm"] == arm for s in skipped)]
+    jobs = [(out / "cells" / fraction_key(f) / arm / f"seed{seed}", f, arm, seed, f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}")
+            for i, (f, arm, seed) in enumerate(cells)]
+    started = time.time()
+    todo = [j for j in jobs if not (j[0] / "result.json").is_file()]
+    if cfg.workers > 1 and len(todo) > 1:
+        _run_in_workers(todo, data, cfg, synthetic or {})
+    else:
+        for folder, f, arm, seed, label in todo:
+            run_cell(folder, real, f, subsets[f], arm, seed, extras[f], cfg, label=label)
+    results = aggregate(out, real, cfg, subsets, sources, ceilings)
+    results["skipped_arms"] = skipped
+    results["n_cells"] = len(cells)  # the grid less the arms that do not apply (listed in skipped_arms)
+    results["seconds_this_invocation"] = round(time.time() - started, 1)
+    write_json(out / "results.json", results)
+    return results
+
+
+def _setup(data: Path, cfg: DownstreamConfig, synthetic: dict) -> tuple:
+    """What every cell reads: the real splits, the nested subsets, each fraction's extra pools (synthetic, trusted
+    where asked, held-out, oracle), the synthetic sources, what the ceilings hold, and the arms that do not apply."""
+    from synthmed.data.prepared import read_card
+    from synthmed.data.subsets import nested_fractions
+
     card = read_card(data)
     real = RealData(data, cfg, card)
     subsets = nested_fractions(real.train.rows, cfg.fractions, cfg.subset_seed)
-    synthetic = synthetic or {}
     need = any(a in SYNTHETIC_ARMS for a in cfg.arms)
     extras, sources, ceilings, skipped = {}, {}, {}, []
     for f in cfg.fractions:
@@ -49,18 +71,41 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
             extras[f]["synthetic"], ceilings[f]["synthetic_trust"] = real.trusted_pool(extras[f]["synthetic"], Path(path), set(subsets[f]))
         ceilings[f]["synthetic_arms"] = _gets_synthetic(cfg, f)
         skipped += [{"fraction": f, "arm": a, "why": w} for a, w in why.items()]
-    cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in seeds_of(cfg, f)
-             if not any(s["fraction"] == f and s["arm"] == arm for s in skipped)]
-    started = time.time()
-    for i, (f, arm, seed) in enumerate(cells):
-        run_cell(out / "cells" / fraction_key(f) / arm / f"seed{seed}", real, f, subsets[f], arm, seed, extras[f], cfg,
-                 label=f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}")
-    results = aggregate(out, real, cfg, subsets, sources, ceilings)
-    results["skipped_arms"] = skipped
-    results["n_cells"] = len(cells)  # the grid less the arms that do not apply (listed in skipped_arms)
-    results["seconds_this_invocation"] = round(time.time() - started, 1)
-    write_json(out / "results.json", results)
-    return results
+    return real, subsets, extras, sources, ceilings, skipped
+
+
+_WORKER: dict = {}  # a cell worker's set-up (_setup's result), made once per process
+
+
+def _run_in_workers(jobs: list[tuple], data: Path, cfg: DownstreamConfig, synthetic: dict) -> None:
+    """Run the cells `cfg.workers` at a time, each worker a fresh (spawned) process that makes the same set-up
+    and uses its share of this process's threads; a finished cell is its result.json, as in the serial loop."""
+    import multiprocessing
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // cfg.workers)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(cfg.workers, initializer=_worker_setup, initargs=(data, cfg, synthetic, threads)) as pool:
+        for _ in pool.imap_unordered(_worker_cell, jobs, chunksize=1):
+            pass
+
+
+def _worker_setup(data: Path, cfg: DownstreamConfig, synthetic: dict, threads: int) -> None:
+    import os
+
+    import torch
+
+    os.environ["SYNTHMED_NO_PROGRESS"] = "1"  # plain progress lines: several workers share the terminal
+    torch.set_num_threads(threads)
+    _WORKER["setup"] = _setup(data, cfg, synthetic)
+    _WORKER["cfg"] = cfg
+
+
+def _worker_cell(job: tuple) -> None:
+    folder, f, arm, seed, label = job
+    real, subsets, extras, *_ = _WORKER["setup"]
+    run_cell(folder, real, f, subsets[f], arm, seed, extras[f], _WORKER["cfg"], label=label)
 
 
 def _gets_synthetic(cfg: DownstreamConfig, f: float) -> bool:
