@@ -108,6 +108,10 @@ def test_data_augmentation_quick_study_end_to_end(tmp_path):
     assert set(res["synthetic_utility"]["f0.50"]) == {f"{a} / real+classic+{c}" for a in ("real+classic+synthetic", "synthetic-pretrain") for c in ("heldout", "oracle")}
     low, high = res["fractions"]["f0.50"], res["fractions"]["f1.00"]
     assert low["n_real"] < high["n_real"]
+    trust = low["synthetic_trust"]  # the synthetic labels are judged per pixel by the fraction's own filter judge
+    assert trust["by"] == "judge" and 0 < trust["trusted_pixels"] <= 1 and str(out / "fractions" / "f0.50") in trust["judge"]
+    cell = json.loads((out / "downstream" / "cells" / "f0.50" / "real+classic+synthetic" / "seed0" / "result.json").read_text())
+    assert cell["synthetic_trust"] == "judge" and cell["threads"] >= 1
     text = (out / "report.html").read_text()
     assert "The answer at the lowest real fraction" in text and "href='downstream/results.json'" in text
     for src in [s.split("'")[0] for s in text.split("src='")[1:]]:
