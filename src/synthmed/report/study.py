@@ -232,6 +232,11 @@ def render_study(res: dict, folder: Path, title: str, config_text: str | None = 
             if grid:
                 parts.append(f"<p>Synthetic samples for this fraction (conditioning above, image below), from a ControlNet trained on these {frac['n_real']} samples only:</p>"
                              f"<img class='grid' alt='samples {fk}' src='{grid}'>")
+        trust = frac.get("synthetic_trust")
+        if trust:
+            kept = ", ".join(f"{html.escape(c)} {v:.0%}" for c, v in trust["trusted_per_class"].items() if v is not None)
+            parts.append(f"<p>Synthetic labels trusted per pixel: a synthetic pixel trained only where the generation filter's segmenter (trained on "
+                         f"this fraction's real samples) agrees with its mask; {trust['trusted_pixels']:.0%} of pixels kept ({kept}).</p>")
     if res.get("skipped_arms"):
         parts.append("<p class='note'>Arms that do not apply: " + "; ".join(html.escape(f"{x['arm']} at {x['fraction']:.0%}: {x['why']}") for x in res["skipped_arms"]) + "</p>")
     parts += _edges(res.get("edge_fidelity") or {}, res["fractions"])

@@ -114,6 +114,7 @@ def test_data_augmentation_quick_study_end_to_end(tmp_path):
     assert cell["synthetic_trust"] == "judge" and cell["threads"] >= 1
     text = (out / "report.html").read_text()
     assert "The answer at the lowest real fraction" in text and "href='downstream/results.json'" in text
+    assert "Synthetic labels trusted per pixel" in text and f"{trust['trusted_pixels']:.0%} of pixels kept" in text
     for src in [s.split("'")[0] for s in text.split("src='")[1:]]:
         assert (out / src).is_file(), src  # every figure is a PNG beside the page, nothing remote
     assert "http" not in "".join(s.split("'")[0] for s in text.split("src='")[1:])
