@@ -216,17 +216,14 @@ class RealData:
         if outside:
             raise SynthmedError(f"{path}: synthetic_trust judge was trained on {len(outside)} samples outside this fraction's subset (e.g. {outside[0]})")
         judge = load_weights(build_segmenter(len(card.get("classes") or [])), weights)
-        lut = self.lut if self.lut is not None else np.arange(256, dtype=np.uint8)
-        targets = np.empty((len(pool), *pool.targets.shape[1:]), np.uint8)
-        trusted = np.zeros(len(self.classes) + 1, np.int64)
-        total = np.zeros_like(trusted)
+        n_codes = len(self.classes) + 1
+        targets, total = np.empty((len(pool), *pool.targets.shape[1:]), np.uint8), np.zeros(n_codes, np.int64)
         for s in range(0, len(pool), READ_ROWS):
-            rows = np.arange(s, min(s + READ_ROWS, len(pool)))
-            mask = np.asarray(pool.targets[rows])  # codes of the classes learnt (mask_classes applied)
-            agree = lut[predict(judge, np.asarray(pool.images[rows]))] == mask
-            targets[rows] = np.where(agree, mask, IGNORE)
-            trusted += np.bincount(mask[agree].ravel(), minlength=len(trusted))[: len(trusted)]
-            total += np.bincount(mask.ravel(), minlength=len(trusted))[: len(trusted)]
+            mask = np.asarray(pool.targets[s : s + READ_ROWS])  # codes of the classes learnt (mask_classes applied)
+            pred = predict(judge, np.asarray(pool.images[s : s + READ_ROWS]))  # codes of the card's classes
+            targets[s : s + READ_ROWS] = np.where((pred if self.lut is None else self.lut[pred]) == mask, mask, IGNORE)
+            total += code_counts(mask, n_codes)
+        trusted = code_counts(targets, n_codes)  # IGNORE is beyond the codes counted
         info = {"by": "judge", "judge": str(weights.resolve()), "trusted_pixels": round(float(trusted.sum() / max(total.sum(), 1)), 4),
                 "trusted_per_class": {c: round(float(trusted[k] / total[k]), 4) if total[k] else None
                                       for k, c in enumerate(["background", *self.classes])}}
