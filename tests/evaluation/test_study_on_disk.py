@@ -12,28 +12,12 @@ from synthmed.config import DownstreamConfig
 from synthmed.data.arrays import DiskArray, Rows
 from synthmed.data.metadata import read_metadata
 from synthmed.data.subsets import nested_fractions
-
-
-def _synthetic(real, dst, ids):
-    """A synthetic set of fraction-derived provenance: the real training tiles of `ids`, their model trained on `ids`."""
-    import shutil
-
-    from synthmed.core.io import write_json
-
-    shutil.copytree(real, dst)
-    (dst.parent / "model").mkdir()
-    write_json(dst.parent / "model" / "training.json", {"train_ids": ids})
-    meta = dst / "train" / "metadata.jsonl"
-    rows = read_metadata(meta)
-    for r, sid in zip(rows, ids * len(rows)):
-        r["provenance"] = {"source_mask_id": sid, "source_split": "train", "model": str(dst.parent / "model")}
-    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return dst
+from synthmed.testing.generation import fraction_synthetic_set
 
 
 def test_a_study_on_disk_reads_by_batches_and_scores_as_in_memory(phantom_data, tmp_path, monkeypatch):
     half = nested_fractions(read_metadata(phantom_data / "train" / "metadata.jsonl"), [0.5], 0)[0.5]
-    syn = _synthetic(phantom_data, tmp_path / "syn", half)
+    syn = fraction_synthetic_set(phantom_data, tmp_path / "syn", half)
     cfg = DownstreamConfig(arms=["real", "real+classic+synthetic", "real+classic+heldout"], fractions=[0.5], seeds=[0], max_steps=4,
                            eval_every=2, patience=1, batch_size=4, mix=[0.25, 0.5], synthetic_count=6,
                            mask_classes={"dead": "inflammatory"})  # merged classes: masks mapped as they are read

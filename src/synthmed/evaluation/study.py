@@ -13,6 +13,8 @@ every sample derives from that arm's real subset and its model trained on no mor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import traceback
 from pathlib import Path
@@ -25,7 +27,7 @@ from synthmed.core.device import device
 from synthmed.core.io import SynthmedError, read_json, write_json
 from synthmed.data.arrays import READ_ROWS, Rows, code_counts, take_rows
 from synthmed.data.metadata import read_metadata
-from synthmed.core.progress import task
+from synthmed.core.progress import note, task
 
 SYNTHETIC_ARMS = ("real+synthetic", "synthetic-only", "real+classic+synthetic", "synthetic-pretrain")
 CEILING_ARMS = ("real+heldout", "real+classic+heldout", "real+oracle", "real+classic+oracle")
@@ -230,10 +232,57 @@ class RealData:
         return Pool(pool.images, targets), info
 
 
-def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, seed: int, extras, cfg: DownstreamConfig, label: str) -> dict | None:
+def cell_settings(cfg: DownstreamConfig, arm: str, basis: dict) -> dict:
+    """What a cell's numbers depend on besides its seed: the real data and the fraction's subset (`basis`: data,
+    subset), the training recipe and targets, and for an arm with an extra pool that pool (`basis[source]`) and how
+    it is mixed in. Settings that only shape the grid (fractions, arms, seeds, workers) or the report are not in it."""
+    from synthmed.evaluation.downstream import arm_of
+
+    spec = arm_of(arm)
+    keys = ("task", "training", "eval_every", "patience", "arch", "label_field", "label_map", "positive_class", "mask_classes")
+    settings = {"data": basis["data"], "subset": basis["subset"], **cfg.model_dump(include=set(keys))}
+    if spec.pretrain:
+        settings["pretrain_steps"] = cfg.pretrain_steps
+    if spec.extra:
+        settings[spec.extra] = basis.get(spec.extra)
+        if spec.real and not spec.pretrain:
+            settings["mix"] = cfg.mix
+        if spec.extra == "synthetic":
+            settings |= {"synthetic_count": cfg.synthetic_count, "synthetic_trust": cfg.synthetic_trust}
+    return settings
+
+
+def settings_key(settings: dict) -> str:
+    """Short hash of a cell's settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def still_to_run(cells: list[tuple[Path, dict]]) -> list[int]:
+    """Indexes of the cells (folder, settings) that must train: no result.json yet, or one trained with other
+    settings, which is moved aside to result.stale.json with a note naming what changed (a resumed study never
+    mixes cells of different settings). A result written before cells recorded their settings is kept."""
+    todo = []
+    for i, (folder, settings) in enumerate(cells):
+        done = folder / "result.json"
+        if not done.is_file():
+            todo.append(i)
+            continue
+        old = read_json(done).get("settings")
+        if old is None or settings_key(old) == settings_key(settings):
+            continue
+        changed = sorted(k for k in settings.keys() | old.keys() if settings_key({k: settings.get(k)}) != settings_key({k: old.get(k)}))
+        done.replace(folder / "result.stale.json")
+        note(f"{folder}: finished with other settings (changed: {', '.join(changed)}); kept as result.stale.json and trained again")
+        todo.append(i)
+    return todo
+
+
+def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, seed: int, extras, cfg: DownstreamConfig, label: str,
+             settings: dict | None = None) -> dict | None:
     """Train and score one cell unless it has finished; a crash is written to error.json, not raised.
 
-    `extras` maps a source (synthetic, heldout, oracle) to its pool (a bare pool: the synthetic one).
+    `extras` maps a source (synthetic, heldout, oracle) to its pool (a bare pool: the synthetic one); `settings`
+    (cell_settings) is recorded in result.json, so that a resumed study can tell a cell trained otherwise.
     With several `mix` values, an arm that mixes two pools trains once per value and keeps the one with
     the best real validation score (never the test score)."""
     from synthmed.evaluation import downstream as ds
@@ -258,10 +307,10 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
             weights = class_weights(real.pool(ids).targets, len(real.classes))  # from the fraction's real subset: one weighting for every arm
         tried = []
         for mix in (mixes if len(pools) == 2 else [None]):
-            settings = ds.TrainSettings(cfg.training.steps, cfg.eval_every, cfg.patience, cfg.training.batch_size, cfg.training.lr,
+            recipe = ds.TrainSettings(cfg.training.steps, cfg.eval_every, cfg.patience, cfg.training.batch_size, cfg.training.lr,
                                         mix, cfg.arch, pretrain_steps=cfg.pretrain_steps, class_weights=weights)
             with task(label + (f", mix {mix}" if len(mixes) > 1 and len(pools) == 2 else ""), cfg.training.steps) as update:
-                model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), settings, seed, update, device=device(),
+                model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), recipe, seed, update, device=device(),
                                               pretrain=(extra if spec.extra else pools[0]) if spec.pretrain else None)
             tried.append((record["best_val_score"], mix, model, record))
         best = max(range(len(tried)), key=lambda i: tried[i][0])  # the first of equal scores
@@ -283,7 +332,8 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
     result = {"fraction": f, "arm": arm, "seed": seed, "task": real.task, "n_real": 0 if not spec.real else len(ids),
               "extra": spec.extra, "n_extra": n_extra, "n_synthetic": n_extra if spec.extra == "synthetic" else 0,
               "classic_augmentation": classic, **({"synthetic_trust": cfg.synthetic_trust} if spec.extra == "synthetic" else {}), "test": scores, "training": record, "seconds": round(time.time() - started, 1),
-              "threads": torch.get_num_threads()}  # a cell's numbers depend on its thread count in the last bits
+              "threads": torch.get_num_threads(),  # a cell's numbers depend on its thread count in the last bits
+              **({"settings": settings, "settings_key": settings_key(settings)} if settings is not None else {})}
     write_json(done, result)
     (folder / "error.json").unlink(missing_ok=True)
     return result

@@ -1,12 +1,16 @@
-"""Helpers for the generation tests: a model folder as `train controlnet` writes it, without training."""
+"""Helpers for the generation and study tests: a model folder as `train controlnet` writes it, without training;
+a synthetic set whose provenance derives from a fraction of the real data."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from synthmed.core.io import write_json
+from synthmed.data.metadata import read_metadata
 from synthmed.models.backbone import load_backbone
 from synthmed.models.controlnet import build_controlnet
 
@@ -25,3 +29,17 @@ def model_folder(backbone_dir: Path, out: Path, channels: int = 3, seed: int = 0
     write_json(out / "training.json", {"backbone": str(backbone_dir), "outputs": {"controlnet": "controlnet"}, "conditioning_mode": "both",
                                        "prompt_source": "text"})
     return out
+
+
+def fraction_synthetic_set(real: Path, dst: Path, ids: list[str]) -> Path:
+    """A synthetic set of fraction-derived provenance: a copy of `real`'s training tiles, each row's source mask one
+    of `ids` and its model (dst.parent / "model") trained on `ids` only."""
+    shutil.copytree(real, dst)
+    (dst.parent / "model").mkdir()
+    write_json(dst.parent / "model" / "training.json", {"train_ids": ids})
+    meta = dst / "train" / "metadata.jsonl"
+    rows = read_metadata(meta)
+    for r, sid in zip(rows, ids * len(rows)):
+        r["provenance"] = {"source_mask_id": sid, "source_split": "train", "model": str(dst.parent / "model")}
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst

@@ -4,6 +4,7 @@ set; then the cells, edge-map fidelity and class steering)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from synthmed.core.device import device
 from synthmed.core.io import SynthmedError, read_json, write_json
 from synthmed.data.metadata import read_metadata
 from synthmed.core.outputs import open_output
-from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, fraction_key, run_cell, seeds_of
+from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, cell_settings, fraction_key, run_cell, seeds_of, still_to_run
 
 
 def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | None = None) -> dict:
@@ -22,18 +23,18 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
     data, out = Path(data), Path(out)
     open_output(out, "downstream")
     save_config(cfg, out / "downstream_config.yaml")
-    real, subsets, extras, sources, ceilings, skipped = _setup(data, cfg, synthetic or {})
+    real, subsets, extras, sources, ceilings, skipped, bases = _setup(data, cfg, synthetic or {})
     cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in seeds_of(cfg, f)
              if not any(s["fraction"] == f and s["arm"] == arm for s in skipped)]
-    jobs = [(out / "cells" / fraction_key(f) / arm / f"seed{seed}", f, arm, seed, f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}")
-            for i, (f, arm, seed) in enumerate(cells)]
+    jobs = [(out / "cells" / fraction_key(f) / arm / f"seed{seed}", f, arm, seed, f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}",
+             cell_settings(cfg, arm, bases[f])) for i, (f, arm, seed) in enumerate(cells)]
     started = time.time()
-    todo = [j for j in jobs if not (j[0] / "result.json").is_file()]
+    todo = [jobs[i] for i in still_to_run([(j[0], j[-1]) for j in jobs])]
     if cfg.workers > 1 and len(todo) > 1:
         _run_in_workers(todo, data, cfg, synthetic or {})
     else:
-        for folder, f, arm, seed, label in todo:
-            run_cell(folder, real, f, subsets[f], arm, seed, extras[f], cfg, label=label)
+        for folder, f, arm, seed, label, settings in todo:
+            run_cell(folder, real, f, subsets[f], arm, seed, extras[f], cfg, label=label, settings=settings)
     results = aggregate(out, real, cfg, subsets, sources, ceilings)
     results["skipped_arms"] = skipped
     results["n_cells"] = len(cells)  # the grid less the arms that do not apply (listed in skipped_arms)
@@ -44,7 +45,8 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
 
 def _setup(data: Path, cfg: DownstreamConfig, synthetic: dict) -> tuple:
     """What every cell reads: the real splits, the nested subsets, each fraction's extra pools (synthetic, trusted
-    where asked, held-out, oracle), the synthetic sources, what the ceilings hold, and the arms that do not apply."""
+    where asked, held-out, oracle), the synthetic sources, what the ceilings hold, the arms that do not apply, and
+    per fraction what identifies its pools (the basis of each cell's settings)."""
     from synthmed.data.prepared import read_card
     from synthmed.data.subsets import nested_fractions
 
@@ -52,7 +54,7 @@ def _setup(data: Path, cfg: DownstreamConfig, synthetic: dict) -> tuple:
     real = RealData(data, cfg, card)
     subsets = nested_fractions(real.train.rows, cfg.fractions, cfg.subset_seed)
     need = any(a in SYNTHETIC_ARMS for a in cfg.arms)
-    extras, sources, ceilings, skipped = {}, {}, {}, []
+    extras, sources, ceilings, skipped, bases = {}, {}, {}, [], {}
     for f in cfg.fractions:
         path = synthetic.get(f, synthetic.get(None))
         if need and not _gets_synthetic(cfg, f):
@@ -71,7 +73,21 @@ def _setup(data: Path, cfg: DownstreamConfig, synthetic: dict) -> tuple:
             extras[f]["synthetic"], ceilings[f]["synthetic_trust"] = real.trusted_pool(extras[f]["synthetic"], Path(path), set(subsets[f]))
         ceilings[f]["synthetic_arms"] = _gets_synthetic(cfg, f)
         skipped += [{"fraction": f, "arm": a, "why": w} for a, w in why.items()]
-    return real, subsets, extras, sources, ceilings, skipped
+        bases[f] = _basis(card, subsets[f], sources.get(f), ceilings[f])
+    return real, subsets, extras, sources, ceilings, skipped, bases
+
+
+def _basis(card: dict, ids: list[str], source: str | None, pools: dict) -> dict:
+    """What identifies a fraction's pools, by content (a run folder copied or moved keeps its cells): the real data
+    set's fingerprint and the subset, the synthetic set's rows (metadata.jsonl: provenance, seeds, filter scores)
+    and what the trust judge kept, the held-out and oracle pools (their patients and composition)."""
+    from synthmed.core.io import file_sha256
+
+    basis = {"data": card.get("fingerprint"), "subset": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+    if source is not None:
+        basis["synthetic"] = {"rows": file_sha256(Path(source) / "train" / "metadata.jsonl")[:16], "trust": pools.get("synthetic_trust")}
+    basis |= {k: pools[k] for k in ("heldout", "oracle") if k in pools}
+    return basis
 
 
 _WORKER: dict = {}  # a cell worker's set-up (_setup's result), made once per process
@@ -103,9 +119,9 @@ def _worker_setup(data: Path, cfg: DownstreamConfig, synthetic: dict, threads: i
 
 
 def _worker_cell(job: tuple) -> None:
-    folder, f, arm, seed, label = job
+    folder, f, arm, seed, label, settings = job
     real, subsets, extras, *_ = _WORKER["setup"]
-    run_cell(folder, real, f, subsets[f], arm, seed, extras[f], _WORKER["cfg"], label=label)
+    run_cell(folder, real, f, subsets[f], arm, seed, extras[f], _WORKER["cfg"], label=label, settings=settings)
 
 
 def _gets_synthetic(cfg: DownstreamConfig, f: float) -> bool:
