@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from skimage.metrics import structural_similarity
 
 from synthmed.evaluation.metrics import derangement, dice_iou, one_hot
 

@@ -1,6 +1,5 @@
 """`train controlnet` end to end (flow function and CLI): every mode writes what plain diffusers loads."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline, UNet2DConditionModel

@@ -39,7 +39,7 @@ def test_interrupted_backbone_training_resumes_exactly(phantom_data, tmp_path, m
     real = tb.train_text_to_image
 
     def crash_after_three(*args, **kwargs):
-        user = kwargs.pop("progress", None)
+        kwargs.pop("progress", None)
 
         def progress(done, total, loss):
             if done == 3:

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from accelerate import Accelerator
 
 from synthmed.config import ControlNetConfig

@@ -263,7 +263,7 @@ def render_report(results: dict, title: str = "synthmed report") -> str:
         f"on real test images as the reference. {p['n_generated']} generated images, {p['n_real_test']} real test images.</p>",
         "<table><tr><th>metric</th><th>generated vs own mask</th><th>generated vs shuffled mask</th><th>real test</th></tr>",
         f"<tr><td>Dice (mean over classes)</td><td>{fmt(p['dice_generated'])}</td><td>{fmt(p['dice_shuffled'])}</td><td>{fmt(p['dice_real_test'])}</td></tr>",
-        *([f"<tr><td>per-image Dice, mean [95% CI] (n)</td>" + "".join(f"<td>{ci(p['intervals'][k])}</td>" for k in ("dice_generated", "dice_shuffled", "dice_real_test")) + "</tr>"]
+        *(["<tr><td>per-image Dice, mean [95% CI] (n)</td>" + "".join(f"<td>{ci(p['intervals'][k])}</td>" for k in ("dice_generated", "dice_shuffled", "dice_real_test")) + "</tr>"]
           if p.get("intervals") else []),
         f"<tr><td>IoU (mean over classes)</td><td>{fmt(p['iou_generated'])}</td><td>{fmt(p['iou_shuffled'])}</td><td>{fmt(p['iou_real_test'])}</td></tr>",
         f"<tr><td>Dice, nuclei vs background</td><td>{fmt(p['dice_foreground_generated'])}</td><td>{fmt(p['dice_foreground_shuffled'])}</td><td>{fmt(p['dice_foreground_real_test'])}</td></tr>",

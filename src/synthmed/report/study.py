@@ -287,7 +287,7 @@ def _steering(steer: dict, fractions: dict, folder: Path) -> list[str]:
     out.append("</table>")
     grid = _steering_grid(st, folder, fk)
     if grid:
-        out.append(f"<p>Each row: edge map | its real image | rendered as " + ", ".join(html.escape(c) for c in st["classes"])
+        out.append("<p>Each row: edge map | its real image | rendered as " + ", ".join(html.escape(c) for c in st["classes"])
                    + f" (same seed); the list names each map's {html.escape(st['field'])} and the judge's call. Conflicting renders, where the prompt contradicts the map, are the documented failure case: read the table above for how often the judge follows the prompt there.</p>"
                    f"<img class='grid' alt='steering {fk}' src='{grid}'><ol class='note'>"
                    + "".join("<li>" + html.escape(f"{r['id']} ({r['source']}): " + "; ".join(f"as {c}: judge says {v['classifier']}" for c, v in r["renders"].items())) + "</li>" for r in st["grid"])

@@ -8,7 +8,7 @@ from skimage.measure import regionprops
 
 from synthmed import pipelines
 from synthmed.config import PrepareConfig
-from synthmed.data.phantoms.breast import (CANCER, LABEL_QUOTA, MODALITY_QUOTA, breast_samples, iter_images, label_of, make_prompt,
+from synthmed.data.phantoms.breast import (CANCER, LABEL_QUOTA, MODALITY_QUOTA, breast_samples, label_of, make_prompt,
                                           modality_of, patient_of, render_image, split_of_patients)
 from synthmed.core.io import SynthmedError
 from synthmed.testing.cli import run_cli
