@@ -259,6 +259,10 @@ def test_breast_segmentation_quick_study_end_to_end(tmp_path):
     assert rows and all(r.get("mask") and (syn / "train" / r["mask"]).is_file() for r in rows)  # image-mask pairs
     assert res["edge_fidelity"]["f0.50"]["n"] == len(rows)
     assert "steering" not in res
+    trust = res["fractions"]["f0.50"]["synthetic_trust"]  # judged per pixel, in the merged classes the model learns
+    assert trust["by"] == "judge" and set(trust["trusted_per_class"]) == {"background", "lesion"} and 0 < trust["trusted_pixels"] <= 1
+    cell = json.loads((out / "downstream" / "cells" / "f0.50" / "real+classic+synthetic" / "seed0" / "result.json").read_text())
+    assert cell["synthetic_trust"] == "judge" and cell["settings"]["synthetic"]["trust"] == trust
 
 
 @pytest.mark.e2e
