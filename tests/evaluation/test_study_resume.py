@@ -51,7 +51,7 @@ def test_a_resumed_study_trains_again_exactly_the_cells_whose_settings_changed(p
 
     # a cell written before cells recorded their settings is kept as it is
     done = cell("real+classic") / "result.json"
-    legacy = {k: v for k, v in json.loads(done.read_text()).items() if k not in ("settings", "settings_key")}
+    legacy = {k: v for k, v in json.loads(done.read_text()).items() if k != "settings"}
     done.write_text(json.dumps(legacy))
     assert _run(phantom_data, cfg, out, syn, monkeypatch) == ["real+classic+synthetic"]
     assert json.loads(done.read_text()) == legacy

@@ -131,6 +131,16 @@ def load_png(path: Path, pixels=np.array) -> np.ndarray:
         raise SynthmedError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
+def short_hash(text: str) -> str:
+    """16 hex digits of the SHA-256 of a text: the short identity of settings or a list of ids."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def json_hash(value) -> str:
+    """short_hash of a JSON-able value (keys sorted, anything else as its str)."""
+    return short_hash(json.dumps(value, sort_keys=True, default=str))
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of one file."""
     h = hashlib.sha256()

@@ -13,8 +13,6 @@ every sample derives from that arm's real subset and its model trained on no mor
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 
 from synthmed.config import DownstreamConfig
 from synthmed.core.device import device
-from synthmed.core.io import SynthmedError, read_json, write_json
+from synthmed.core.io import SynthmedError, json_hash, read_json, write_json
 from synthmed.data.arrays import READ_ROWS, Rows, code_counts, take_rows
 from synthmed.data.metadata import read_metadata
 from synthmed.core.progress import note, task
@@ -252,11 +250,6 @@ def cell_settings(cfg: DownstreamConfig, arm: str, basis: dict) -> dict:
     return settings
 
 
-def settings_key(settings: dict) -> str:
-    """Short hash of a cell's settings."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def still_to_run(cells: list[tuple[Path, dict]]) -> list[int]:
     """Indexes of the cells (folder, settings) that must train: no result.json yet, or one trained with other
     settings, which is moved aside to result.stale.json with a note naming what changed (a resumed study never
@@ -268,9 +261,9 @@ def still_to_run(cells: list[tuple[Path, dict]]) -> list[int]:
             todo.append(i)
             continue
         old = read_json(done).get("settings")
-        if old is None or settings_key(old) == settings_key(settings):
+        if old is None or json_hash(old) == json_hash(settings):
             continue
-        changed = sorted(k for k in settings.keys() | old.keys() if settings_key({k: settings.get(k)}) != settings_key({k: old.get(k)}))
+        changed = sorted(k for k in settings.keys() | old.keys() if json_hash(settings.get(k)) != json_hash(old.get(k)))
         done.replace(folder / "result.stale.json")
         note(f"{folder}: finished with other settings (changed: {', '.join(changed)}); kept as result.stale.json and trained again")
         todo.append(i)
@@ -278,7 +271,7 @@ def still_to_run(cells: list[tuple[Path, dict]]) -> list[int]:
 
 
 def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, seed: int, extras, cfg: DownstreamConfig, label: str,
-             settings: dict | None = None) -> dict | None:
+             settings: dict) -> dict | None:
     """Train and score one cell unless it has finished; a crash is written to error.json, not raised.
 
     `extras` maps a source (synthetic, heldout, oracle) to its pool (a bare pool: the synthetic one); `settings`
@@ -333,7 +326,7 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
               "extra": spec.extra, "n_extra": n_extra, "n_synthetic": n_extra if spec.extra == "synthetic" else 0,
               "classic_augmentation": classic, **({"synthetic_trust": cfg.synthetic_trust} if spec.extra == "synthetic" else {}), "test": scores, "training": record, "seconds": round(time.time() - started, 1),
               "threads": torch.get_num_threads(),  # a cell's numbers depend on its thread count in the last bits
-              **({"settings": settings, "settings_key": settings_key(settings)} if settings is not None else {})}
+              "settings": settings}
     write_json(done, result)
     (folder / "error.json").unlink(missing_ok=True)
     return result

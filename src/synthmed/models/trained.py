@@ -8,10 +8,9 @@ safetensors weights and its content hash in `output_hashes`.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from synthmed.core.io import SynthmedError, atomic_dir, folder_hash, read_json, write_json
+from synthmed.core.io import SynthmedError, atomic_dir, folder_hash, read_json, short_hash, write_json
 
 RECORD = "training.json"
 
@@ -56,7 +55,7 @@ def model_hash(model: Path, training: dict) -> str:
     parts = training.get("output_hashes") or {}
     if training.get("controlnet_hash"):
         return training["controlnet_hash"]
-    return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16] if parts else folder_hash(Path(model) / "controlnet")
+    return short_hash(repr(sorted(parts.items()))) if parts else folder_hash(Path(model) / "controlnet")
 
 
 def shipped_hash(name: str) -> str | None:

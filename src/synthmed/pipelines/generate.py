@@ -9,12 +9,11 @@ its neighbours, so the output is the same whatever the batch size or number of p
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 
 from synthmed.config import GenerateConfig, config_yaml
-from synthmed.core.io import SynthmedError, read_json
+from synthmed.core.io import SynthmedError, read_json, short_hash
 from synthmed.core.outputs import check_output, partial_of
 from synthmed.core.progress import task
 from synthmed.generation.draw import grey_limit
@@ -72,7 +71,7 @@ def _identity(data: Path, model: Path, cfg: GenerateConfig, backbone: str | None
     """What a resumed run must share with the interrupted one (not batch size, threads or export)."""
     keep = cfg.model_dump(mode="json", exclude={"batch_size", "export", "cpu_threads"})
     text = repr((str(data.resolve()), str(model.resolve()), backbone, keep))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return short_hash(text)
 
 
 def _plan(store, data: Path, cfg: GenerateConfig, identity: str) -> None:

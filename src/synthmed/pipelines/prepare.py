@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from synthmed.config import PrepareConfig, config_yaml
-from synthmed.core.io import SynthmedError
+from synthmed.core.io import SynthmedError, short_hash
 from synthmed.core.progress import task
 
 PHANTOM = "phantom-histology"
@@ -53,7 +52,7 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict:
         seed=cfg.seed,
         conditioning=spec,
         prompt_template=cfg.prompt_template,
-        fingerprint=hashlib.sha256(config_yaml(identity).encode()).hexdigest()[:16],
+        fingerprint=short_hash(config_yaml(identity)),
     )
     with task(f"prepare {cfg.source}", 0) as update:
         card = prepare_dataset(reader, out, settings, progress=update, extras={"prepare_config.yaml": config_yaml(cfg)})

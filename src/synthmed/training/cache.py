@@ -3,12 +3,10 @@ trained once and loaded afterwards (the cells of an ablation study share one eva
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
-from synthmed.core.io import write_json
+from synthmed.core.io import json_hash, short_hash, write_json
 from synthmed.data.prepared import read_card
 from synthmed.models.tasknets import load_weights, save_weights
 
@@ -18,7 +16,7 @@ def cached_model(cache: str | None, kind: str, key: dict, build, train, device: 
     same real data (the cells of an ablation study) load the saved weights (safetensors) instead of retraining."""
     if cache is None:
         return train()
-    digest = hashlib.sha256(json.dumps({"kind": kind, **key}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = json_hash({"kind": kind, **key})
     path = Path(cache) / f"{kind}-{digest}.safetensors"
     if path.is_file():
         return load_weights(build(), path, device)
@@ -34,4 +32,4 @@ def cached_model(cache: str | None, kind: str, key: dict, build, train, device: 
 def data_key(data, split) -> dict:
     """What identifies the real training data a model is trained on: the card's fingerprint and the split's ids."""
     return {"data": str(data.resolve()), "fingerprint": read_card(data).get("fingerprint"),
-            "train_ids": hashlib.sha256("\n".join(split.ids).encode()).hexdigest()[:16]}
+            "train_ids": short_hash("\n".join(split.ids))}

@@ -4,13 +4,12 @@ set; then the cells, edge-map fidelity and class steering)."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
 from synthmed.config import DownstreamConfig, RunConfig, save_config
 from synthmed.core.device import device
-from synthmed.core.io import SynthmedError, read_json, write_json
+from synthmed.core.io import SynthmedError, file_sha256, read_json, short_hash, write_json
 from synthmed.data.metadata import read_metadata
 from synthmed.core.outputs import open_output
 from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, cell_settings, fraction_key, run_cell, seeds_of, still_to_run
@@ -81,9 +80,7 @@ def _basis(card: dict, ids: list[str], source: str | None, pools: dict) -> dict:
     """What identifies a fraction's pools, by content (a run folder copied or moved keeps its cells): the real data
     set's fingerprint and the subset, the synthetic set's rows (metadata.jsonl: provenance, seeds, filter scores)
     and what the trust judge kept, the held-out and oracle pools (their patients and composition)."""
-    from synthmed.core.io import file_sha256
-
-    basis = {"data": card.get("fingerprint"), "subset": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+    basis = {"data": card.get("fingerprint"), "subset": short_hash("\n".join(ids))}
     if source is not None:
         basis["synthetic"] = {"rows": file_sha256(Path(source) / "train" / "metadata.jsonl")[:16], "trust": pools.get("synthetic_trust")}
     basis |= {k: pools[k] for k in ("heldout", "oracle") if k in pools}
