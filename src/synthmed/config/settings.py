@@ -15,6 +15,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ARCH_PATTERN = r"^(resnet|densenet|vae-encoder:.+)$"  # classification networks (models.tasknets.build_classifier)
+
+
 class TaskTrainingConfig(_Strict):
     """How a task model (a MONAI segmenter or classifier) trains on the real train split: the one recipe of the
     filter's judges, evaluate's segmenter and domain classifier, the steering classifier and the downstream cells."""
@@ -208,6 +211,8 @@ class FilterConfig(_Strict):
     attempts: int = Field(3, ge=1, description="draws per planned sample (new seed each) before it is dropped")
     segmenter: TaskTrainingConfig = Field(TaskTrainingConfig(steps=1200), description="the Dice judge's training")
     classifier: TaskTrainingConfig = Field(TaskTrainingConfig(steps=600), description="the confidence judge's training")
+    classifier_arch: str = Field("resnet", pattern=ARCH_PATTERN, description="the confidence judge's network, as downstream.arch (e.g. "
+                                                                              "vae-encoder:tiny-breast: a judge that learns from a small real subset)")
 
     @model_validator(mode="before")
     @classmethod
@@ -299,7 +304,7 @@ class DownstreamConfig(_Strict):
     training: TaskTrainingConfig = Field(TaskTrainingConfig(steps=1500), description="each cell's model: steps is the most, with early stopping")
     eval_every: int = Field(100, ge=1, description="validation (real validation split) every this many steps")
     patience: int = Field(4, ge=1, description="early stopping: evaluations without improvement")
-    arch: str = Field("resnet", pattern=r"^(resnet|densenet|vae-encoder:.+)$",
+    arch: str = Field("resnet", pattern=ARCH_PATTERN,
                       description="classification network: resnet, densenet (MONAI, from scratch) or vae-encoder:BACKBONE (a small head on "
                                   "that backbone's frozen, pretrained VAE encoder, e.g. vae-encoder:tiny-breast)")
     rare_class: str | None = Field(None, description="the class reported on its own (default: the rarest in the train split)")

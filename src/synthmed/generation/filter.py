@@ -97,7 +97,8 @@ def load_judges(store, data: Path, cfg: GenerateConfig, state, dice_per_image):
     state.wait_for_everyone()
     seg = load_weights(build_segmenter(n_classes), folder / "segmenter.safetensors", device) if want_seg else None
     done = read_json(folder / "done.json")
-    clf = load_weights(build_classifier(len(names), image_size=done.get("image_size")), folder / "classifier.safetensors", device) if want_clf else None  # its stem strides by size
+    clf = load_weights(build_classifier(len(names), arch=done.get("classifier_arch", "resnet"), image_size=done.get("image_size")),
+                       folder / "classifier.safetensors", device) if want_clf else None  # its stem strides by size
     thresholds = done["thresholds"]
     return Judges(f, seg, clf, n_classes, {n: i for i, n in enumerate(names)}, thresholds, dice_per_image, class_names)
 
@@ -119,13 +120,13 @@ def _train_judges(folder: Path, data: Path, cfg: GenerateConfig, want_seg: bool,
         codes = np.array([names.index(str(r.get("label"))) for r in train.rows])
         with task("filter: train classifier (real train split)", f.classifier.steps) as update:
             clf = train_classifier(train.images, codes, len(names), f.classifier.steps, f.classifier.batch_size, f.classifier.lr, cfg.seed + JUDGE_SEED, update,
-                                   device=device, checkpoint=_judge_state(folder, "classifier", f.classifier.steps))
+                                   device=device, arch=f.classifier_arch, checkpoint=_judge_state(folder, "classifier", f.classifier.steps))
     for model, name in ((seg, "segmenter"), (clf, "classifier")):
         if model is not None:
             save_weights(model, folder / f"{name}.safetensors")
     thresholds = _thresholds(data, f, seg, clf, n_classes, names, dice_per_image)
     write_json(folder / "done.json", {"segmenter_steps": f.segmenter.steps, "segmenter_class_weighting": f.segmenter.class_weighting,
-                                      "classifier_steps": f.classifier.steps, "seed": cfg.seed + JUDGE_SEED,
+                                      "classifier_steps": f.classifier.steps, "classifier_arch": f.classifier_arch, "seed": cfg.seed + JUDGE_SEED,
                                       "classes": names, "thresholds": thresholds, "image_size": int(min(train.images.shape[1:3]))})
     for state in folder.glob("*-state.pt"):
         state.unlink()

@@ -87,7 +87,13 @@ class EncoderClassifier(torch.nn.Module):
     """A classifier whose trunk is a pretrained, frozen Stable Diffusion VAE encoder (trained without labels on
     images of the domain: the shipped tiny backbones on unlabelled phantom patients, SD's on LAION), with a
     small trained head: two 3x3 convolutions on the encoder's last feature map (before its latent projection),
-    global average pooling and a linear layer. Grey inputs enter the encoder as R = G = B, as in training."""
+    global average and global max pooling side by side, and a linear layer. Grey inputs enter the encoder as
+    R = G = B, as in training.
+
+    The max is there for findings that cover a few cells of the map (a breast lesion at 64 px covers about 3 x 3 of
+    the 16 x 16): the average dilutes them in the tissue around, the max says whether one is there anywhere. On
+    the breast classification study at 10% real (100 images, real+classic) it took the test AUC from 0.63
+    (average alone, 5 seeds) to about 0.9."""
 
     def __init__(self, encoder: torch.nn.Module, in_channels: int, n_classes: int, width: int = 64):
         super().__init__()
@@ -97,9 +103,8 @@ class EncoderClassifier(torch.nn.Module):
         groups = 8 if width % 8 == 0 else 1
         self.head = torch.nn.Sequential(
             torch.nn.Conv2d(ch, width, 3, padding=1), torch.nn.GroupNorm(groups, width), torch.nn.SiLU(),
-            torch.nn.Conv2d(width, width, 3, stride=2, padding=1), torch.nn.GroupNorm(groups, width), torch.nn.SiLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.fc = torch.nn.Linear(width, n_classes)
+            torch.nn.Conv2d(width, width, 3, stride=2, padding=1), torch.nn.GroupNorm(groups, width), torch.nn.SiLU())
+        self.fc = torch.nn.Linear(2 * width, n_classes)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -119,8 +124,13 @@ class EncoderClassifier(torch.nn.Module):
             h = e.mid_block(h)
             return e.conv_act(e.conv_norm_out(h))
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, 2 * width): the head's map, averaged and maxed over space."""
+        h = self.head(self.trunk(x))
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.head(self.trunk(x)))
+        return self.fc(self.pooled(x))
 
 
 def _upsample_small_inputs(module, args):
