@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from synthmed.training.tasks import balanced_indices, train_classifier
-from synthmed.models.tasknets import build_classifier, feature_dim, features, intended_class_confidence, predict_proba
+from synthmed.models.tasknets import build_classifier, feature_dim, features, intended_class_confidence, predict_proba, to_unit_range
 
 N_CLASSES = 3
 
@@ -213,6 +213,10 @@ def test_a_vae_encoder_trunk_stays_frozen_and_its_head_learns(tiny_backbone_dir,
     x_test, y_test = shapes(30, seed=5, size=32, channels=1)
     assert (predict_proba(m, x_test).argmax(1) == y_test).mean() > 0.6  # chance is 1/3
     assert features(m, x_test).shape == (30, feature_dim(m))
+    # the head's map pooled two ways: its average and its maximum over space (a small finding is not averaged away)
+    with torch.no_grad():
+        h = m.head(m.trunk(to_unit_range(x_test[:4])))
+    np.testing.assert_allclose(features(m, x_test[:4]), torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1).numpy(), atol=1e-5)
     save_weights(m, tmp_path / "m.safetensors")
     again = load_weights(build_classifier(N_CLASSES, 1, arch), tmp_path / "m.safetensors")
     np.testing.assert_allclose(predict_proba(again, x_test), predict_proba(m, x_test), atol=1e-6)

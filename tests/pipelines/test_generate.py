@@ -193,6 +193,27 @@ def test_the_confidence_filter_scores_the_intended_class_with_a_real_trained_cla
     assert "ResNet" in read_json(out / "dataset.json")["filter"]["classifier"]
 
 
+def test_the_confidence_judge_can_be_the_encoder_classifier_and_is_what_scored_each_sample(phantom_data, model, tiny_backbone_dir, tmp_path):
+    """filter.classifier_arch: the judge is trained as that network, recorded in judges/done.json, and the saved judge
+    rebuilt from that record gives each kept sample the confidence its provenance holds."""
+    from synthmed.models.tasknets import build_classifier, load_weights, predict_proba
+
+    arch = f"vae-encoder:{tiny_backbone_dir}"
+    cfg = GenerateConfig(n_samples=4, batch_size=4, filter=FilterConfig(by="confidence", min_confidence=0.0, classifier_steps=5, batch_size=4,
+                                                                         classifier_arch=arch), **FAST)
+    out = pipelines.generate(phantom_data, model, cfg, tmp_path / "syn")
+    done = read_json(out / "judges" / "done.json")
+    assert done["classifier_arch"] == arch
+    assert "EncoderClassifier" in read_json(out / "dataset.json")["filter"]["classifier"]
+    judge = load_weights(build_classifier(len(done["classes"]), arch=arch, image_size=done["image_size"]), out / "judges" / "classifier.safetensors")
+    syn = load_split(out, "train")
+    probs = predict_proba(judge, syn.images)
+    recorded = [r["provenance"]["filter_scores"]["confidence"] for r in syn.rows]
+    np.testing.assert_allclose([p[done["classes"].index(r["label"])] for p, r in zip(probs, syn.rows)], recorded, atol=1e-5)
+    with pytest.raises(ValueError, match="classifier_arch"):
+        FilterConfig(classifier_arch="vgg")
+
+
 def test_the_automatic_threshold_is_the_judges_quantile_on_real_validation_images(phantom_data, model, tmp_path):
     import torch
     from safetensors.torch import load_file

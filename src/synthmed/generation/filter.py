@@ -70,7 +70,8 @@ class Judges:
                 "attempts": self.cfg.attempts,
                 "segmenter": (f"MONAI UNet trained on the real train split (Dice+CE, class weighting {self.cfg.segmenter.class_weighting}), seed offset {JUDGE_SEED}"
                               if self.segmenter is not None else None),
-                "classifier": "MONAI ResNet trained on the real train split (class-balanced)" if self.classifier is not None else None}
+                "classifier": (f"{type(self.classifier).__name__} ({self.cfg.classifier_arch}) trained on the real train split (class-balanced)"
+                               if self.classifier is not None else None)}
 
 
 def load_judges(store, data: Path, cfg: GenerateConfig, state, dice_per_image):
