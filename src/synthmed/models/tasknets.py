@@ -124,13 +124,9 @@ class EncoderClassifier(torch.nn.Module):
             h = e.mid_block(h)
             return e.conv_act(e.conv_norm_out(h))
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [0, 1] -> (B, 2 * width): the head's map, averaged and maxed over space."""
-        h = self.head(self.trunk(x))
-        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pooled(x))
+        h = self.head(self.trunk(x))
+        return self.fc(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))  # averaged and maxed over space
 
 
 def _upsample_small_inputs(module, args):
