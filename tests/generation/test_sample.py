@@ -82,3 +82,27 @@ def test_a_sampler_without_controlnet_draws_from_prompts(tiny_backbone_dir):
     assert images.shape == (2, 64, 64, 3) and not np.array_equal(images[0], images[1])
     with pytest.raises(ValueError, match="conditioning"):
         Sampler(bb, None, SamplingSettings())(np.zeros((1, 64, 64, 3), np.uint8), ["x"], [1])
+
+
+def test_a_refiner_on_the_backbone_refines_what_the_sampler_decodes_with_each_samples_conditioning(parts, inputs):
+    from synthmed.models.refiner import ConditionedRefiner
+
+    bb, cn = parts
+    cond, prompts = inputs[0][:4], inputs[1][:4]
+    settings = SamplingSettings("ddim", steps=2)
+    plain = Sampler(bb, cn, settings)(cond, prompts, [1, 2, 3, 4])
+    refiner = ConditionedRefiner(cond.shape[-1], width=4, depth=2)
+    with torch.no_grad():  # adds red where the conditioning's red channel (neoplastic in the palette) is on
+        refiner.body[0].weight.zero_()
+        refiner.body[0].weight[0, 3] = 10.0  # hidden 0 = SiLU(10 x (2 r - 1)): about 10 on red pixels, 0 elsewhere
+        refiner.out.weight.zero_()
+        refiner.out.weight[0, 0, 1, 1] = 0.05
+    bb.refiner = refiner.eval()
+    try:
+        refined = Sampler(bb, cn, settings)(cond, prompts, [1, 2, 3, 4])
+    finally:
+        bb.refiner = None
+    red = cond[..., 0] > 127
+    lift = refined[..., 0].astype(int) - plain[..., 0].astype(int)
+    assert red.any() and (lift[red] > 40).mean() > 0.9  # +0.5 in [-1, 1] is about +64 grey levels, unless clamped at 255
+    assert (lift[~red] == 0).mean() > 0.95 and np.array_equal(refined[..., 1:], plain[..., 1:])

@@ -158,6 +158,28 @@ def test_a_fine_tuned_decoder_is_saved_and_is_what_sampling_and_the_round_trip_u
         pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, conditioning_mode="text", decoder={"steps": 1}), tmp_path / "text")
 
 
+def test_a_conditioned_refiner_is_saved_and_is_what_generation_and_the_round_trip_use(tiny_backbone_dir, phantom_data, tmp_path):
+    from synthmed.config import EvaluateConfig
+    from synthmed.data.prepared import load_split
+    from synthmed.models.refiner import ConditionedRefiner
+    from synthmed.models.trained import load_trained, read_training
+
+    cfg = _cfg(tiny_backbone_dir, decoder={"class_weights": {"dead": 20.0}, "refiner": {"steps": 3, "batch_size": 4, "crop": 16, "width": 8, "lr": 1e-2}})
+    run = pipelines.train_controlnet(phantom_data, cfg, tmp_path / "run")
+    training = read_training(run)
+    assert training["outputs"]["refiner"] == "refiner" and "vae" not in training["outputs"] and training["output_hashes"]["refiner"]
+    assert training["decoder"]["refiner"]["steps"] == 3 and training["decoder"]["refiner"]["final_loss"] > 0
+    bb, _, _ = load_trained(run, training)
+    assert isinstance(bb.refiner, ConditionedRefiner) and bb.refiner.shape == {"cond_channels": 3, "width": 8, "depth": 5}
+    assert bb.refiner.out.weight.abs().sum() > 0  # trained: no longer the identity
+    rt = pipelines.roundtrip(phantom_data, str(tiny_backbone_dir), EvaluateConfig(), tmp_path / "rt", judge=False, model=run)
+    assert rt["refined"]["mae"] != rt["mae"] and rt["refined"]["mae"]["dead"]["n"] == rt["mae"]["dead"]["n"]
+    syn = load_split(pipelines.generate(phantom_data, run, GenerateConfig(n_samples=2, steps=1, batch_size=2), tmp_path / "syn"), "train")
+    assert all(r["provenance"]["trained_parts"]["refiner"] == training["output_hashes"]["refiner"] for r in syn.rows)
+    with pytest.raises(SynthmedError, match="decoder.refiner.steps"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, conditioning_mode="text", decoder={"refiner": {"steps": 1}}), tmp_path / "text")
+
+
 def _wandb_records(path) -> list[dict]:
     """The history rows of a W&B run file, read the way `wandb sync` reads it: a 7-byte header, then 32 KiB
     blocks of LevelDB-style records (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) of protobuf Records."""

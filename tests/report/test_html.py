@@ -36,3 +36,15 @@ def test_report_is_self_contained_and_shows_the_numbers(tmp_path):
 def test_report_rejects_results_without_sections(tmp_path):
     with pytest.raises(SynthmedError, match="plausibility"):
         render_report({"fidelity": {}})
+
+
+def test_the_round_trip_table_shows_the_refined_round_trips_beside_the_plain_ones():
+    from synthmed.report.html import round_trip_section
+
+    part = lambda dead, dice: {"rare_vs_other_classes": dead / 4, "mae": {"background": {"mae": 1.0}, "dead": {"mae": dead}},  # noqa: E731
+                                "judge": {"dead": {"dice_original": 0.5, "dice_round_trip": dice, "ratio": dice / 0.5}}}
+    rt = {"n_images": 3, "rare_class": "dead", **part(20.0, 0.2), "refined": part(8.0, 0.45)}
+    page = "".join(round_trip_section(rt))
+    assert "<td>dead</td><td>20.000</td><td>0.500</td><td>0.200</td><td>0.400</td>" in page
+    assert "<td>dead (refined)</td><td>8.000</td><td>0.500</td><td>0.450</td><td>0.900</td>" in page and "Rare class error 2.000x" in page
+    assert "(refined)" not in "".join(round_trip_section({k: v for k, v in rt.items() if k != "refined"}))

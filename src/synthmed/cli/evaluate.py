@@ -70,6 +70,8 @@ def evaluate_roundtrip(
     if res.get("judge"):
         j = res["judge"][rare]
         line += f"; judge Dice on {rare}: originals {num(j['dice_original'])}, round trips {num(j['dice_round_trip'])}"
+        if (res.get("refined") or {}).get("judge"):
+            line += f", refined round trips {num(res['refined']['judge'][rare]['dice_round_trip'])}"
     typer.echo(line + f"; wrote {out}")
 
 

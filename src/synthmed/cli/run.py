@@ -77,5 +77,7 @@ def _rare_line(results: dict) -> str:
         return ""
     gen, real = per_class["generated"][rare]["dice"], per_class["real_test"][rare]["dice"]
     judge = (rt.get("judge") or {}).get(rare) or {}
+    refined = ((rt.get("refined") or {}).get("judge") or {}).get(rare)
     return (f"\n{rare} (rare): dice generated {num(gen)} | real test {num(real)} | real test round-tripped through the VAE "
-            f"{num(judge.get('dice_round_trip'))} (reconstruction error x{num(rt.get('rare_vs_other_classes'))} the other classes')")
+            f"{num(judge.get('dice_round_trip'))} (reconstruction error x{num(rt.get('rare_vs_other_classes'))} the other classes')"
+            + (f" | refined round trip {num(refined['dice_round_trip'])}" if refined else ""))

@@ -122,6 +122,20 @@ class AugmentConfig(_Strict):
     scale: tuple[float, float] = Field((1.0, 1.0), description="random rescale range before the crop; other than (1, 1) needs cache_latents false")
 
 
+class RefinerConfig(_Strict):
+    """A conditioned refiner after the decoder (models/refiner.py): paints, from the full-resolution conditioning image,
+    the small structures the latent cannot carry; trained on the train split's round trips, class-weighted as the decoder."""
+
+    steps: int = Field(0, ge=0, description="0: no refiner")
+    batch_size: int = Field(16, ge=1)
+    crop: int = Field(64, ge=8, description="square crops in pixels (whole images when they are smaller)")
+    width: int = Field(48, ge=1, description="channels of its hidden layers")
+    depth: int = Field(5, ge=2, description="3x3 convolutions: the receptive field is 2 x depth + 1 pixels")
+    lr: float = Field(1e-3, gt=0)
+    latent_noise: float = Field(0.6, ge=0, description="round trips from latent means plus noise of up to this x the latents' std (generated latents are not real ones)")
+    checkpoint_every: int = Field(250, ge=1)
+
+
 class DecoderConfig(_Strict):
     """Fine-tuning the VAE decoder on the training split before the ControlNet (the encoder and latents stay as they are)."""
 
@@ -132,6 +146,7 @@ class DecoderConfig(_Strict):
     class_weights: dict[str, float] | None = Field(None, description="reconstruction-loss weight per mask class name (others 1), per pixel")
     focus_share: float = Field(0.4, ge=0, le=1, description="share of each batch's crops centred on a class weighted above 1")
     checkpoint_every: int = Field(100, ge=1)
+    refiner: RefinerConfig = RefinerConfig()
 
 
 class ControlNetConfig(_Strict):

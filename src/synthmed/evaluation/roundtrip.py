@@ -9,7 +9,9 @@ whether the latent space keeps the rare structures at all:
   mask class (segmentation) or on the images of each label (classification), background included;
 - the rare class's error against the mean of the other foreground classes (1: as well kept);
 - given a segmentation judge trained on real images: its per-class Dice on the round-tripped images next
-  to its Dice on the originals (the ratio is the share of what it finds that survives the round trip).
+  to its Dice on the originals (the ratio is the share of what it finds that survives the round trip);
+- for a trained model with a conditioned refiner (models/refiner.py), the same on the refined round trips: what
+  generation draws through, since it decodes and refines with the conditioning of the same masks.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import torch
 
 
 @torch.no_grad()
-def reconstruct(backbone, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """(N, H, W, 3) uint8 images -> their VAE round trips (latent means, decoded), uint8."""
+def reconstruct(backbone, images: np.ndarray, batch_size: int = 32, cond: np.ndarray | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 images -> their VAE round trips (latent means, decoded), uint8; with `cond` (N, H, W, C)
+    uint8, each refined with its conditioning by the backbone's refiner (models/refiner.py), as generation does."""
+    from synthmed.models.refiner import refine
     from synthmed.training.common import to_model_range
 
     vae = backbone.vae
@@ -28,6 +32,9 @@ def reconstruct(backbone, images: np.ndarray, batch_size: int = 32) -> np.ndarra
     for i in range(0, len(images), batch_size):
         x = to_model_range(images[i : i + batch_size]).to(vae.device, vae.dtype)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        if cond is not None:
+            c = torch.from_numpy(np.asarray(cond[i : i + batch_size])).permute(0, 3, 1, 2).float().div(255.0)
+            rec = refine(backbone.refiner, rec, c)
         out.append(((rec.float().cpu() + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8))
     return np.concatenate(out)
 
@@ -96,31 +103,41 @@ def rarest(masks: np.ndarray | None, classes: list[str], labels: list[str] | Non
 
 
 def round_trip(backbone, images: np.ndarray, masks: np.ndarray | None, classes: list[str], rare: str | None = None,
-               labels: list[str] | None = None, segmenter=None, keep: int | None = None, chunk: int = 256) -> tuple[dict, np.ndarray]:
+               labels: list[str] | None = None, segmenter=None, keep: int | None = None, chunk: int = 256,
+               cond: np.ndarray | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """The whole check on one split (module doc), `chunk` images at a time (the split may be on disk): the
-    results and the round trips of the first `keep` images (all of them when None)."""
+    results and {"round trip": the round trips of the first `keep` images (all when None)}. With a backbone that has
+    a refiner and the split's conditioning `cond`, the same check again on the refined round trips (what generation
+    draws through): results["refined"] and the images under "refined"."""
     from synthmed.evaluation.metrics import DiceIoU
     from synthmed.models.tasknets import predict
 
     rare = rare or rarest(masks, classes, labels)
-    errors = ClassErrors(classes, masks is not None)
+    kinds = ["round trip"] + (["refined"] if cond is not None and getattr(backbone, "refiner", None) is not None else [])
+    errors = {k: ClassErrors(classes, masks is not None) for k in kinds}
     judge = segmenter is not None and masks is not None
-    on_real, on_rec = (DiceIoU(classes), DiceIoU(classes)) if judge else (None, None)
-    kept = []
+    on_real, on_rec = DiceIoU(classes), {k: DiceIoU(classes) for k in kinds}
+    kept = {k: [] for k in kinds}
     for i in range(0, len(images), chunk):
         x = np.asarray(images[i : i + chunk])
-        recon = reconstruct(backbone, x)
         m = np.asarray(masks[i : i + chunk]) if masks is not None else None
-        errors.add(x, recon, m, None if labels is None else labels[i : i + chunk])
         if judge:
             on_real.add(predict(segmenter, x), m)
-            on_rec.add(predict(segmenter, recon), m)
-        if keep is None or sum(map(len, kept)) < keep:
-            kept.append(recon)
-    errors = errors.result()
-    res = {"n_images": len(images), "unit": "pixels" if masks is not None else "images", "rare_class": rare,
-           "mae": errors, "rare_vs_other_classes": rare_ratio(errors, rare, classes)}
-    if judge:
-        res["judge"] = _judge_table(on_real.result(), on_rec.result(), classes)
-    recon = np.concatenate(kept) if kept else np.zeros((0, *images.shape[1:]), np.uint8)
-    return res, recon if keep is None else recon[:keep]
+        for k in kinds:
+            recon = reconstruct(backbone, x, cond=None if k == "round trip" else cond[i : i + chunk])
+            errors[k].add(x, recon, m, None if labels is None else labels[i : i + chunk])
+            if judge:
+                on_rec[k].add(predict(segmenter, recon), m)
+            if keep is None or sum(map(len, kept[k])) < keep:
+                kept[k].append(recon)
+
+    def section(k: str) -> dict:
+        errs = errors[k].result()
+        return {"mae": errs, "rare_vs_other_classes": rare_ratio(errs, rare, classes),
+                **({"judge": _judge_table(on_real.result(), on_rec[k].result(), classes)} if judge else {})}
+
+    res = {"n_images": len(images), "unit": "pixels" if masks is not None else "images", "rare_class": rare, **section("round trip")}
+    if "refined" in kinds:
+        res["refined"] = section("refined")
+    recons = {k: np.concatenate(v)[:keep] if v else np.zeros((0, *images.shape[1:]), np.uint8) for k, v in kept.items()}
+    return res, recons

@@ -28,6 +28,7 @@ import contextlib
 import numpy as np
 import torch
 from synthmed.models.backbone import Backbone
+from synthmed.models.refiner import refine
 from synthmed.models.sampling import SCHEDULERS, SamplingSettings
 
 ROW_BLOCK = 4  # see the module docstring: other batch sizes take other CPU kernels for some rows
@@ -42,6 +43,8 @@ class Sampler:
         self.controlnet = None if controlnet is None else _place(controlnet, self.device, dtype)
         for m in (backbone.unet, backbone.vae, backbone.text_encoder):
             _place(m, self.device, dtype)
+        if backbone.refiner is not None:
+            backbone.refiner.to(self.device)  # float32: models/refiner.refine
         if channels_last:
             for m in (backbone.unet, backbone.vae, self.controlnet):
                 if m is not None:
@@ -93,7 +96,8 @@ class Sampler:
         with _conditioning_embedded_once(self.controlnet, image, self.cfg and not s.guess_mode), _text_keys_once(self.bb.unet, self.controlnet):
             latents = self._denoise(latents, image, embeds, scheduler)
         out = self.bb.vae.decode(latents / self.bb.vae.config.scaling_factor, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
-        out = (out[:n].float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        out = refine(self.bb.refiner, out[:n], None if image is None else image[:n])  # what the latent cannot carry, from the conditioning
+        out = (out.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
 
     def _denoise(self, latents, image, embeds, scheduler):

@@ -45,6 +45,7 @@ class Backbone:
     tokenizer: CLIPTokenizer
     scheduler: DDPMScheduler
     source: str
+    refiner: torch.nn.Module | None = None  # a trained model's ConditionedRefiner (models/refiner.py): applied after decoding, with the conditioning
 
     @property
     def vae_scale_factor(self) -> int:

@@ -2,7 +2,8 @@
 
 MODEL/training.json (written last: its presence means complete) lists the trained parts in `outputs`:
 `controlnet/` (diffusers ControlNetModel), `unet_lora/` (diffusers LoRA format), `unet/` (a trained
-UNet decoder), `vae/` (the VAE with a fine-tuned decoder, `controlnet.decoder`) or, for conditioning_mode text, `backbone/` (a whole pipeline folder), each with
+UNet decoder), `vae/` (the VAE with a fine-tuned decoder, `controlnet.decoder`), `refiner/` (the conditioned
+refiner, `controlnet.decoder.refiner`: models/refiner.py) or, for conditioning_mode text, `backbone/` (a whole pipeline folder), each with
 safetensors weights and its content hash in `output_hashes`.
 """
 
@@ -84,6 +85,10 @@ def trained_backbone(bb, model: Path, training: dict):
         load_lora(bb.unet, Path(model) / outputs["unet_lora"])
     if "vae" in outputs:
         bb.vae = AutoencoderKL.from_pretrained(Path(model) / outputs["vae"], use_safetensors=True)
+    if "refiner" in outputs:
+        from synthmed.models.refiner import load_refiner
+
+        bb.refiner = load_refiner(Path(model) / outputs["refiner"])
     return bb
 
 
@@ -139,6 +144,12 @@ def save_trained(model, backbone, cfg, out: Path) -> dict:
         with atomic_dir(out / "vae") as tmp:
             cast(backbone.vae, dtype=torch.float32).save_pretrained(tmp, safe_serialization=True)
         saved["vae"] = "vae"
+    if backbone.refiner is not None and cfg.conditioning_mode != "text":
+        from synthmed.models.refiner import save_refiner
+
+        with atomic_dir(out / "refiner") as tmp:
+            save_refiner(backbone.refiner, tmp)
+        saved["refiner"] = "refiner"
     return saved
 
 

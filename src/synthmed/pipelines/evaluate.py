@@ -139,7 +139,8 @@ def roundtrip(data: Path, backbone: str, cfg: EvaluateConfig, out: Path, split: 
     """`synthmed evaluate roundtrip`: the round-trip ceiling of a backbone's autoencoder on a real split
     (evaluation/roundtrip.py), with a segmentation judge trained on the real train split; OUT/results.json
     and OUT/round_trip.png (originals above, round trips below). With `model` (a `train controlnet` folder),
-    the autoencoder as that training left it (its fine-tuned decoder, if any) on the model's backbone."""
+    the autoencoder as that training left it (its fine-tuned decoder, if any) on the model's backbone, and with its
+    conditioned refiner, if any, the refined round trips too (third row)."""
     from synthmed.data.prepared import load_split, read_card
     from synthmed.models.backbone import load_backbone
 
@@ -167,12 +168,16 @@ def roundtrip(data: Path, backbone: str, cfg: EvaluateConfig, out: Path, split: 
 
 
 def roundtrip_section(bb, part, masks, classes, labels, segmenter, grid: int = 8) -> dict:
-    """The round-trip check of one split with a loaded backbone; '_grid' holds the originals-over-round-trips image."""
+    """The round-trip check of one split with a loaded backbone (refined too where it has a conditioned refiner and the
+    split has conditioning images); '_grid' holds the originals over the round trips (over the refined ones)."""
+    from synthmed.data.prepared import load_conditioning
     from synthmed.evaluation.roundtrip import round_trip
 
-    res, recon = round_trip(bb, part.images, masks, classes, labels=labels, segmenter=segmenter, keep=grid)
+    cond = load_conditioning(part) if bb.refiner is not None and all(r.get("conditioning_image") for r in part.rows) else None
+    res, recons = round_trip(bb, part.images, masks, classes, labels=labels, segmenter=segmenter, keep=grid, cond=cond)
     n = min(grid, len(part))
-    res["_grid"] = np.concatenate([np.concatenate(list(part.images[:n]), axis=1), np.concatenate(list(recon[:n]), axis=1)], axis=0)
+    rows = [np.asarray(part.images[:n]), *(r[:n] for r in recons.values())]
+    res["_grid"] = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
     return res
 
 

@@ -70,7 +70,7 @@ def _round_trip(backbone, data: Path) -> dict | None:
     val = load_split(data, "validation")
     if val.masks is None:
         return None
-    res, _ = round_trip(backbone, val.images, val.masks, list(card["classes"]))
+    res, _ = round_trip(backbone, val.images, val.masks, list(card["classes"]))  # a backbone: no refiner
     return {"split": "validation", **res}
 
 
@@ -136,12 +136,12 @@ def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:
     torch.manual_seed(cfg.seed)
     started = time.time()
     decoder = None
-    if cfg.decoder.steps:  # before any latent is encoded or decoded; the encoder does not change
+    if cfg.decoder.steps or cfg.decoder.refiner.steps:  # before any latent is encoded or decoded; the encoder does not change
         if accelerator.is_main_process:
-            decoder = setup.tune_decoder(backbone, split, cfg, decoder_weights, out / "decoder-state")
+            decoder = setup.tune_decoder(backbone, split, cond, cfg, decoder_weights, out / "decoder-state")
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:  # the others decode validation grids with it too
-            setup.load_tuned_decoder(backbone, out / "decoder-state")
+            setup.load_tuned_decoder(backbone, out / "decoder-state", cfg, cond.shape[-1])
     controlnet = None if cond is None else setup.controlnet_for(backbone, cfg, cond.shape[-1])  # cond: (N, H, W, C)
     setup.cast_frozen(backbone, cfg.mixed_precision, accelerator.device)
     data_t = setup.training_data(backbone, split, prompts, cond, cfg, accelerator)

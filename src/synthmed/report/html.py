@@ -228,16 +228,23 @@ def _generation_section(g: dict) -> list[str]:
 
 
 def round_trip_section(rt: dict) -> list[str]:
-    """The backbone's round-trip ceiling: per-class reconstruction error and the judge's Dice on round trips."""
-    judge = rt.get("judge") or {}
+    """The backbone's round-trip ceiling: per-class reconstruction error and the judge's Dice on round trips (and on refined ones)."""
     out = ["<h3>Round-trip ceiling of the backbone</h3>",
            f"<p>Real {rt['n_images']} images encoded and decoded by the backbone's VAE: no generator on this backbone can draw what the "
            f"round trip loses. Rare class <b>{html.escape(rt['rare_class'])}</b>: error {fmt(rt['rare_vs_other_classes'])}x that of the other classes.</p>",
            "<table><tr><th>class</th><th>error (grey levels, 0-255)</th><th>judge Dice, originals</th><th>judge Dice, round trips</th><th>ratio</th></tr>"]
-    for c, e in rt["mae"].items():
-        j = judge.get(c) or {}
-        out.append(f"<tr><td>{html.escape(c)}</td><td>{fmt(e['mae'])}</td><td>{fmt(j.get('dice_original'))}</td><td>{fmt(j.get('dice_round_trip'))}</td><td>{fmt(j.get('ratio'))}</td></tr>")
-    return out + ["</table>"]
+    for name, part in (("", rt), (" (refined)", rt.get("refined"))):
+        if part is None:
+            continue
+        judge = part.get("judge") or {}
+        for c, e in part["mae"].items():
+            j = judge.get(c) or {}
+            out.append(f"<tr><td>{html.escape(c)}{name}</td><td>{fmt(e['mae'])}</td><td>{fmt(j.get('dice_original'))}</td><td>{fmt(j.get('dice_round_trip'))}</td><td>{fmt(j.get('ratio'))}</td></tr>")
+    out.append("</table>")
+    if rt.get("refined"):
+        out.append(f"<p class='note'>Refined: the same round trips through the model's conditioned refiner, which paints from the conditioning of "
+                   f"the same masks what the latent cannot carry (as generation does). Rare class error {fmt(rt['refined']['rare_vs_other_classes'])}x the others'.</p>")
+    return out
 
 
 def render_report(results: dict, title: str = "synthmed report") -> str:

@@ -61,11 +61,11 @@ def _crop_corner(centre: int, size: int, crop: int, jitter: int, rng) -> int:
 
 
 def decoder_batch(images, masks, class_weights: torch.Tensor | None, focus: FocusPixels | None, batch_size: int, crop: int,
-                  focus_share: float, rng) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of crops (images in the model's range, per-pixel weights): `focus_share` of them centred near a
-    pixel of a weighted class (a class drawn in proportion to its weight, then one of its pixels), the rest
-    anywhere; each in one of the 8 dihedral views. `images` (N, H, W, C) uint8 and `masks` (N, H, W) may be
-    splits on disk: only the rows the batch crops from are read."""
+                  focus_share: float, rng, cond=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch of crops (images in the model's range, per-pixel weights, conditioning in [0, 1] or None):
+    `focus_share` of them centred near a pixel of a weighted class (a class drawn in proportion to its weight,
+    then one of its pixels), the rest anywhere; each in one of the 8 dihedral views. `images` (N, H, W, C) uint8,
+    `masks` (N, H, W) and `cond` (N, H, W, C') uint8 may be splits on disk: only the rows the batch crops from are read."""
     n_images, h, w = len(images), images.shape[1], images.shape[2]
     n_focus = int(round(focus_share * batch_size)) if focus else 0
     probs = np.array(focus.weights()) / sum(focus.weights()) if focus else None
@@ -83,9 +83,12 @@ def decoder_batch(images, masks, class_weights: torch.Tensor | None, focus: Focu
     x_rows = to_model_range(np.asarray(images[rows]))  # (R, C, H, W)
     w_rows = (class_weights.float()[torch.from_numpy(np.asarray(masks[rows]).astype(np.int64))][:, None] if class_weights is not None
               else torch.ones(len(rows), 1, h, w))
-    xs = [dihedral(x_rows[at[n], :, y0 : y0 + crop, x0 : x0 + crop], k) for n, y0, x0, k in picks]
-    ws = [dihedral(w_rows[at[n], :, y0 : y0 + crop, x0 : x0 + crop], k) for n, y0, x0, k in picks]
-    return torch.stack(xs), torch.stack(ws)
+    c_rows = None if cond is None else torch.from_numpy(np.asarray(cond[rows])).permute(0, 3, 1, 2).float().div(255.0)
+
+    def views(rows_t):
+        return torch.stack([dihedral(rows_t[at[n], :, y0 : y0 + crop, x0 : x0 + crop], k) for n, y0, x0, k in picks])
+
+    return views(x_rows), views(w_rows), None if c_rows is None else views(c_rows)
 
 
 def weighted_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ def finetune_decoder(backbone, images: np.ndarray, masks: np.ndarray | None, cla
     start, losses = ckpt.restore(parts, opt, sched)
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
-        x, w = decoder_batch(images, masks, class_weights, focus, cfg.batch_size, crop, cfg.focus_share, rng)
+        x, w, _ = decoder_batch(images, masks, class_weights, focus, cfg.batch_size, crop, cfg.focus_share, rng)
         x, w = x.to(device), w.to(device)
         vae.decoder.train()
         with torch.no_grad():
@@ -131,6 +134,43 @@ def finetune_decoder(backbone, images: np.ndarray, masks: np.ndarray | None, cla
             progress(step + 1, cfg.steps, losses[-1])
     cast(vae.eval().requires_grad_(False), dtype=dtype)
     return losses
+
+
+def train_refiner(backbone, images, masks, cond, class_weights: torch.Tensor | None, cfg, progress=None, state_dir: Path | None = None):
+    """A ConditionedRefiner (models/refiner.py) for backbone.vae's decoder, trained on (N, H, W, 3) uint8 images and their
+    (N, H, W, C) uint8 conditioning: round trips of crops (latent means plus noise of up to `latent_noise` x the
+    latents' std, so that generated latents are in its range) against the crops, with the decoder's class-weighted
+    loss. `cfg`: RefinerConfig fields, focus_share and seed. Returns (refiner, losses); resumes from `state_dir`."""
+    from synthmed.models.refiner import ConditionedRefiner
+
+    vae = backbone.vae
+    device = vae.device
+    with torch.random.fork_rng(devices=[]):  # its own seed: the ControlNet trained after it starts as it would without it
+        torch.manual_seed(cfg.seed)
+        refiner = ConditionedRefiner(cond.shape[-1], cfg.width, cfg.depth).to(device)
+    if masks is None or class_weights is None:
+        masks, class_weights = None, None
+    focus = FocusPixels(masks, class_weights) if masks is not None else None
+    crop = min(cfg.crop, *images.shape[1:3])
+    opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, cfg.steps)
+    ckpt = PhaseCheckpoint(state_dir, "refiner", cfg.checkpoint_every)
+    start, losses = ckpt.restore(refiner, opt, sched)
+    for step in range(start, cfg.steps):
+        rng = np.random.default_rng([cfg.seed, step, 1])
+        x, w, c = (t.to(device) for t in decoder_batch(images, masks, class_weights, focus, cfg.batch_size, crop, cfg.focus_share, rng, cond=cond))
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        with torch.no_grad():
+            z = vae.encode(x.to(vae.dtype)).latent_dist.mean
+            sigma = torch.rand(len(z), 1, 1, 1, generator=g).to(device) * cfg.latent_noise * z.float().std()
+            rec = vae.decode(z + (sigma * torch.randn(z.shape, generator=g).to(device)).to(z.dtype)).sample.float().clamp(-1, 1)
+        loss = weighted_loss(refiner(rec, c), x, w)
+        optimiser_step(loss, list(refiner.parameters()), opt, sched)
+        losses.append(loss.item())
+        ckpt.maybe_save(step + 1, cfg.steps, refiner, opt, sched, losses)
+        if progress:
+            progress(step + 1, cfg.steps, losses[-1])
+    return refiner.eval().requires_grad_(False), losses
 
 
 class DecoderParts(torch.nn.Module):

@@ -67,33 +67,51 @@ def class_weights(data: Path, weights: dict | None, masks):
 
 
 def decoder_weights(data: Path, cfg: ControlNetConfig, masks):
-    """The checked per-class weights of the decoder fine-tune (None: uniform, or no fine-tune); one-line errors."""
-    if not cfg.decoder.steps:
+    """The checked per-class weights of the decoder fine-tune and the refiner (None: uniform, or neither); one-line errors."""
+    d = cfg.decoder
+    if not (d.steps or d.refiner.steps):
         return None
     if cfg.conditioning_mode == "text":
-        raise SynthmedError("decoder.steps: the VAE decoder is fine-tuned for ControlNet training; conditioning_mode text writes a whole backbone (set decoder.steps 0)")
-    return class_weights(data, cfg.decoder.class_weights, masks)
+        what = "decoder.steps: the VAE decoder is fine-tuned" if d.steps else "decoder.refiner.steps: the refiner paints from the conditioning"
+        raise SynthmedError(f"{what} for ControlNet training; conditioning_mode text has no conditioning images (set it to 0)")
+    return class_weights(data, d.class_weights, masks)
 
 
-def tune_decoder(backbone, split, cfg: ControlNetConfig, weights, state_dir: Path) -> dict:
-    """Fine-tune the VAE decoder on the train split (cfg.decoder, `weights` from decoder_weights), before anything is encoded."""
-    from synthmed.training.decoder import finetune_decoder
+def tune_decoder(backbone, split, cond, cfg: ControlNetConfig, weights, state_dir: Path) -> dict:
+    """Fine-tune the VAE decoder, then train the conditioned refiner (backbone.refiner), on the train split (cfg.decoder,
+    `weights` from decoder_weights, `cond` the split's conditioning), before anything is encoded."""
+    from synthmed.training.decoder import finetune_decoder, train_refiner
 
-    run = SimpleNamespace(**cfg.decoder.model_dump(), seed=cfg.seed)
-    with task("fine-tune VAE decoder", cfg.decoder.steps) as update:
-        losses = finetune_decoder(backbone, split.images, split.masks if weights is not None else None, weights, run, update, state_dir)
-    return {"steps": cfg.decoder.steps, "class_weights": cfg.decoder.class_weights, "final_loss": losses[-1] if losses else None,
-            "data_split": "train"}
+    d, masks = cfg.decoder, split.masks if weights is not None else None
+    record = {"steps": d.steps, "class_weights": d.class_weights, "data_split": "train"}
+    if d.steps:
+        with task("fine-tune VAE decoder", d.steps) as update:
+            losses = finetune_decoder(backbone, split.images, masks, weights, SimpleNamespace(**d.model_dump(), seed=cfg.seed), update, state_dir)
+        record["final_loss"] = losses[-1] if losses else None
+    if d.refiner.steps:
+        run = SimpleNamespace(**d.refiner.model_dump(), focus_share=d.focus_share, seed=cfg.seed)
+        with task("train conditioned refiner", d.refiner.steps) as update:
+            backbone.refiner, losses = train_refiner(backbone, split.images, masks, cond, weights, run, update, state_dir)
+        record["refiner"] = {**d.refiner.model_dump(), "final_loss": losses[-1] if losses else None}
+    return record
 
 
-def load_tuned_decoder(backbone, state_dir: Path) -> None:
-    """The decoder that tune_decoder left in `state_dir` (its final checkpoint), into `backbone.vae`."""
+def load_tuned_decoder(backbone, state_dir: Path, cfg: ControlNetConfig, cond_channels: int) -> None:
+    """The decoder and refiner that tune_decoder left in `state_dir` (their final checkpoints), into `backbone`."""
     import torch
 
+    from synthmed.models.refiner import ConditionedRefiner
     from synthmed.training.decoder import DecoderParts
 
-    state = torch.load(Path(state_dir) / "decoder.pt", map_location="cpu", weights_only=True)
-    DecoderParts(backbone.vae).load_state_dict(state["model"])
+    if cfg.decoder.steps:
+        state = torch.load(Path(state_dir) / "decoder.pt", map_location="cpu", weights_only=True)
+        DecoderParts(backbone.vae).load_state_dict(state["model"])
+    if cfg.decoder.refiner.steps:
+        r = cfg.decoder.refiner
+        with torch.random.fork_rng(devices=[]):  # as train_refiner: the global random state stays as it was
+            backbone.refiner = ConditionedRefiner(cond_channels, r.width, r.depth)
+        backbone.refiner.load_state_dict(torch.load(Path(state_dir) / "refiner.pt", map_location="cpu", weights_only=True)["model"])
+        backbone.refiner.eval().requires_grad_(False)
 
 
 def tracker(name: str | None):

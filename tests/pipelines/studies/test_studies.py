@@ -93,6 +93,9 @@ def test_data_augmentation_quick_study_end_to_end(tmp_path):
         if frac["synthetic_arms"]:
             model = json.loads((out / "fractions" / fk / "controlnet" / "training.json").read_text())
             assert len(model["train_ids"]) == frac["n_real"]  # each fraction's ControlNet saw that fraction only
+            assert model["outputs"]["refiner"] == "refiner"  # the experiment's conditioned refiner: trained, saved, drawn through
+            row = json.loads((out / "fractions" / fk / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()[0])
+            assert row["provenance"]["trained_parts"]["refiner"] == model["output_hashes"]["refiner"]
         else:
             assert not (out / "fractions" / fk).exists()  # no ControlNet where no synthetic arm runs
         for arm in res["arms"]:
