@@ -130,9 +130,10 @@ def test_the_refiner_learns_to_paint_what_the_round_trip_loses_and_resumes(tiny,
     bb = load()
     refiner, losses = train_refiner(bb, images, masks, cond, weights, cfg, state_dir=tmp_path / "state")
     assert isinstance(refiner, ConditionedRefiner) and len(losses) == 40 and not any(p.requires_grad for p in refiner.parameters())
-    plain = reconstruct(bb, images)
+    assert list(reconstruct(bb, images, cond=cond)) == ["round trip"]  # no refiner on the backbone: nothing to refine
     bb.refiner = refiner
-    refined = reconstruct(bb, images, cond=cond)
+    both = reconstruct(bb, images, cond=cond)
+    plain, refined = both["round trip"], both["refined"]
     err = lambda rec: np.abs(rec.astype(float) - images.astype(float)).mean(-1)[masks == 4].mean()  # noqa: E731
     assert err(refined) < 0.5 * err(plain)
     again, resumed = train_refiner(load(), images, masks, cond, weights, cfg, state_dir=tmp_path / "state")  # finished: restored, not retrained

@@ -20,23 +20,31 @@ import numpy as np
 import torch
 
 
+def _refines(backbone, cond) -> bool:
+    """Whether round trips are also refined: the backbone has a conditioned refiner and the conditioning is given."""
+    return cond is not None and getattr(backbone, "refiner", None) is not None
+
+
 @torch.no_grad()
-def reconstruct(backbone, images: np.ndarray, batch_size: int = 32, cond: np.ndarray | None = None) -> np.ndarray:
-    """(N, H, W, 3) uint8 images -> their VAE round trips (latent means, decoded), uint8; with `cond` (N, H, W, C)
-    uint8, each refined with its conditioning by the backbone's refiner (models/refiner.py), as generation does."""
+def reconstruct(backbone, images: np.ndarray, batch_size: int = 32, cond: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """(N, H, W, 3) uint8 images -> {"round trip": their VAE round trips (latent means, decoded)} uint8; with `cond`
+    (N, H, W, C) uint8 and a backbone that has a refiner (models/refiner.py), also "refined": the same decoded images
+    refined with their conditioning, as generation does (one encode and decode serves both)."""
     from synthmed.models.refiner import refine
+    from synthmed.models.tasknets import to_unit_range
     from synthmed.training.common import to_model_range
 
     vae = backbone.vae
-    out = []
+    refined = _refines(backbone, cond)
+    out = {"round trip": [], **({"refined": []} if refined else {})}
+    as_uint8 = lambda t: ((t.float().cpu() + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)  # noqa: E731
     for i in range(0, len(images), batch_size):
         x = to_model_range(images[i : i + batch_size]).to(vae.device, vae.dtype)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        if cond is not None:
-            c = torch.from_numpy(np.asarray(cond[i : i + batch_size])).permute(0, 3, 1, 2).float().div(255.0)
-            rec = refine(backbone.refiner, rec, c)
-        out.append(((rec.float().cpu() + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8))
-    return np.concatenate(out)
+        out["round trip"].append(as_uint8(rec))
+        if refined:
+            out["refined"].append(as_uint8(refine(backbone.refiner, rec, to_unit_range(cond[i : i + batch_size]))))
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 class ClassErrors:
@@ -113,7 +121,7 @@ def round_trip(backbone, images: np.ndarray, masks: np.ndarray | None, classes: 
     from synthmed.models.tasknets import predict
 
     rare = rare or rarest(masks, classes, labels)
-    kinds = ["round trip"] + (["refined"] if cond is not None and getattr(backbone, "refiner", None) is not None else [])
+    kinds = ["round trip"] + (["refined"] if _refines(backbone, cond) else [])
     errors = {k: ClassErrors(classes, masks is not None) for k in kinds}
     judge = segmenter is not None and masks is not None
     on_real, on_rec = DiceIoU(classes), {k: DiceIoU(classes) for k in kinds}
@@ -123,8 +131,8 @@ def round_trip(backbone, images: np.ndarray, masks: np.ndarray | None, classes: 
         m = np.asarray(masks[i : i + chunk]) if masks is not None else None
         if judge:
             on_real.add(predict(segmenter, x), m)
-        for k in kinds:
-            recon = reconstruct(backbone, x, cond=None if k == "round trip" else cond[i : i + chunk])
+        recons = reconstruct(backbone, x, cond=None if cond is None else cond[i : i + chunk])
+        for k, recon in recons.items():
             errors[k].add(x, recon, m, None if labels is None else labels[i : i + chunk])
             if judge:
                 on_rec[k].add(predict(segmenter, recon), m)

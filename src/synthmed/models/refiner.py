@@ -47,6 +47,14 @@ class ConditionedRefiner(torch.nn.Module):
         return (image + self.out(self.body(x))).clamp(-1, 1)
 
 
+def new_refiner(cond_channels: int, width: int, depth: int, seed: int = 0) -> ConditionedRefiner:
+    """A refiner initialised from its own seed, leaving the global random state as it was: the ControlNet built
+    after it starts as it would without it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ConditionedRefiner(cond_channels, width, depth)
+
+
 def save_refiner(refiner: ConditionedRefiner, folder: Path) -> None:
     from safetensors.torch import save_file
 

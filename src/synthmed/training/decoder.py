@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthmed.models.tasknets import to_unit_range
 from synthmed.models.trained import cast
 from synthmed.training.backbone import gradient_l1
 from synthmed.training.common import PhaseCheckpoint, dihedral, optimiser_step, to_model_range, warmup_cosine
@@ -83,7 +84,7 @@ def decoder_batch(images, masks, class_weights: torch.Tensor | None, focus: Focu
     x_rows = to_model_range(np.asarray(images[rows]))  # (R, C, H, W)
     w_rows = (class_weights.float()[torch.from_numpy(np.asarray(masks[rows]).astype(np.int64))][:, None] if class_weights is not None
               else torch.ones(len(rows), 1, h, w))
-    c_rows = None if cond is None else torch.from_numpy(np.asarray(cond[rows])).permute(0, 3, 1, 2).float().div(255.0)
+    c_rows = None if cond is None else to_unit_range(cond[rows])
 
     def views(rows_t):
         return torch.stack([dihedral(rows_t[at[n], :, y0 : y0 + crop, x0 : x0 + crop], k) for n, y0, x0, k in picks])
@@ -141,13 +142,11 @@ def train_refiner(backbone, images, masks, cond, class_weights: torch.Tensor | N
     (N, H, W, C) uint8 conditioning: round trips of crops (latent means plus noise of up to `latent_noise` x the
     latents' std, so that generated latents are in its range) against the crops, with the decoder's class-weighted
     loss. `cfg`: RefinerConfig fields, focus_share and seed. Returns (refiner, losses); resumes from `state_dir`."""
-    from synthmed.models.refiner import ConditionedRefiner
+    from synthmed.models.refiner import new_refiner
 
     vae = backbone.vae
     device = vae.device
-    with torch.random.fork_rng(devices=[]):  # its own seed: the ControlNet trained after it starts as it would without it
-        torch.manual_seed(cfg.seed)
-        refiner = ConditionedRefiner(cond.shape[-1], cfg.width, cfg.depth).to(device)
+    refiner = new_refiner(cond.shape[-1], cfg.width, cfg.depth, cfg.seed).to(device)
     if masks is None or class_weights is None:
         masks, class_weights = None, None
     focus = FocusPixels(masks, class_weights) if masks is not None else None

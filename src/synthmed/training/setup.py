@@ -100,7 +100,7 @@ def load_tuned_decoder(backbone, state_dir: Path, cfg: ControlNetConfig, cond_ch
     """The decoder and refiner that tune_decoder left in `state_dir` (their final checkpoints), into `backbone`."""
     import torch
 
-    from synthmed.models.refiner import ConditionedRefiner
+    from synthmed.models.refiner import new_refiner
     from synthmed.training.decoder import DecoderParts
 
     if cfg.decoder.steps:
@@ -108,8 +108,7 @@ def load_tuned_decoder(backbone, state_dir: Path, cfg: ControlNetConfig, cond_ch
         DecoderParts(backbone.vae).load_state_dict(state["model"])
     if cfg.decoder.refiner.steps:
         r = cfg.decoder.refiner
-        with torch.random.fork_rng(devices=[]):  # as train_refiner: the global random state stays as it was
-            backbone.refiner = ConditionedRefiner(cond_channels, r.width, r.depth)
+        backbone.refiner = new_refiner(cond_channels, r.width, r.depth)
         backbone.refiner.load_state_dict(torch.load(Path(state_dir) / "refiner.pt", map_location="cpu", weights_only=True)["model"])
         backbone.refiner.eval().requires_grad_(False)
 
