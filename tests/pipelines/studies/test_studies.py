@@ -56,6 +56,75 @@ def test_a_model_trained_on_more_than_the_fraction_is_refused(phantom_data, tmp_
     assert res["n_finished"] == 1 and res["fractions"]["f0.50"]["synthetic"] == str(ok.resolve())
 
 
+def test_a_resumed_study_sets_aside_a_stage_made_with_other_settings(tmp_path, capsys):
+    """A study's fraction model and synthetic set are reused on resume only if made with today's settings: a changed
+    conditioning scale or filter moves the set aside (kept as .stale, with a note naming what changed) so it is drawn
+    again; settings that do not change what is drawn (batch size, export) keep it."""
+    from synthmed.config import GenerateConfig
+    from synthmed.config.settings import save_config
+    from synthmed.pipelines.studies.downstream import SET_NOT_RESULTS, set_aside_if_changed
+
+    syn = tmp_path / "synthetic"
+    syn.mkdir()
+    save_config(GenerateConfig(), syn / "generate_config.yaml")
+    (syn / "dataset.json").write_text("{}")
+    assert not set_aside_if_changed(syn, "generate_config.yaml", GenerateConfig(batch_size=3, export=["folder"]), SET_NOT_RESULTS)
+    assert (syn / "dataset.json").is_file()
+    assert not set_aside_if_changed(tmp_path / "never-made", "generate_config.yaml", GenerateConfig(), SET_NOT_RESULTS)
+
+    judge = GenerateConfig.model_validate({"filter": {"segmenter": {"batch_size": 8}}})  # the judge's batch is a setting of what is kept
+    assert set_aside_if_changed(syn, "generate_config.yaml", judge, SET_NOT_RESULTS)
+    assert "changed: filter.segmenter.batch_size" in capsys.readouterr().err
+    (tmp_path / "synthetic.stale").replace(syn)
+    other = GenerateConfig.model_validate({"conditioning_scale": 1.0, "filter": {"min_dice": 0.5}})
+    assert set_aside_if_changed(syn, "generate_config.yaml", other, SET_NOT_RESULTS)
+    assert not syn.exists() and (tmp_path / "synthetic.stale" / "dataset.json").is_file()
+    err = capsys.readouterr().err
+    assert "changed: conditioning_scale, filter.min_dice" in err and "synthetic.stale" in err
+
+
+def test_a_resumed_study_makes_again_only_the_stages_whose_settings_changed(phantom_data, tmp_path, monkeypatch):
+    """The study's own stages (subset, model, synthetic set): an unchanged resume reuses both; another generate
+    setting draws the set again and keeps the model; another controlnet setting trains and draws again."""
+    from synthmed.config import RunConfig
+    from synthmed.config.settings import save_config
+    import importlib
+
+    from synthmed.pipelines.studies import downstream as study
+
+    gen_mod, train_mod = (importlib.import_module(f"synthmed.pipelines.{m}") for m in ("generate", "train"))  # the modules, not the functions
+
+    made = []
+
+    def fake_train(sub, cfg, model, resume):
+        made.append("model")
+        (model / "controlnet").mkdir(parents=True)
+        (model / "controlnet" / "w.safetensors").write_bytes(b"x")
+        save_config(cfg, model / "train_config.yaml")
+        write_json(model / "training.json", {"outputs": {"controlnet": "controlnet"}})
+
+    def fake_generate(sub, model, cfg, syn):
+        made.append("set")
+        syn.mkdir(parents=True)
+        save_config(cfg, syn / "generate_config.yaml")
+        write_json(syn / "dataset.json", {})
+
+    monkeypatch.setattr(train_mod, "train_controlnet", fake_train)
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    monkeypatch.setattr(study, "downstream", lambda data, d, out, synthetic: out.mkdir(parents=True, exist_ok=True) or {})
+    monkeypatch.setattr(study, "_set_edges", lambda *a, **k: None)
+    base = {"downstream": {"arms": ["real+synthetic"], "fractions": [0.5], "seeds": [0]}, "steering": {"n_maps": 0}}
+    run = lambda over: study.data_augmentation(RunConfig.model_validate(base | over), tmp_path / "run", phantom_data)  # noqa: E731
+    run({})
+    run({"generate": {"batch_size": 3}})  # not a setting of what is drawn
+    assert made == ["model", "set"]
+    run({"generate": {"conditioning_scale": 1.0}})
+    assert made == ["model", "set", "set"]
+    assert (tmp_path / "run" / "fractions" / "f0.50" / "synthetic.stale").is_dir()
+    run({"generate": {"conditioning_scale": 1.0}, "controlnet": {"steps": 7}})
+    assert made == ["model", "set", "set", "model", "set"]
+
+
 def test_a_crashed_cell_does_not_poison_the_others_and_a_rerun_finishes_it(phantom_data, tmp_path, monkeypatch):
     from synthmed.evaluation import downstream as ds
 
