@@ -68,6 +68,11 @@ def test_lora_before_then_controlnet_and_an_unlocked_decoder(tiny_backbone_dir, 
     training = read_json(run / "training.json")
     assert training["backbone"] == str((run / "lora-stage" / "backbone").resolve()) and (run / "controlnet" / "config.json").is_file()
     assert read_json(run / "lora-stage" / "training.json")["conditioning_mode"] == "text"
+    # each phase checks its own saved settings on resume: the same ones continue, a stage setting changed is refused
+    pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, lora={"rank": 2, "stage": "before", "steps": 2}), run, resume=True)
+    (run / "training.json").unlink()
+    with pytest.raises(SynthmedError, match=r"lora-stage: its checkpoints were trained with other settings \(changed: lora.rank, lora.steps, steps\)"):
+        pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, lora={"rank": 4, "stage": "before", "steps": 3}), run, resume=True)
     run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, unet_decoder_lr=1e-2, channels_last=True), tmp_path / "decoder")
     unet, original = UNet2DConditionModel.from_pretrained(run / "unet"), load_backbone(tiny_backbone_dir).unet
     assert torch.equal(unet.down_blocks[0].resnets[0].conv1.weight, original.down_blocks[0].resnets[0].conv1.weight)
@@ -105,6 +110,11 @@ def test_cli_flags_config_file_and_resume_argument(tiny_backbone_dir, phantom_da
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     proc = run_cli("train", "controlnet", "--data", str(phantom_data), "--out", str(out), "--resume", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "--resume expects 'latest' or a checkpoint folder" in proc.stderr
+    # its checkpoints were trained with depth mid, LoRA and lr 1e-4: continuing them with other settings is refused in one line
+    proc = run_cli("train", "controlnet", "--data", str(phantom_data), "--out", str(out), "--backbone", str(tiny_backbone_dir),
+                   "--config", str(tmp_path / "train.yaml"), "--lr", "0.01", "--set", "checkpoint_every=5", "--resume", "latest")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{out}: its checkpoints were trained with other settings (changed: depth, lora.alpha, lr)" in proc.stderr
 
 
 def test_an_interrupted_run_asks_for_resume(tiny_backbone_dir, phantom_data, tmp_path):

@@ -442,6 +442,33 @@ def overrides(model: type[BaseModel], base: dict, assignments: list[str]) -> Bas
         raise SynthmedError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
 
 
+def settings_changed(saved: Path, cfg: BaseModel, ignore: set[str] = frozenset()) -> list[str] | None:
+    """The dotted keys whose values in `cfg` differ from the config saved at `saved` (a YAML written by save_config;
+    keys it predates take today's defaults), leaving out the dotted keys in `ignore`; None if nothing is saved there,
+    ["(unreadable)"] if it does not read as today's settings."""
+    saved = Path(saved)
+    if not saved.is_file():
+        return None
+    try:
+        old = type(cfg).model_validate(yaml.safe_load(saved.read_text()) or {}).model_dump(mode="json")
+    except (yaml.YAMLError, ValidationError):
+        return ["(unreadable)"]
+    return _changed(old, cfg.model_dump(mode="json"), set(ignore))
+
+
+def _changed(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(old.keys() | new.keys()):
+        if f"{prefix}{k}" in ignore:
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, ignore, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def config_yaml(cfg: BaseModel) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from synthmed.config import BackboneConfig, ControlNetConfig, DecoderConfig, LoraConfig, save_config
+from synthmed.config.settings import settings_changed
 from synthmed.core.environment import environment
 from synthmed.core.io import SynthmedError, atomic_dir
 from synthmed.core.outputs import check_output, mark_output, partial_of
@@ -87,11 +88,30 @@ def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool 
     check_output(out, MODEL_KIND, resume=bool(resume))
     if resume not in (False, True, "latest") and not Path(resume).is_dir():
         raise SynthmedError(f"{resume}: --resume expects 'latest' or a checkpoint folder (OUT/checkpoints/step-N)")
+    lora_first = cfg.lora.rank and cfg.lora.stage == "before" and cfg.conditioning_mode != "text"
+    if resume:  # each phase against the settings it saved
+        if lora_first:
+            _same_settings_to_resume(out / "lora-stage", _stage_config(cfg))
+        _same_settings_to_resume(out, _after_stage(cfg, out) if lora_first else cfg)
     if resume == "latest" and not any((out / "checkpoints").glob("step-*")):
         note(f"--resume latest: no checkpoint in {out / 'checkpoints'}, so training starts at step 0")
-    if cfg.lora.rank and cfg.lora.stage == "before" and cfg.conditioning_mode != "text":
+    if lora_first:
         cfg = _lora_stage_first(data, cfg, out, resume)
     return _train(data, cfg, out, resume)
+
+
+# Settings (dotted paths) that do not change what a training makes: how often it checkpoints, how many it keeps,
+# where it logs, where the latent cache lives.
+NOT_RESULT_SETTINGS = {"checkpoint_every", "keep_checkpoints", "log_with", "latent_cache", "decoder.checkpoint_every", "decoder.refiner.checkpoint_every"}
+
+
+def _same_settings_to_resume(out: Path, cfg: ControlNetConfig) -> None:
+    """Refuse to continue checkpoints (of any phase) that were trained with other settings: the result would be neither run."""
+    started = any((out / "checkpoints").glob("step-*")) or (out / "decoder-state").exists()
+    changed = settings_changed(out / "train_config.yaml", cfg, NOT_RESULT_SETTINGS) if started else None
+    if changed:
+        raise SynthmedError(f"{out}: its checkpoints were trained with other settings (changed: {', '.join(changed)}); "
+                            "resume with the same settings, or choose a new --out")
 
 
 def _lora_stage_first(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> ControlNetConfig:
@@ -100,11 +120,19 @@ def _lora_stage_first(data: Path, cfg: ControlNetConfig, out: Path, resume: bool
 
     stage = out / "lora-stage"
     if not is_complete(stage):
-        first = cfg.model_copy(update={"conditioning_mode": "text", "steps": cfg.lora.steps or cfg.steps, "lora": cfg.lora.model_copy(update={"stage": "joint"}),
-                                       "controlnet_init": None, "unet_decoder_lr": None, "class_weights": None,
-                                       "decoder": DecoderConfig()})
-        _train(data, first, stage, resume=True)
-    return cfg.model_copy(update={"backbone": str((stage / "backbone").resolve()), "lora": LoraConfig()})
+        _train(data, _stage_config(cfg), stage, resume=True)
+    return _after_stage(cfg, out)
+
+
+def _stage_config(cfg: ControlNetConfig) -> ControlNetConfig:
+    """The text-to-image LoRA stage's settings (lora.stage before)."""
+    return cfg.model_copy(update={"conditioning_mode": "text", "steps": cfg.lora.steps or cfg.steps, "lora": cfg.lora.model_copy(update={"stage": "joint"}),
+                                  "controlnet_init": None, "unet_decoder_lr": None, "class_weights": None, "decoder": DecoderConfig()})
+
+
+def _after_stage(cfg: ControlNetConfig, out: Path) -> ControlNetConfig:
+    """The ControlNet's settings after that stage: on its fused UNet."""
+    return cfg.model_copy(update={"backbone": str((out / "lora-stage" / "backbone").resolve()), "lora": LoraConfig()})
 
 
 def _train(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> Path:

@@ -8,15 +8,16 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from synthmed.config import DownstreamConfig, RunConfig, save_config
+from synthmed.config.settings import settings_changed
 from synthmed.core.device import device
 from synthmed.core.io import SynthmedError, file_sha256, read_json, short_hash, write_json
 from synthmed.data.metadata import read_metadata
 from synthmed.core.outputs import open_output, partial_of
 from synthmed.core.progress import note
+from synthmed.pipelines.train import NOT_RESULT_SETTINGS
 from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, cell_settings, fraction_key, run_cell, seeds_of, still_to_run
 
 
@@ -180,7 +181,7 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
             if not (sub / "dataset.json").is_file():
                 write_subset(data, subsets[f], sub, f)
             assert read_card(sub)["splits"]["train"]["n"] == len(subsets[f])
-            if set_aside_if_changed(model, "train_config.yaml", cfg.controlnet, MODEL_NOT_RESULTS) or not is_complete(model):
+            if set_aside_if_changed(model, "train_config.yaml", cfg.controlnet, NOT_RESULT_SETTINGS) or not is_complete(model):
                 set_aside(syn, "its model is made again")
             set_aside_if_changed(syn, "generate_config.yaml", cfg.generate, SET_NOT_RESULTS)
             if not is_complete(model):
@@ -197,23 +198,15 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
     return results
 
 
-# Settings (dotted paths) that do not change what a stage makes: where and how often a model checkpoints and logs,
-# how many samples are drawn at once, threads, export (as generate's own resume identity).
-MODEL_NOT_RESULTS = {"checkpoint_every", "keep_checkpoints", "log_with", "latent_cache", "decoder.checkpoint_every", "decoder.refiner.checkpoint_every"}
+# Settings (dotted paths) that do not change a synthetic set: how many samples are drawn at once, threads, export (as
+# generate's own resume identity); a model's are pipelines.train.NOT_RESULT_SETTINGS.
 SET_NOT_RESULTS = {"batch_size", "export", "cpu_threads"}
 
 
 def set_aside_if_changed(folder: Path, saved: str, cfg: BaseModel, ignore: set[str]) -> bool:
     """If FOLDER (a study stage: a model, a synthetic set; finished or interrupted) was made with settings other
     than `cfg` (its FOLDER/SAVED config, the dotted keys in `ignore` left out), move it aside; True if moved."""
-    path = Path(folder) / saved
-    if not path.is_file():
-        return False
-    try:
-        old = type(cfg).model_validate(yaml.safe_load(path.read_text()) or {}).model_dump(mode="json")  # defaults for newer keys
-    except (yaml.YAMLError, ValidationError):
-        return set_aside(folder, f"its {saved} does not read as today's settings")
-    changed = _changed(old, cfg.model_dump(mode="json"), ignore)
+    changed = settings_changed(Path(folder) / saved, cfg, ignore)
     return bool(changed) and set_aside(folder, f"made with other settings (changed: {', '.join(changed)})")
 
 
@@ -229,20 +222,6 @@ def set_aside(folder: Path, why: str) -> bool:
     if moved:
         note(f"{folder}: {why}; kept as {Path(folder).name}.stale and made again")
     return moved
-
-
-def _changed(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts, leaving out the dotted keys in `ignore`."""
-    out = []
-    for k in sorted(old.keys() | new.keys()):
-        if f"{prefix}{k}" in ignore:
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed(a, b, ignore, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def _set_edges(data: Path, synthetic: Path, cfg: RunConfig) -> dict | None:
