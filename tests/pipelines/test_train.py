@@ -8,6 +8,7 @@ from synthmed import pipelines
 from synthmed.config import ConditioningConfig, ControlNetConfig, GenerateConfig, PhantomConfig, PrepareConfig
 from synthmed.core.io import SynthmedError, read_json
 from synthmed.models.backbone import load_backbone
+from synthmed.pipelines.train import changed_settings
 from synthmed.testing.cli import run_cli
 from synthmed.data.metadata import read_metadata
 
@@ -69,9 +70,12 @@ def test_lora_before_then_controlnet_and_an_unlocked_decoder(tiny_backbone_dir, 
     assert training["backbone"] == str((run / "lora-stage" / "backbone").resolve()) and (run / "controlnet" / "config.json").is_file()
     assert read_json(run / "lora-stage" / "training.json")["conditioning_mode"] == "text"
     # each phase checks its own saved settings on resume: the same ones continue, a stage setting changed is refused
-    pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, lora={"rank": 2, "stage": "before", "steps": 2}), run, resume=True)
+    same = _cfg(tiny_backbone_dir, lora={"rank": 2, "stage": "before", "steps": 2})
+    assert changed_settings(run, same) == []  # what a study compares before it reuses a finished model
+    assert changed_settings(run, same.model_copy(update={"lr": 1e-3})) == ["lora-stage: lr", "lr"]  # both phases train with it
+    pipelines.train_controlnet(phantom_data, same, run, resume=True)
     (run / "training.json").unlink()
-    with pytest.raises(SynthmedError, match=r"lora-stage: its checkpoints were trained with other settings \(changed: lora.rank, lora.steps, steps\)"):
+    with pytest.raises(SynthmedError, match=r"before: its checkpoints were trained with other settings \(changed: lora-stage: lora.rank, lora-stage: lora.steps, lora-stage: steps\)"):
         pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, lora={"rank": 4, "stage": "before", "steps": 3}), run, resume=True)
     run = pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, unet_decoder_lr=1e-2, channels_last=True), tmp_path / "decoder")
     unet, original = UNet2DConditionModel.from_pretrained(run / "unet"), load_backbone(tiny_backbone_dir).unet

@@ -88,14 +88,13 @@ def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool 
     check_output(out, MODEL_KIND, resume=bool(resume))
     if resume not in (False, True, "latest") and not Path(resume).is_dir():
         raise SynthmedError(f"{resume}: --resume expects 'latest' or a checkpoint folder (OUT/checkpoints/step-N)")
-    lora_first = cfg.lora.rank and cfg.lora.stage == "before" and cfg.conditioning_mode != "text"
-    if resume:  # each phase against the settings it saved
-        if lora_first:
-            _same_settings_to_resume(out / "lora-stage", _stage_config(cfg))
-        _same_settings_to_resume(out, _after_stage(cfg, out) if lora_first else cfg)
+    changed = changed_settings(out, cfg, started_only=True) if resume else []
+    if changed:
+        raise SynthmedError(f"{out}: its checkpoints were trained with other settings (changed: {', '.join(changed)}); "
+                            "resume with the same settings, or choose a new --out")
     if resume == "latest" and not any((out / "checkpoints").glob("step-*")):
         note(f"--resume latest: no checkpoint in {out / 'checkpoints'}, so training starts at step 0")
-    if lora_first:
+    if _lora_first(cfg):
         cfg = _lora_stage_first(data, cfg, out, resume)
     return _train(data, cfg, out, resume)
 
@@ -105,13 +104,23 @@ def train_controlnet(data: Path, cfg: ControlNetConfig, out: Path, resume: bool 
 NOT_RESULT_SETTINGS = {"checkpoint_every", "keep_checkpoints", "log_with", "latent_cache", "decoder.checkpoint_every", "decoder.refiner.checkpoint_every"}
 
 
-def _same_settings_to_resume(out: Path, cfg: ControlNetConfig) -> None:
-    """Refuse to continue checkpoints (of any phase) that were trained with other settings: the result would be neither run."""
-    started = any((out / "checkpoints").glob("step-*")) or (out / "decoder-state").exists()
-    changed = settings_changed(out / "train_config.yaml", cfg, NOT_RESULT_SETTINGS) if started else None
-    if changed:
-        raise SynthmedError(f"{out}: its checkpoints were trained with other settings (changed: {', '.join(changed)}); "
-                            "resume with the same settings, or choose a new --out")
+def changed_settings(out: Path, cfg: ControlNetConfig, started_only: bool = False) -> list[str]:
+    """The settings (dotted keys) in which `cfg` differs from what each phase of the model folder OUT saved: the
+    ControlNet's (on the LoRA stage's fused UNet, where there is one) and the LoRA stage's (prefixed 'lora-stage:').
+    `started_only`: only phases with checkpoints (what a resume would continue)."""
+    out = Path(out)
+    first = _lora_first(cfg)
+    phases = ([(out / "lora-stage", _stage_config(cfg), "lora-stage: ")] if first else []) + [(out, _after_stage(cfg, out) if first else cfg, "")]
+    changed = []
+    for folder, settings, prefix in phases:
+        if started_only and not (any((folder / "checkpoints").glob("step-*")) or (folder / "decoder-state").exists()):
+            continue
+        changed += [prefix + k for k in settings_changed(folder / "train_config.yaml", settings, NOT_RESULT_SETTINGS) or []]
+    return changed
+
+
+def _lora_first(cfg: ControlNetConfig) -> bool:
+    return bool(cfg.lora.rank and cfg.lora.stage == "before" and cfg.conditioning_mode != "text")
 
 
 def _lora_stage_first(data: Path, cfg: ControlNetConfig, out: Path, resume: bool) -> ControlNetConfig:

@@ -17,7 +17,7 @@ from synthmed.core.io import SynthmedError, file_sha256, read_json, short_hash, 
 from synthmed.data.metadata import read_metadata
 from synthmed.core.outputs import open_output, partial_of
 from synthmed.core.progress import note
-from synthmed.pipelines.train import NOT_RESULT_SETTINGS
+from synthmed.pipelines.train import changed_settings
 from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, cell_settings, fraction_key, run_cell, seeds_of, still_to_run
 
 
@@ -181,7 +181,10 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
             if not (sub / "dataset.json").is_file():
                 write_subset(data, subsets[f], sub, f)
             assert read_card(sub)["splits"]["train"]["n"] == len(subsets[f])
-            if set_aside_if_changed(model, "train_config.yaml", cfg.controlnet, NOT_RESULT_SETTINGS) or not is_complete(model):
+            changed = changed_settings(model, cfg.controlnet)
+            if changed:
+                set_aside(model, f"made with other settings (changed: {', '.join(changed)})")
+            if changed or not is_complete(model):
                 set_aside(syn, "its model is made again")
             set_aside_if_changed(syn, "generate_config.yaml", cfg.generate, SET_NOT_RESULTS)
             if not is_complete(model):
@@ -199,7 +202,7 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
 
 
 # Settings (dotted paths) that do not change a synthetic set: how many samples are drawn at once, threads, export (as
-# generate's own resume identity); a model's are pipelines.train.NOT_RESULT_SETTINGS.
+# generate's own resume identity); a model's are compared by pipelines.train.changed_settings.
 SET_NOT_RESULTS = {"batch_size", "export", "cpu_threads"}
 
 
