@@ -67,9 +67,13 @@ def generate(data: Path, model: Path, cfg: GenerateConfig, out: Path, backbone: 
     return out
 
 
+# Settings that do not change what is drawn (samples are batch-independent): a resumed run need not share them.
+NOT_RESULT_SETTINGS = frozenset({"batch_size", "export", "cpu_threads"})
+
+
 def _identity(data: Path, model: Path, cfg: GenerateConfig, backbone: str | None) -> str:
     """What a resumed run must share with the interrupted one (not batch size, threads or export)."""
-    keep = cfg.model_dump(mode="json", exclude={"batch_size", "export", "cpu_threads"})
+    keep = cfg.model_dump(mode="json", exclude=set(NOT_RESULT_SETTINGS))
     text = repr((str(data.resolve()), str(model.resolve()), backbone, keep))
     return short_hash(text)
 

@@ -61,23 +61,27 @@ def test_a_resumed_study_sets_aside_a_stage_made_with_other_settings(tmp_path, c
     conditioning scale or filter moves the set aside (kept as .stale, with a note naming what changed) so it is drawn
     again; settings that do not change what is drawn (batch size, export) keep it."""
     from synthmed.config import GenerateConfig
-    from synthmed.config.settings import save_config
-    from synthmed.pipelines.studies.downstream import SET_NOT_RESULTS, set_aside_if_changed
+    from synthmed.config.settings import save_config, settings_changed
+    from synthmed.pipelines.generate import NOT_RESULT_SETTINGS
+    from synthmed.pipelines.studies.downstream import set_aside_changed
+
+    def set_aside_if_changed(folder, cfg):  # as the study checks its synthetic set
+        return set_aside_changed(folder, settings_changed(folder / "generate_config.yaml", cfg, NOT_RESULT_SETTINGS))
 
     syn = tmp_path / "synthetic"
     syn.mkdir()
     save_config(GenerateConfig(), syn / "generate_config.yaml")
     (syn / "dataset.json").write_text("{}")
-    assert not set_aside_if_changed(syn, "generate_config.yaml", GenerateConfig(batch_size=3, export=["folder"]), SET_NOT_RESULTS)
+    assert not set_aside_if_changed(syn, GenerateConfig(batch_size=3, export=["folder"]))
     assert (syn / "dataset.json").is_file()
-    assert not set_aside_if_changed(tmp_path / "never-made", "generate_config.yaml", GenerateConfig(), SET_NOT_RESULTS)
+    assert not set_aside_if_changed(tmp_path / "never-made", GenerateConfig())
 
     judge = GenerateConfig.model_validate({"filter": {"segmenter": {"batch_size": 8}}})  # the judge's batch is a setting of what is kept
-    assert set_aside_if_changed(syn, "generate_config.yaml", judge, SET_NOT_RESULTS)
+    assert set_aside_if_changed(syn, judge)
     assert "changed: filter.segmenter.batch_size" in capsys.readouterr().err
     (tmp_path / "synthetic.stale").replace(syn)
     other = GenerateConfig.model_validate({"conditioning_scale": 1.0, "filter": {"min_dice": 0.5}})
-    assert set_aside_if_changed(syn, "generate_config.yaml", other, SET_NOT_RESULTS)
+    assert set_aside_if_changed(syn, other)
     assert not syn.exists() and (tmp_path / "synthetic.stale" / "dataset.json").is_file()
     err = capsys.readouterr().err
     assert "changed: conditioning_scale, filter.min_dice" in err and "synthetic.stale" in err

@@ -8,8 +8,6 @@ import shutil
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from synthmed.config import DownstreamConfig, RunConfig, save_config
 from synthmed.config.settings import settings_changed
 from synthmed.core.device import device
@@ -17,6 +15,7 @@ from synthmed.core.io import SynthmedError, file_sha256, read_json, short_hash, 
 from synthmed.data.metadata import read_metadata
 from synthmed.core.outputs import open_output, partial_of
 from synthmed.core.progress import note
+from synthmed.pipelines.generate import NOT_RESULT_SETTINGS as GENERATE_NOT_RESULTS
 from synthmed.pipelines.train import changed_settings
 from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, cell_settings, fraction_key, run_cell, seeds_of, still_to_run
 
@@ -182,11 +181,10 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
                 write_subset(data, subsets[f], sub, f)
             assert read_card(sub)["splits"]["train"]["n"] == len(subsets[f])
             changed = changed_settings(model, cfg.controlnet)
-            if changed:
-                set_aside(model, f"made with other settings (changed: {', '.join(changed)})")
+            set_aside_changed(model, changed)
             if changed or not is_complete(model):
                 set_aside(syn, "its model is made again")
-            set_aside_if_changed(syn, "generate_config.yaml", cfg.generate, SET_NOT_RESULTS)
+            set_aside_changed(syn, settings_changed(syn / "generate_config.yaml", cfg.generate, GENERATE_NOT_RESULTS))
             if not is_complete(model):
                 train_controlnet(sub, cfg.controlnet, model, resume=True)
             if not (syn / "dataset.json").is_file():
@@ -201,15 +199,8 @@ def data_augmentation(cfg: RunConfig, out: Path, data: Path) -> dict:
     return results
 
 
-# Settings (dotted paths) that do not change a synthetic set: how many samples are drawn at once, threads, export (as
-# generate's own resume identity); a model's are compared by pipelines.train.changed_settings.
-SET_NOT_RESULTS = {"batch_size", "export", "cpu_threads"}
-
-
-def set_aside_if_changed(folder: Path, saved: str, cfg: BaseModel, ignore: set[str]) -> bool:
-    """If FOLDER (a study stage: a model, a synthetic set; finished or interrupted) was made with settings other
-    than `cfg` (its FOLDER/SAVED config, the dotted keys in `ignore` left out), move it aside; True if moved."""
-    changed = settings_changed(Path(folder) / saved, cfg, ignore)
+def set_aside_changed(folder: Path, changed: list[str] | None) -> bool:
+    """Move FOLDER (a study stage) aside if it was made with other settings, `changed` naming them; True if moved."""
     return bool(changed) and set_aside(folder, f"made with other settings (changed: {', '.join(changed)})")
 
 
