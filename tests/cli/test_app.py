@@ -53,3 +53,19 @@ def test_a_crash_or_interrupt_says_where_the_work_is_and_how_to_continue(tmp_pat
     assert (tmp_path / "m.partial").is_dir() and not (tmp_path / "m.lock").exists()
     if code == 1:
         assert "Traceback" in res.stderr and "RuntimeError: a bug" in res.stderr  # a bug keeps its traceback for the report
+
+
+def test_sigterm_ends_a_command_as_an_interrupt_and_the_handler_is_put_back(tmp_path):
+    import os
+    import signal
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would
+        raise AssertionError("SIGTERM did not end the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "m"
+    res = CliRunner().invoke(_app(terminated), ["train-controlnet", "--out", str(out)])
+    assert res.exit_code == 130
+    assert res.stderr.strip().splitlines()[-1] == f"interrupted: finished work is kept in {out}.partial; run the same command with --resume latest to continue"
+    assert not (tmp_path / "m.lock").exists() and signal.getsignal(signal.SIGTERM) is before

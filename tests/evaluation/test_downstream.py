@@ -131,3 +131,35 @@ def test_synthetic_pretraining_then_real_fine_tuning():
     model, record = ds.train_cell("segmentation", [train], True, val, 2, settings, seed=0, pretrain=syn, progress=lambda s, n, loss: seen.append(n))
     assert record["pretrain_steps"] == 4 and seen == [4] * 4 + [6] * 6  # 4 steps on the synthetic pool, then 6 on the real one
     assert [c["step"] for c in record["curve"]] == [3, 6]  # early stopping watches the fine-tuning only
+
+
+def test_a_cell_whose_forward_fails_to_compile_trains_eagerly_with_a_note(monkeypatch, capsys):
+    train, val = _seg_pool(16, 3), _seg_pool(8, 4)
+
+    def cannot_compile(model):
+        def forward(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(long inductor report)")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", cannot_compile)
+    settings = ds.TrainSettings(max_steps=6, eval_every=3, patience=5, batch_size=4, lr=3e-3)
+    eager, eager_record = ds.train_cell("segmentation", [train], False, val, 2, settings, seed=0)
+    settings.compile = True
+    fallback, record = ds.train_cell("segmentation", [train], False, val, 2, settings, seed=0)
+    assert record["compiled"] is False and "compiled" not in eager_record
+    assert capsys.readouterr().err.count("note: torch.compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found); training eagerly") == 1
+    # eager from the first step on: the very same model as a cell that never asked for compile
+    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), fallback.state_dict().values()))
+
+
+@pytest.mark.e2e
+def test_a_compiled_cell_learns_what_an_eager_one_does():
+    """torch.compile's kernels: the same function with other rounding (a real compile: tens of seconds when the cache is cold)."""
+    train, val = _seg_pool(24, 3), _seg_pool(8, 4)
+    records = {}
+    for compiled in (False, True):
+        settings = ds.TrainSettings(max_steps=40, eval_every=10, patience=5, batch_size=8, lr=3e-3, compile=compiled)
+        _, records[compiled] = ds.train_cell("segmentation", [train], False, val, 2, settings, seed=0)
+    assert records[True]["compiled"] is True
+    eager, fast = ([c["train_loss"] for c in records[k]["curve"]] for k in (False, True))
+    assert fast == pytest.approx(eager, rel=0.05) and fast != eager  # the same training, not bit for bit

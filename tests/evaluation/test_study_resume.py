@@ -55,3 +55,44 @@ def test_a_resumed_study_trains_again_exactly_the_cells_whose_settings_changed(p
     done.write_text(json.dumps(legacy))
     assert _run(phantom_data, cfg, out, syn, monkeypatch) == ["real+classic+synthetic"]
     assert json.loads(done.read_text()) == legacy
+
+
+def test_mix_chosen_on_the_first_seed_trains_the_other_seeds_once_with_its_choice(phantom_data, tmp_path, monkeypatch):
+    from synthmed.evaluation import downstream as ds
+
+    half = nested_fractions(read_metadata(phantom_data / "train" / "metadata.jsonl"), [0.5], 0)[0.5]
+    syn = fraction_synthetic_set(phantom_data, tmp_path / "syn", half)
+    cfg = DownstreamConfig(arms=["real+classic+synthetic"], fractions=[0.5], seeds=[0, 1, 2], max_steps=4, eval_every=2, patience=1,
+                           batch_size=4, mix=[0.25, 0.5], mix_chosen_on="first_seed", synthetic_count=6)
+    out = tmp_path / "study"
+    trained, real_train = [], ds.train_cell
+    monkeypatch.setattr(ds, "train_cell", lambda task, pools, classic, val, n, settings, seed, *a, **k:
+                        trained.append((seed, settings.mix)) or real_train(task, pools, classic, val, n, settings, seed, *a, **k))
+    cell = lambda seed: json.loads((out / "cells" / "f0.50" / "real+classic+synthetic" / f"seed{seed}" / "result.json").read_text())  # noqa: E731
+
+    results = pipelines.downstream(phantom_data, cfg, out, {0.5: syn})
+    assert not results["errors"] and results["n_finished"] == 3
+    chosen = cell(0)["training"]["mix"]
+    assert set(cell(0)["training"]["mix_chosen_on_validation"]) == {"0.25", "0.5"} and "mix_chosen_on_seed" not in cell(0)["training"]
+    # the first seed tries both mixes, the others train once, with its choice, and say where it came from
+    assert sorted(trained) == sorted([(0, 0.25), (0, 0.5), (1, chosen), (2, chosen)])
+    for seed in (1, 2):
+        assert cell(seed)["training"]["mix"] == chosen and cell(seed)["training"]["mix_chosen_on_seed"] == 0
+        assert cell(seed)["settings"]["mix"] == chosen and "mix_chosen_on_validation" not in cell(seed)["training"]
+    assert "first seed" in results["protocol"]["mix"]
+
+    trained.clear()  # resumed as it was: nothing trains
+    pipelines.downstream(phantom_data, cfg, out, {0.5: syn})
+    assert trained == []
+    # the first seed's choice changed (as a retrained first cell would): the later seeds train again with the new one
+    first = out / "cells" / "f0.50" / "real+classic+synthetic" / "seed0" / "result.json"
+    other = 0.5 if chosen == 0.25 else 0.25
+    record = json.loads(first.read_text())
+    record["training"]["mix"] = other
+    first.write_text(json.dumps(record))
+    pipelines.downstream(phantom_data, cfg, out, {0.5: syn})
+    assert sorted(trained) == [(1, other), (2, other)]
+    # each seed choosing its own: the first seed's cell is the same, the others try both
+    trained.clear()
+    pipelines.downstream(phantom_data, cfg.model_copy(update={"mix_chosen_on": "each_seed"}), out, {0.5: syn})
+    assert sorted(trained) == [(1, 0.25), (1, 0.5), (2, 0.25), (2, 0.5)]

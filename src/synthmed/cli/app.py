@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
+import threading
 import traceback
 from pathlib import Path
 
@@ -53,7 +55,7 @@ def command(fn):
         how = _CONTINUE.get(fn.__name__, "run the same command again to continue")
         try:
             _quiet_libraries()
-            with guarded_output(out) if out is not None else contextlib.nullcontext():
+            with _terminate_as_interrupt(), guarded_output(out) if out is not None else contextlib.nullcontext():
                 return fn(*args, **kwargs)
         except SynthmedError as exc:
             typer.echo(f"error: {exc}", err=True)
@@ -70,6 +72,25 @@ def command(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While a command runs, SIGTERM (kill, a batch scheduler's stop) ends it as Ctrl-C does: its worker processes
+    are stopped (a study's cells), its lock released and its finished work kept, instead of the command dying with
+    its workers left running. The previous handler is put back afterwards."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _kept(out: Path | None, how: str) -> str | None:

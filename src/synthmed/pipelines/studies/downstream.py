@@ -17,7 +17,8 @@ from synthmed.core.outputs import open_output, partial_of
 from synthmed.core.progress import note
 from synthmed.pipelines.generate import NOT_RESULT_SETTINGS as GENERATE_NOT_RESULTS
 from synthmed.pipelines.train import changed_settings
-from synthmed.evaluation.study import SYNTHETIC_ARMS, RealData, aggregate, cell_settings, fraction_key, run_cell, seeds_of, still_to_run
+from synthmed.evaluation.study import (SYNTHETIC_ARMS, RealData, aggregate, cell_settings, chosen_mix, first_seed_of, fraction_key, run_cell, seeds_of,
+                                       still_to_run)
 
 
 def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | None = None) -> dict:
@@ -33,18 +34,41 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
     jobs = [(out / "cells" / fraction_key(f) / arm / f"seed{seed}", f, arm, seed, f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}",
              cell_settings(cfg, arm, bases[f])) for i, (f, arm, seed) in enumerate(cells)]
     started = time.time()
-    todo = [jobs[i] for i in still_to_run([(j[0], j[-1]) for j in jobs])]
-    if cfg.workers > 1 and len(todo) > 1:
-        _run_in_workers(todo, data, cfg, synthetic or {})
-    else:
-        for folder, f, arm, seed, label, settings in todo:
-            run_cell(folder, real, f, subsets[f], arm, seed, extras[f], cfg, label=label, settings=settings)
+    # Cells whose mix their first seed's cell chooses (mix_chosen_on: first_seed) run after the others, with its choice.
+    later = {i: first for i, j in enumerate(jobs) if (first := first_seed_of(cfg, j[1], j[-1], j[3])) is not None}
+    tries = lambda job: len(job[-1]["mix"]) if isinstance(job[-1].get("mix"), list) else 1  # noqa: E731  (models a cell trains)
+    wave = sorted((jobs[i] for i in range(len(jobs)) if i not in later), key=tries, reverse=True)  # the longest first
+
+    def with_chosen_mix() -> list[tuple]:
+        ready = []
+        for i, first in later.items():
+            folder, f, arm, seed, label, settings = jobs[i]
+            mixed = chosen_mix(folder.parent / f"seed{first}", settings, first)
+            if mixed is None:
+                note(f"{folder}: waits for seed {first}'s cell, which chooses its mix and has not finished (a re-run trains it)")
+            else:
+                ready.append((folder, f, arm, seed, label, mixed))
+        return ready
+
+    _run_cells([wave, with_chosen_mix], real, subsets, extras, data, cfg, synthetic or {})
     results = aggregate(out, real, cfg, subsets, sources, ceilings)
     results["skipped_arms"] = skipped
     results["n_cells"] = len(cells)  # the grid less the arms that do not apply (listed in skipped_arms)
     results["seconds_this_invocation"] = round(time.time() - started, 1)
     write_json(out / "results.json", results)
     return results
+
+
+def _run_cells(waves: list, real, subsets: dict, extras: dict, data: Path, cfg: DownstreamConfig, synthetic: dict) -> None:
+    """Train the cells of each wave (a list of jobs, or a function giving it once the waves before have run) that have
+    not finished with their settings (results made otherwise are moved aside), in `cfg.workers` processes or here."""
+    if cfg.workers > 1:
+        _run_in_workers(waves, data, cfg, synthetic)
+        return
+    for wave in waves:
+        jobs = wave() if callable(wave) else wave
+        for folder, f, arm, seed, label, settings in [jobs[i] for i in still_to_run([(j[0], j[-1]) for j in jobs])]:
+            run_cell(folder, real, f, subsets[f], arm, seed, extras[f], cfg, label=label, settings=settings)
 
 
 def _setup(data: Path, cfg: DownstreamConfig, synthetic: dict) -> tuple:
@@ -95,18 +119,29 @@ def _basis(card: dict, ids: list[str], source: str | None, pools: dict) -> dict:
 _WORKER: dict = {}  # a cell worker's set-up (_setup's result), made once per process
 
 
-def _run_in_workers(jobs: list[tuple], data: Path, cfg: DownstreamConfig, synthetic: dict) -> None:
-    """Run the cells `cfg.workers` at a time, each worker a fresh (spawned) process that makes the same set-up
-    and uses its share of this process's threads; a finished cell is its result.json, as in the serial loop."""
+def _run_in_workers(waves: list, data: Path, cfg: DownstreamConfig, synthetic: dict) -> None:
+    """Run the cells of each wave (see _run_cells) `cfg.workers` at a time, each worker a fresh (spawned) process
+    that makes the same set-up once and uses its share of this process's threads; a finished cell is its
+    result.json, as in the serial loop. The workers start only when some cell has to train."""
     import multiprocessing
 
     import torch
 
     threads = max(1, torch.get_num_threads() // cfg.workers)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(cfg.workers, initializer=_worker_setup, initargs=(data, cfg, synthetic, threads)) as pool:
-        for _ in pool.imap_unordered(_worker_cell, jobs, chunksize=1):
-            pass
+    ctx, pool = multiprocessing.get_context("spawn"), None
+    try:
+        for wave in waves:
+            jobs = wave() if callable(wave) else wave
+            todo = [jobs[i] for i in still_to_run([(j[0], j[-1]) for j in jobs])]
+            if not todo:
+                continue
+            pool = pool or ctx.Pool(cfg.workers, initializer=_worker_setup, initargs=(data, cfg, synthetic, threads))
+            for _ in pool.imap_unordered(_worker_cell, todo, chunksize=1):
+                pass
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 def _worker_setup(data: Path, cfg: DownstreamConfig, synthetic: dict, threads: int) -> None:
