@@ -66,9 +66,15 @@ def _run_cells(waves: list, real, subsets: dict, extras: dict, data: Path, cfg: 
         _run_in_workers(waves, data, cfg, synthetic)
         return
     for wave in waves:
-        jobs = wave() if callable(wave) else wave
-        for folder, f, arm, seed, label, settings in [jobs[i] for i in still_to_run([(j[0], j[-1]) for j in jobs])]:
+        for folder, f, arm, seed, label, settings in _todo(wave):
             run_cell(folder, real, f, subsets[f], arm, seed, extras[f], cfg, label=label, settings=settings)
+
+
+def _todo(wave) -> list[tuple]:
+    """A wave's jobs (a list, or a function giving it once the waves before have run) that must train: no result
+    yet, or one made with other settings (moved aside by still_to_run)."""
+    jobs = wave() if callable(wave) else wave
+    return [jobs[i] for i in still_to_run([(j[0], j[-1]) for j in jobs])]
 
 
 def _setup(data: Path, cfg: DownstreamConfig, synthetic: dict) -> tuple:
@@ -131,8 +137,7 @@ def _run_in_workers(waves: list, data: Path, cfg: DownstreamConfig, synthetic: d
     ctx, pool = multiprocessing.get_context("spawn"), None
     try:
         for wave in waves:
-            jobs = wave() if callable(wave) else wave
-            todo = [jobs[i] for i in still_to_run([(j[0], j[-1]) for j in jobs])]
+            todo = _todo(wave)
             if not todo:
                 continue
             pool = pool or ctx.Pool(cfg.workers, initializer=_worker_setup, initargs=(data, cfg, synthetic, threads))
