@@ -194,6 +194,19 @@ def test_a_conditioned_refiner_is_saved_and_is_what_generation_and_the_round_tri
         pipelines.train_controlnet(phantom_data, _cfg(tiny_backbone_dir, conditioning_mode="text", decoder={"refiner": {"steps": 1}}), tmp_path / "text")
 
 
+
+def test_a_refiner_of_whole_images_builds_the_latent_cache_that_the_controlnet_then_reads(tiny_backbone_dir, phantom_data, tmp_path):
+    from synthmed.models.trained import read_training
+
+    cfg = _cfg(tiny_backbone_dir, decoder={"refiner": {"steps": 2, "batch_size": 4, "width": 8}})  # crop 64: whole 64 px tiles
+    training = read_training(pipelines.train_controlnet(phantom_data, cfg, tmp_path / "run"))
+    assert training["decoder"]["refiner"]["cached_latents"] is True
+    assert training["latent_cache"]["reused"] is True and training["latent_cache"]["encoded_here"] == 0  # encoded once, for both
+    small = _cfg(tiny_backbone_dir, decoder={"refiner": {"steps": 2, "batch_size": 4, "width": 8, "crop": 16}})
+    training = read_training(pipelines.train_controlnet(phantom_data, small, tmp_path / "crops"))
+    assert training["decoder"]["refiner"]["cached_latents"] is False  # 16 px crops: each step encodes its own
+
+
 def _wandb_records(path) -> list[dict]:
     """The history rows of a W&B run file, read the way `wandb sync` reads it: a 7-byte header, then 32 KiB
     blocks of LevelDB-style records (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) of protobuf Records."""

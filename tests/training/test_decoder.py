@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from synthmed.training.decoder import FocusPixels, decoder_batch, finetune_decoder, train_refiner
@@ -138,3 +139,27 @@ def test_the_refiner_learns_to_paint_what_the_round_trip_loses_and_resumes(tiny,
     assert err(refined) < 0.5 * err(plain)
     again, resumed = train_refiner(load(), images, masks, cond, weights, cfg, state_dir=tmp_path / "state")  # finished: restored, not retrained
     assert resumed == losses and all(torch.equal(v, refiner.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+def test_a_refiner_of_whole_image_crops_starts_from_cached_latents_and_learns_the_same(tiny, tmp_path, monkeypatch):
+    """Whole-image crops: the round trips start from the latent cache's 8 views (no encode in a step), and the
+    refiner trains as it does encoding each batch (the same means, another batch composition's rounding)."""
+    from synthmed.training.latent_cache import cached_latents
+
+    load, _ = tiny
+    rng = np.random.default_rng(1)
+    masks = rng.integers(0, 6, (5, 16, 16)).astype(np.uint8)
+    images = rng.integers(0, 256, (5, 16, 16, 3)).astype(np.uint8)
+    cond = (masks[..., None] == 4).astype(np.uint8) * 255
+    weights = torch.tensor([1.0, 1, 1, 1, 20.0, 1])
+    cfg = _cfg(steps=6, batch_size=4, crop=16, lr=1e-2, width=8, depth=3, latent_noise=0.5)
+    encoding, _ = train_refiner(load(), images, masks, cond, weights, cfg)
+    bb = load()
+    store, _ = cached_latents(bb, images, tuple(range(8)), tmp_path / "latents")
+    monkeypatch.setattr(bb.vae, "encode", lambda *a, **k: pytest.fail("a step encoded its batch instead of reading the cache"))
+    cached, losses = train_refiner(bb, images, masks, cond, weights, cfg, latents=store)
+    assert len(losses) == 6 and any(v.abs().sum() > 0 for v in cached.out.state_dict().values())  # trained
+    want = encoding.state_dict()
+    assert all(torch.allclose(v, want[k], atol=1e-4) for k, v in cached.state_dict().items())
+    with pytest.raises(ValueError, match="whole square images"):  # 8 px crops of 16 px images: the cache does not hold them
+        train_refiner(load(), images, masks, cond, weights, _cfg(steps=1, crop=8, width=8, depth=3, latent_noise=0.5), latents=store)

@@ -61,13 +61,11 @@ def _crop_corner(centre: int, size: int, crop: int, jitter: int, rng) -> int:
     return int(np.clip(centre - crop // 2 + rng.integers(-jitter, jitter + 1), 0, size - crop))
 
 
-def decoder_batch(images, masks, class_weights: torch.Tensor | None, focus: FocusPixels | None, batch_size: int, crop: int,
-                  focus_share: float, rng, cond=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A batch of crops (images in the model's range, per-pixel weights, conditioning in [0, 1] or None):
-    `focus_share` of them centred near a pixel of a weighted class (a class drawn in proportion to its weight,
-    then one of its pixels), the rest anywhere; each in one of the 8 dihedral views. `images` (N, H, W, C) uint8,
-    `masks` (N, H, W) and `cond` (N, H, W, C') uint8 may be splits on disk: only the rows the batch crops from are read."""
-    n_images, h, w = len(images), images.shape[1], images.shape[2]
+def draw_picks(n_images: int, size: tuple[int, int], focus: FocusPixels | None, batch_size: int, crop: int, focus_share: float,
+               rng) -> list[tuple[int, int, int, int]]:
+    """(image, top, left, dihedral view) of each crop of a batch: `focus_share` of them centred near a pixel of a
+    weighted class (a class drawn in proportion to its weight, then one of its pixels), the rest anywhere."""
+    h, w = size
     n_focus = int(round(focus_share * batch_size)) if focus else 0
     probs = np.array(focus.weights()) / sum(focus.weights()) if focus else None
     picks = []
@@ -79,6 +77,14 @@ def decoder_batch(images, masks, class_weights: torch.Tensor | None, focus: Focu
         else:
             n, y0, x0 = int(rng.integers(n_images)), int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
         picks.append((n, y0, x0, int(rng.integers(8))))
+    return picks
+
+
+def crops_of(images, masks, class_weights: torch.Tensor | None, picks, crop: int, cond=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The picks' crops (images in the model's range, per-pixel weights, conditioning in [0, 1] or None). `images`
+    (N, H, W, C) uint8, `masks` (N, H, W) and `cond` (N, H, W, C') uint8 may be splits on disk: only the rows the
+    picks crop from are read."""
+    h, w = images.shape[1], images.shape[2]
     rows = sorted({p[0] for p in picks})
     at = {n: r for r, n in enumerate(rows)}
     x_rows = to_model_range(np.asarray(images[rows]))  # (R, C, H, W)
@@ -90,6 +96,13 @@ def decoder_batch(images, masks, class_weights: torch.Tensor | None, focus: Focu
         return torch.stack([dihedral(rows_t[at[n], :, y0 : y0 + crop, x0 : x0 + crop], k) for n, y0, x0, k in picks])
 
     return views(x_rows), views(w_rows), None if c_rows is None else views(c_rows)
+
+
+def decoder_batch(images, masks, class_weights: torch.Tensor | None, focus: FocusPixels | None, batch_size: int, crop: int,
+                  focus_share: float, rng, cond=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch of crops (draw_picks, then crops_of), each in one of the 8 dihedral views."""
+    picks = draw_picks(len(images), images.shape[1:3], focus, batch_size, crop, focus_share, rng)
+    return crops_of(images, masks, class_weights, picks, crop, cond)
 
 
 def weighted_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -137,11 +150,16 @@ def finetune_decoder(backbone, images: np.ndarray, masks: np.ndarray | None, cla
     return losses
 
 
-def train_refiner(backbone, images, masks, cond, class_weights: torch.Tensor | None, cfg, progress=None, state_dir: Path | None = None):
+def train_refiner(backbone, images, masks, cond, class_weights: torch.Tensor | None, cfg, progress=None, state_dir: Path | None = None,
+                  latents=None):
     """A ConditionedRefiner (models/refiner.py) for backbone.vae's decoder, trained on (N, H, W, 3) uint8 images and their
     (N, H, W, C) uint8 conditioning: round trips of crops (latent means plus noise of up to `latent_noise` x the
     latents' std, so that generated latents are in its range) against the crops, with the decoder's class-weighted
-    loss. `cfg`: RefinerConfig fields, focus_share and seed. Returns (refiner, losses); resumes from `state_dir`."""
+    loss. `cfg`: RefinerConfig fields, focus_share and seed. Returns (refiner, losses); resumes from `state_dir`.
+
+    `latents`: the images' scaled latent means in all 8 dihedral views (`latents[idx, view]`, a LatentStore), used
+    when every crop is a whole image (square images no larger than the crop): a step then decodes only, instead of
+    encoding its batch again (the same means, up to the rounding of another batch composition)."""
     from synthmed.models.refiner import new_refiner
 
     vae = backbone.vae
@@ -151,16 +169,22 @@ def train_refiner(backbone, images, masks, cond, class_weights: torch.Tensor | N
         masks, class_weights = None, None
     focus = FocusPixels(masks, class_weights) if masks is not None else None
     crop = min(cfg.crop, *images.shape[1:3])
+    if latents is not None and not whole_image_crops(images.shape[1:3], cfg.crop):
+        raise ValueError(f"train_refiner expects latents only when crops are whole square images, but got images {tuple(images.shape[1:3])} and crop {cfg.crop}")
     opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.steps)
     ckpt = PhaseCheckpoint(state_dir, "refiner", cfg.checkpoint_every)
     start, losses = ckpt.restore(refiner, opt, sched)
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step, 1])
-        x, w, c = (t.to(device) for t in decoder_batch(images, masks, class_weights, focus, cfg.batch_size, crop, cfg.focus_share, rng, cond=cond))
+        picks = draw_picks(len(images), images.shape[1:3], focus, cfg.batch_size, crop, cfg.focus_share, rng)
+        x, w, c = (t.to(device) for t in crops_of(images, masks, class_weights, picks, crop, cond=cond))
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         with torch.no_grad():
-            z = vae.encode(x.to(vae.dtype)).latent_dist.mean
+            if latents is None:
+                z = vae.encode(x.to(vae.dtype)).latent_dist.mean
+            else:
+                z = (latents[[p[0] for p in picks], [p[3] for p in picks]] / vae.config.scaling_factor).to(device, vae.dtype)
             sigma = torch.rand(len(z), 1, 1, 1, generator=g).to(device) * cfg.latent_noise * z.float().std()
             rec = vae.decode(z + (sigma * torch.randn(z.shape, generator=g).to(device)).to(z.dtype)).sample.float().clamp(-1, 1)
         loss = weighted_loss(refiner(rec, c), x, w)
@@ -170,6 +194,12 @@ def train_refiner(backbone, images, masks, cond, class_weights: torch.Tensor | N
         if progress:
             progress(step + 1, cfg.steps, losses[-1])
     return refiner.eval().requires_grad_(False), losses
+
+
+def whole_image_crops(size: tuple[int, int], crop: int) -> bool:
+    """Whether every refiner crop is a whole image (square images no larger than the crop): then its round trips
+    can start from cached latents of the 8 dihedral views."""
+    return size[0] == size[1] <= crop
 
 
 class DecoderParts(torch.nn.Module):

@@ -90,10 +90,38 @@ def tune_decoder(backbone, split, cond, cfg: ControlNetConfig, weights, state_di
         record["final_loss"] = losses[-1] if losses else None
     if d.refiner.steps:
         run = SimpleNamespace(**d.refiner.model_dump(), focus_share=d.focus_share, seed=cfg.seed)
+        latents = refiner_latents(backbone, split.images, cfg)
         with task("train conditioned refiner", d.refiner.steps) as update:
-            backbone.refiner, losses = train_refiner(backbone, split.images, masks, cond, weights, run, update, state_dir)
-        record["refiner"] = {**d.refiner.model_dump(), "final_loss": losses[-1] if losses else None}
+            backbone.refiner, losses = train_refiner(backbone, split.images, masks, cond, weights, run, update, state_dir, latents=latents)
+        record["refiner"] = {**d.refiner.model_dump(), "final_loss": losses[-1] if losses else None, "cached_latents": latents is not None}
     return record
+
+
+def latent_root(cfg: ControlNetConfig) -> Path | None:
+    """Where the latent cache lives (None: in memory, or no cache)."""
+    from synthmed.training.latent_cache import default_root
+
+    aug = cfg.augment
+    cache = cfg.cache_latents if cfg.cache_latents is not None else (aug.crop is None and tuple(aug.scale) == (1.0, 1.0))
+    return None if not cache or cfg.latent_cache == "memory" else (default_root() if cfg.latent_cache == "auto" else Path(cfg.latent_cache))
+
+
+def refiner_latents(backbone, images, cfg: ControlNetConfig):
+    """The images' latents in the 8 dihedral views from the on-disk latent cache (encoded now if it lacks them), for a
+    refiner whose crops are whole images; None otherwise (its steps encode their own crops). With the ControlNet's
+    own views all 8 (square images, flips on), this is the very cache the ControlNet then reads."""
+    from synthmed.training.batches import encode_batch
+    from synthmed.training.decoder import whole_image_crops
+    from synthmed.training.latent_cache import cached_latents
+
+    root = latent_root(cfg)
+    if root is None or not whole_image_crops(images.shape[1:3], cfg.decoder.refiner.crop):
+        return None
+    with task("encode latents for the cache", 1) as update:
+        store, info = cached_latents(backbone, images, tuple(range(8)), root, progress=update, batch_size=encode_batch(*images.shape[1:3]))
+        if info["reused"]:
+            update(1)
+    return store
 
 
 def load_tuned_decoder(backbone, state_dir: Path, cfg: ControlNetConfig, cond_channels: int) -> None:
@@ -171,11 +199,10 @@ def cast_frozen(backbone, precision: str, device) -> None:
 def training_data(backbone, split, prompts, cond, cfg: ControlNetConfig, accelerator=None):
     """The loop's data; cached latents on disk by default, each image encoded once across the processes."""
     from synthmed.training.batches import build_training_data
-    from synthmed.training.latent_cache import default_root
 
     aug = cfg.augment
     cache = cfg.cache_latents if cfg.cache_latents is not None else (aug.crop is None and tuple(aug.scale) == (1.0, 1.0))
-    where = None if not cache or cfg.latent_cache == "memory" else (default_root() if cfg.latent_cache == "auto" else Path(cfg.latent_cache))
+    where = latent_root(cfg) if cache else None
     processes = (0, 1, lambda: None) if accelerator is None else (accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
     label = "encode latents for the cache" + (f" (process {processes[0] + 1}/{processes[1]})" if processes[1] > 1 else "")
     with task(label if cache else "prepare training data", 1) as update:
