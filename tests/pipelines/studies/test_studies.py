@@ -447,16 +447,50 @@ def test_selection_serves_the_scarcest_class_before_bulk():
     assert counts[pick, 1].sum() >= min(400, counts[:, 1].sum()) or (counts[pick, 1] > 0).all()
 
 
+def test_a_cell_worker_whose_set_up_fails_raises_it_at_its_first_cell_instead_of_restarting_forever(tmp_path, monkeypatch):
+    """multiprocessing.Pool replaces a worker whose initializer raised, without end: the study would hang. The
+    worker keeps the failure and its first cell raises it into the study as one line."""
+    from synthmed.pipelines.studies import downstream as study
+
+    state = study._worker_state(tmp_path / "missing", DownstreamConfig(), {})
+    assert "setup" not in state and "missing" in state["failed"]
+    monkeypatch.setattr(study, "_WORKER", state)
+    with pytest.raises(SynthmedError, match=r"a cell worker could not set the study up: .*missing"):
+        study._worker_cell(("cell", 0.5, "real", 0, "label", {}))
+
+
+def _survivors(pids: list[int], seconds: float) -> list[int]:
+    """The processes of `pids` still running (a zombie has ended) after waiting up to `seconds` for them to end."""
+    import time
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + seconds
+    while True:
+        alive = [p for p in pids if running(p)]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.25)
+
+
 @pytest.mark.e2e
-def test_a_terminated_study_stops_its_cell_workers_and_keeps_its_finished_cells(phantom_data, tmp_path):
-    """`kill PID` on a study that trains cells in worker processes: the command ends as an interrupt would (exit 130),
-    and its workers end with it instead of training on as orphans."""
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_terminated_or_killed_study_takes_its_cell_workers_with_it(phantom_data, tmp_path, how):
+    """A study that trains cells in worker processes, stopped mid-cell. `kill PID` (SIGTERM): the command ends as an
+    interrupt would (exit 130, lock released) and stops its workers. SIGKILL (or a crash) runs no handler at all:
+    the workers end anyway (Linux: the kernel's parent-death signal). Either way no orphan trains on."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    if how == "sigkill" and not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
     out, log = tmp_path / "study", tmp_path / "stderr.txt"
     args = ["evaluate", "downstream", "--data", str(phantom_data), "--out", str(out), "-s", "arms=[real,real+classic]", "-s", "fractions=[1.0]",
             "-s", "seeds=[0,1]", "-s", "workers=2", "-s", "training.steps=100000", "-s", "eval_every=1000"]
@@ -471,21 +505,12 @@ def test_a_terminated_study_stops_its_cell_workers_and_keeps_its_finished_cells(
             workers = children()
         assert len(workers) >= 2, log.read_text()[-2000:]
         time.sleep(10)  # their set-up done, cells training (100,000 steps each: far from finished)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        code = proc.wait(timeout=60)
     finally:
         proc.kill()
-    assert log.read_text().strip().splitlines()[-1].startswith("interrupted: ")
-    def running(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-        except FileNotFoundError:
-            return False
-
-    for _ in range(40):
-        alive = [p for p in workers if running(p)]
-        if not alive:
-            break
-        time.sleep(0.25)
-    assert not alive, f"workers {alive} outlived the study"
-    assert not (tmp_path / "study.lock").exists()
+    if how == "sigterm":
+        assert code == 130 and log.read_text().strip().splitlines()[-1].startswith("interrupted: ")
+        assert not (tmp_path / "study.lock").exists()
+    alive = _survivors(workers, 20)
+    assert not alive, f"workers {alive} outlived the study ({how})"

@@ -130,6 +130,7 @@ def _run_in_workers(waves: list, data: Path, cfg: DownstreamConfig, synthetic: d
     that makes the same set-up once and uses its share of this process's threads; a finished cell is its
     result.json, as in the serial loop. The workers start only when some cell has to train."""
     import multiprocessing
+    import os
 
     import torch
 
@@ -140,7 +141,7 @@ def _run_in_workers(waves: list, data: Path, cfg: DownstreamConfig, synthetic: d
             todo = _todo(wave)
             if not todo:
                 continue
-            pool = pool or ctx.Pool(cfg.workers, initializer=_worker_setup, initargs=(data, cfg, synthetic, threads))
+            pool = pool or ctx.Pool(cfg.workers, initializer=_worker_setup, initargs=(data, cfg, synthetic, threads, os.getpid()))
             for _ in pool.imap_unordered(_worker_cell, todo, chunksize=1):
                 pass
     finally:
@@ -149,18 +150,47 @@ def _run_in_workers(waves: list, data: Path, cfg: DownstreamConfig, synthetic: d
             pool.join()
 
 
-def _worker_setup(data: Path, cfg: DownstreamConfig, synthetic: dict, threads: int) -> None:
+def _worker_setup(data: Path, cfg: DownstreamConfig, synthetic: dict, threads: int, parent: int) -> None:
     import os
 
     import torch
 
+    _end_with(parent)
     os.environ["SYNTHMED_NO_PROGRESS"] = "1"  # plain progress lines: several workers share the terminal
     torch.set_num_threads(threads)
-    _WORKER["setup"] = _setup(data, cfg, synthetic)
-    _WORKER["cfg"] = cfg
+    _WORKER.update(_worker_state(data, cfg, synthetic))
+
+
+def _worker_state(data: Path, cfg: DownstreamConfig, synthetic: dict) -> dict:
+    """A worker's set-up, or why it failed: a pool starts a new worker whenever an initializer raises, forever, so
+    the failure waits for the worker's first cell, which raises it into the study (one line, no endless restarts)."""
+    try:
+        return {"setup": _setup(data, cfg, synthetic), "cfg": cfg}
+    except Exception as exc:  # noqa: BLE001 - any failure: reported, not retried
+        return {"failed": str(exc) if isinstance(exc, SynthmedError) else f"{type(exc).__name__}: {exc}", "cfg": cfg}
+
+
+def _end_with(parent: int) -> None:
+    """On Linux, have the kernel send this worker SIGTERM when the study's process dies, even by SIGKILL or a crash,
+    where no handler of its own runs: no orphan trains on into a folder that the next run of the study may use."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker_cell(job: tuple) -> None:
+    if "failed" in _WORKER:
+        raise SynthmedError(f"a cell worker could not set the study up: {_WORKER['failed']}")
     folder, f, arm, seed, label, settings = job
     real, subsets, extras, *_ = _WORKER["setup"]
     run_cell(folder, real, f, subsets[f], arm, seed, extras[f], _WORKER["cfg"], label=label, settings=settings)
