@@ -449,14 +449,22 @@ def test_selection_serves_the_scarcest_class_before_bulk():
 
 def test_a_cell_worker_whose_set_up_fails_raises_it_at_its_first_cell_instead_of_restarting_forever(tmp_path, monkeypatch):
     """multiprocessing.Pool replaces a worker whose initializer raised, without end: the study would hang. The
-    worker keeps the failure and its first cell raises it into the study as one line."""
+    worker keeps the failure (a study it cannot set up, or arguments its code does not take) and its first cell
+    raises it into the study as one line."""
+    import os
+
+    import torch
+
     from synthmed.pipelines.studies import downstream as study
 
-    state = study._worker_state(tmp_path / "missing", DownstreamConfig(), {})
-    assert "setup" not in state and "missing" in state["failed"]
-    monkeypatch.setattr(study, "_WORKER", state)
-    with pytest.raises(SynthmedError, match=r"a cell worker could not set the study up: .*missing"):
-        study._worker_cell(("cell", 0.5, "real", 0, "label", {}))
+    monkeypatch.setenv("SYNTHMED_NO_PROGRESS", "1")
+    for args, why in [((tmp_path / "missing", DownstreamConfig(), {}, torch.get_num_threads(), os.getppid()), "missing"),
+                      ((tmp_path, DownstreamConfig()), "ValueError: not enough values to unpack")]:
+        monkeypatch.setattr(study, "_WORKER", {})
+        study._worker_setup(*args)
+        assert "setup" not in study._WORKER and why in study._WORKER["failed"]
+        with pytest.raises(SynthmedError, match=r"a cell worker could not set the study up: "):
+            study._worker_cell(("cell", 0.5, "real", 0, "label", {}))
 
 
 def _survivors(pids: list[int], seconds: float) -> list[int]:

@@ -150,24 +150,23 @@ def _run_in_workers(waves: list, data: Path, cfg: DownstreamConfig, synthetic: d
             pool.join()
 
 
-def _worker_setup(data: Path, cfg: DownstreamConfig, synthetic: dict, threads: int, parent: int) -> None:
+def _worker_setup(*args) -> None:
+    """The pool's initializer: (data, cfg, synthetic, threads, parent pid). A pool starts a new worker whenever its
+    initializer raises, forever, so nothing may escape: a failure (a study that cannot be set up, or a worker that
+    imported other code than the study's, say an edited source tree) waits for the worker's first cell, which
+    raises it into the study as one line."""
     import os
 
     import torch
 
-    _end_with(parent)
-    os.environ["SYNTHMED_NO_PROGRESS"] = "1"  # plain progress lines: several workers share the terminal
-    torch.set_num_threads(threads)
-    _WORKER.update(_worker_state(data, cfg, synthetic))
-
-
-def _worker_state(data: Path, cfg: DownstreamConfig, synthetic: dict) -> dict:
-    """A worker's set-up, or why it failed: a pool starts a new worker whenever an initializer raises, forever, so
-    the failure waits for the worker's first cell, which raises it into the study (one line, no endless restarts)."""
     try:
-        return {"setup": _setup(data, cfg, synthetic), "cfg": cfg}
+        data, cfg, synthetic, threads, parent = args
+        _end_with(parent)
+        os.environ["SYNTHMED_NO_PROGRESS"] = "1"  # plain progress lines: several workers share the terminal
+        torch.set_num_threads(threads)
+        _WORKER.update(setup=_setup(data, cfg, synthetic), cfg=cfg)
     except Exception as exc:  # noqa: BLE001 - any failure: reported, not retried
-        return {"failed": str(exc) if isinstance(exc, SynthmedError) else f"{type(exc).__name__}: {exc}", "cfg": cfg}
+        _WORKER["failed"] = str(exc) if isinstance(exc, SynthmedError) else f"{type(exc).__name__}: {exc}"
 
 
 def _end_with(parent: int) -> None:
