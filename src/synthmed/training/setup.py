@@ -97,13 +97,19 @@ def tune_decoder(backbone, split, cond, cfg: ControlNetConfig, weights, state_di
     return record
 
 
+def caches_latents(cfg: ControlNetConfig) -> bool:
+    """Whether training reads cached latents: as set, else whenever no random crop or rescale makes every view new."""
+    aug = cfg.augment
+    return cfg.cache_latents if cfg.cache_latents is not None else (aug.crop is None and tuple(aug.scale) == (1.0, 1.0))
+
+
 def latent_root(cfg: ControlNetConfig) -> Path | None:
     """Where the latent cache lives (None: in memory, or no cache)."""
     from synthmed.training.latent_cache import default_root
 
-    aug = cfg.augment
-    cache = cfg.cache_latents if cfg.cache_latents is not None else (aug.crop is None and tuple(aug.scale) == (1.0, 1.0))
-    return None if not cache or cfg.latent_cache == "memory" else (default_root() if cfg.latent_cache == "auto" else Path(cfg.latent_cache))
+    if not caches_latents(cfg) or cfg.latent_cache == "memory":
+        return None
+    return default_root() if cfg.latent_cache == "auto" else Path(cfg.latent_cache)
 
 
 def refiner_latents(backbone, images, cfg: ControlNetConfig):
@@ -200,9 +206,7 @@ def training_data(backbone, split, prompts, cond, cfg: ControlNetConfig, acceler
     """The loop's data; cached latents on disk by default, each image encoded once across the processes."""
     from synthmed.training.batches import build_training_data
 
-    aug = cfg.augment
-    cache = cfg.cache_latents if cfg.cache_latents is not None else (aug.crop is None and tuple(aug.scale) == (1.0, 1.0))
-    where = latent_root(cfg) if cache else None
+    aug, cache, where = cfg.augment, caches_latents(cfg), latent_root(cfg)
     processes = (0, 1, lambda: None) if accelerator is None else (accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
     label = "encode latents for the cache" + (f" (process {processes[0] + 1}/{processes[1]})" if processes[1] > 1 else "")
     with task(label if cache else "prepare training data", 1) as update:

@@ -122,7 +122,7 @@ def _basis(card: dict, ids: list[str], source: str | None, pools: dict) -> dict:
     return basis
 
 
-_WORKER: dict = {}  # a cell worker's set-up (_setup's result), made once per process
+_WORKER: dict = {}  # a cell worker's set-up (_setup's result and the config), made once per process, or why it failed
 
 
 def _run_in_workers(waves: list, data: Path, cfg: DownstreamConfig, synthetic: dict) -> None:
