@@ -10,7 +10,7 @@ from synthmed.training.decoder import FocusPixels, decoder_batch, finetune_decod
 
 
 def _cfg(**kw):
-    return SimpleNamespace(**(dict(steps=3, batch_size=4, crop=16, lr=1e-3, focus_share=0.5, checkpoint_every=2, seed=0) | kw))
+    return SimpleNamespace(**(dict(steps=3, batch_size=4, crop=16, lr=1e-3, focus_share=0.5, checkpoint_every=2, seed=0, compile=False) | kw))
 
 
 def test_focused_crops_hold_the_weighted_class_and_carry_its_weights():
@@ -129,7 +129,7 @@ def test_the_refiner_learns_to_paint_what_the_round_trip_loses_and_resumes(tiny,
     weights = torch.tensor([1.0, 1, 1, 1, 20.0, 1])
     cfg = _cfg(steps=40, batch_size=8, crop=16, lr=1e-2, width=16, depth=3, latent_noise=0.5)
     bb = load()
-    refiner, losses = train_refiner(bb, images, masks, cond, weights, cfg, state_dir=tmp_path / "state")
+    refiner, losses, _ = train_refiner(bb, images, masks, cond, weights, cfg, state_dir=tmp_path / "state")
     assert isinstance(refiner, ConditionedRefiner) and len(losses) == 40 and not any(p.requires_grad for p in refiner.parameters())
     assert list(reconstruct(bb, images, cond=cond)) == ["round trip"]  # no refiner on the backbone: nothing to refine
     bb.refiner = refiner
@@ -137,7 +137,7 @@ def test_the_refiner_learns_to_paint_what_the_round_trip_loses_and_resumes(tiny,
     plain, refined = both["round trip"], both["refined"]
     err = lambda rec: np.abs(rec.astype(float) - images.astype(float)).mean(-1)[masks == 4].mean()  # noqa: E731
     assert err(refined) < 0.5 * err(plain)
-    again, resumed = train_refiner(load(), images, masks, cond, weights, cfg, state_dir=tmp_path / "state")  # finished: restored, not retrained
+    again, resumed, _ = train_refiner(load(), images, masks, cond, weights, cfg, state_dir=tmp_path / "state")  # finished: restored, not retrained
     assert resumed == losses and all(torch.equal(v, refiner.state_dict()[k]) for k, v in again.state_dict().items())
 
 
@@ -153,13 +153,54 @@ def test_a_refiner_of_whole_image_crops_starts_from_cached_latents_and_learns_th
     cond = (masks[..., None] == 4).astype(np.uint8) * 255
     weights = torch.tensor([1.0, 1, 1, 1, 20.0, 1])
     cfg = _cfg(steps=6, batch_size=4, crop=16, lr=1e-2, width=8, depth=3, latent_noise=0.5)
-    encoding, _ = train_refiner(load(), images, masks, cond, weights, cfg)
+    encoding, _, _ = train_refiner(load(), images, masks, cond, weights, cfg)
     bb = load()
     store, _ = cached_latents(bb, images, tuple(range(8)), tmp_path / "latents")
     monkeypatch.setattr(bb.vae, "encode", lambda *a, **k: pytest.fail("a step encoded its batch instead of reading the cache"))
-    cached, losses = train_refiner(bb, images, masks, cond, weights, cfg, latents=store)
+    cached, losses, _ = train_refiner(bb, images, masks, cond, weights, cfg, latents=store)
     assert len(losses) == 6 and any(v.abs().sum() > 0 for v in cached.out.state_dict().values())  # trained
     want = encoding.state_dict()
     assert all(torch.allclose(v, want[k], atol=1e-4) for k, v in cached.state_dict().items())
     with pytest.raises(ValueError, match="whole square images"):  # 8 px crops of 16 px images: the cache does not hold them
         train_refiner(load(), images, masks, cond, weights, _cfg(steps=1, crop=8, width=8, depth=3, latent_noise=0.5), latents=store)
+
+
+def _refiner_case():
+    rng = np.random.default_rng(2)
+    masks = rng.integers(0, 6, (5, 16, 16)).astype(np.uint8)
+    images = rng.integers(0, 256, (5, 16, 16, 3)).astype(np.uint8)
+    return images, masks, (masks[..., None] == 4).astype(np.uint8) * 255, torch.tensor([1.0, 1, 1, 1, 20.0, 1])
+
+
+def test_a_refiner_that_fails_to_compile_trains_eagerly_with_a_note_and_says_so(tiny, monkeypatch, capsys):
+    load, _ = tiny
+    images, masks, cond, weights = _refiner_case()
+    cfg = _cfg(steps=4, batch_size=4, crop=16, lr=1e-2, width=8, depth=3, latent_noise=0.5)
+    eager, _, record = train_refiner(load(), images, masks, cond, weights, cfg)
+    assert record == {}  # not asked: nothing recorded
+
+    def cannot_compile(model):
+        def forward(*inputs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", cannot_compile)
+    fallback, _, record = train_refiner(load(), images, masks, cond, weights, _cfg(**{**vars(cfg), "compile": True}))
+    assert record == {"compiled": False}
+    assert capsys.readouterr().err.count("note: torch.compile failed (RuntimeError: InvalidCxxCompiler") == 1
+    # eager from its first step, channels-last: the same refiner up to that layout's rounding, handed back in the default layout
+    assert all(v.is_contiguous() for v in fallback.state_dict().values())
+    want = eager.state_dict()
+    assert all(torch.allclose(v, want[k], atol=1e-5) for k, v in fallback.state_dict().items())
+
+
+@pytest.mark.e2e
+def test_a_compiled_refiner_learns_what_an_eager_one_does(tiny):
+    """A real compile (tens of seconds when inductor's cache is cold): the same training with other rounding."""
+    load, _ = tiny
+    images, masks, cond, weights = _refiner_case()
+    cfg = _cfg(steps=8, batch_size=4, crop=16, lr=1e-2, width=8, depth=3, latent_noise=0.5)
+    _, eager, _ = train_refiner(load(), images, masks, cond, weights, cfg)
+    refiner, fast, record = train_refiner(load(), images, masks, cond, weights, _cfg(**{**vars(cfg), "compile": True}))
+    assert record == {"compiled": True} and all(v.is_contiguous() for v in refiner.state_dict().values())
+    assert fast == pytest.approx(eager, rel=0.02)

@@ -134,6 +134,8 @@ class RefinerConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     latent_noise: float = Field(0.6, ge=0, description="round trips from latent means plus noise of up to this x the latents' std (generated latents are not real ones)")
     checkpoint_every: int = Field(250, ge=1)
+    compile: bool = Field(False, description="torch.compile its training forward, channels-last (1.4x the steps per second of its training on 2 CPU "
+                                             "threads after a first compile that is cached; needs a C++ compiler, else it trains eagerly with a note)")
 
 
 class DecoderConfig(_Strict):
@@ -315,6 +317,11 @@ class DownstreamConfig(_Strict):
     synthetic_count: int | None = Field(None, ge=1, description="synthetic samples a cell may use (None: all of the fraction's set)")
     mix: float | list[float] | None = Field(0.5, description="share of each mixed batch drawn from the extra pool (None: pool sizes); a list: "
                                                           "each cell tries every value and keeps the best on the real validation split")
+    ceiling_mix: float | list[float] | Literal["mix"] | None = Field(
+        "mix", description="the ceiling arms' (heldout, oracle) share of each mixed batch: a value or a list as for `mix`, or mix (the same as the "
+                           "synthetic arms)")
+    ceiling_fractions: list[float] | None = Field(None, description="fractions that get the ceiling arms (default: every fraction where they "
+                                                                    "apply); at the others they are skipped and listed as such")
     mix_chosen_on: Literal["each_seed", "first_seed"] = Field(
         "each_seed", description="with a list of mixes: each_seed, every cell tries them all; first_seed, the first seed's cell of each fraction and "
                                  "arm tries them all (on the real validation split) and the other seeds train once with its choice")

@@ -246,7 +246,7 @@ def cell_settings(cfg: DownstreamConfig, arm: str, basis: dict) -> dict:
     if spec.extra:
         settings[spec.extra] = basis.get(spec.extra)
         if spec.real and not spec.pretrain:
-            settings["mix"] = cfg.mix
+            settings["mix"] = cfg.mix if spec.extra == "synthetic" or cfg.ceiling_mix == "mix" else cfg.ceiling_mix
         if spec.extra == "synthetic":
             settings |= {"synthetic_count": cfg.synthetic_count, "synthetic_trust": cfg.synthetic_trust}
     return settings
@@ -439,11 +439,18 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
 
 
 def _mix_protocol(cfg: DownstreamConfig) -> str:
-    if not isinstance(cfg.mix, list):
-        return f"{cfg.mix} of each mixed batch from the extra pool"
+    said = _mix_said(cfg, cfg.mix)
+    if cfg.ceiling_mix == "mix":
+        return said
+    return f"synthetic arms: {said}; ceiling arms: {_mix_said(cfg, cfg.ceiling_mix)}"
+
+
+def _mix_said(cfg: DownstreamConfig, mix) -> str:
+    if not isinstance(mix, list):
+        return f"{mix} of each mixed batch from the extra pool"
     if cfg.mix_chosen_on == "first_seed":
-        return f"chosen on the real validation split among {cfg.mix} by the first seed's cell of each fraction and arm; the other seeds use its choice"
-    return f"chosen per cell on the real validation split among {cfg.mix}"
+        return f"chosen on the real validation split among {mix} by the first seed's cell of each fraction and arm; the other seeds use its choice"
+    return f"chosen per cell on the real validation split among {mix}"
 
 
 def first_seed_of(cfg: DownstreamConfig, f: float, settings: dict, seed: int) -> int | None:

@@ -152,15 +152,15 @@ class CompiledForward:
         self.model, self.compiled = model, enabled
         self.fast = torch.compile(model) if enabled else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if not self.compiled:
-            return self.model(x)
+            return self.model(*inputs)
         try:
-            return self.fast(x)
+            return self.fast(*inputs)
         except Exception as exc:  # noqa: BLE001  (inductor raises many kinds; eager is always correct)
             note(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); training eagerly")
             self.compiled = False
-            return self.model(x)
+            return self.model(*inputs)
 
 
 def micro_batches(batch: int, pixels: int) -> int:

@@ -155,16 +155,24 @@ def train_refiner(backbone, images, masks, cond, class_weights: torch.Tensor | N
     """A ConditionedRefiner (models/refiner.py) for backbone.vae's decoder, trained on (N, H, W, 3) uint8 images and their
     (N, H, W, C) uint8 conditioning: round trips of crops (latent means plus noise of up to `latent_noise` x the
     latents' std, so that generated latents are in its range) against the crops, with the decoder's class-weighted
-    loss. `cfg`: RefinerConfig fields, focus_share and seed. Returns (refiner, losses); resumes from `state_dir`.
+    loss. `cfg`: RefinerConfig fields, focus_share and seed. Returns (refiner, losses, record: {"compiled": whether the
+    compile held} where asked); resumes from `state_dir`.
 
     `latents`: the images' scaled latent means in all 8 dihedral views (`latents[idx, view]`, a LatentStore), used
     when every crop is a whole image (square images no larger than the crop): a step then decodes only, instead of
-    encoding its batch again (the same means, up to the rounding of another batch composition)."""
+    encoding its batch again (the same means, up to the rounding of another batch composition).
+
+    `cfg.compile`: its training forward runs through torch.compile on channels-last tensors (the same function, other
+    rounding); the refiner returned is in the default memory format, as one loaded from disk."""
     from synthmed.models.refiner import new_refiner
+    from synthmed.training.common import CompiledForward
 
     vae = backbone.vae
     device = vae.device
     refiner = new_refiner(cond.shape[-1], cfg.width, cfg.depth, cfg.seed).to(device)
+    layout = torch.channels_last if cfg.compile else torch.contiguous_format
+    refiner = refiner.to(memory_format=layout)
+    forward = CompiledForward(refiner, cfg.compile)
     if masks is None or class_weights is None:
         masks, class_weights = None, None
     focus = FocusPixels(masks, class_weights) if masks is not None else None
@@ -187,13 +195,14 @@ def train_refiner(backbone, images, masks, cond, class_weights: torch.Tensor | N
                 z = (latents[[p[0] for p in picks], [p[3] for p in picks]] / vae.config.scaling_factor).to(device, vae.dtype)
             sigma = torch.rand(len(z), 1, 1, 1, generator=g).to(device) * cfg.latent_noise * z.float().std()
             rec = vae.decode(z + (sigma * torch.randn(z.shape, generator=g).to(device)).to(z.dtype)).sample.float().clamp(-1, 1)
-        loss = weighted_loss(refiner(rec, c), x, w)
+        loss = weighted_loss(forward(rec.contiguous(memory_format=layout), c.contiguous(memory_format=layout)), x, w)
         optimiser_step(loss, list(refiner.parameters()), opt, sched)
         losses.append(loss.item())
         ckpt.maybe_save(step + 1, cfg.steps, refiner, opt, sched, losses)
         if progress:
             progress(step + 1, cfg.steps, losses[-1])
-    return refiner.eval().requires_grad_(False), losses
+    record = {"compiled": forward.compiled} if cfg.compile else {}
+    return refiner.to(memory_format=torch.contiguous_format).eval().requires_grad_(False), losses, record
 
 
 def whole_image_crops(size: tuple[int, int], crop: int) -> bool:

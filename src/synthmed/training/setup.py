@@ -92,8 +92,8 @@ def tune_decoder(backbone, split, cond, cfg: ControlNetConfig, weights, state_di
         run = SimpleNamespace(**d.refiner.model_dump(), focus_share=d.focus_share, seed=cfg.seed)
         latents = refiner_latents(backbone, split.images, cfg)
         with task("train conditioned refiner", d.refiner.steps) as update:
-            backbone.refiner, losses = train_refiner(backbone, split.images, masks, cond, weights, run, update, state_dir, latents=latents)
-        record["refiner"] = {**d.refiner.model_dump(), "final_loss": losses[-1] if losses else None, "cached_latents": latents is not None}
+            backbone.refiner, losses, trained = train_refiner(backbone, split.images, masks, cond, weights, run, update, state_dir, latents=latents)
+        record["refiner"] = {**d.refiner.model_dump(), "final_loss": losses[-1] if losses else None, "cached_latents": latents is not None, **trained}
     return record
 
 

@@ -522,3 +522,27 @@ def test_a_terminated_or_killed_study_takes_its_cell_workers_with_it(phantom_dat
         assert not (tmp_path / "study.lock").exists()
     alive = _survivors(workers, 20)
     assert not alive, f"workers {alive} outlived the study ({how})"
+
+
+def test_the_ceilings_run_at_their_fractions_with_their_own_mix(phantom_data, tmp_path, monkeypatch):
+    """ceiling_fractions: the ceiling arms (and their pools) only there, the others listed as skipped; ceiling_mix: a
+    ceiling cell trains once with it while the synthetic arm still tries its list of mixes."""
+    from synthmed.evaluation import downstream as ds
+
+    half = nested_fractions(read_metadata(phantom_data / "train" / "metadata.jsonl"), [0.5], 0)[0.5]
+    syn = _fake_synthetic(phantom_data, tmp_path / "syn", half[:2], half)
+    cfg = DownstreamConfig(arms=["real+classic+synthetic", "real+classic+oracle"], fractions=[0.5, 1.0], synthetic_fractions=[0.5],
+                           ceiling_fractions=[0.5], seeds=[0], max_steps=2, eval_every=2, patience=1, batch_size=4, mix=[0.25, 0.5],
+                           ceiling_mix=0.5, synthetic_count=6)
+    trained, real_train = [], ds.train_cell
+    monkeypatch.setattr(ds, "train_cell", lambda task, pools, classic, val, n, settings, seed, *a, **k:
+                        trained.append((len(pools[1]), settings.mix)) or real_train(task, pools, classic, val, n, settings, seed, *a, **k))
+    res = pipelines.downstream(phantom_data, cfg, tmp_path / "study", {0.5: syn})
+    assert not res["errors"] and res["n_finished"] == 2
+    assert res["skipped_arms"] == [{"fraction": 1.0, "arm": "real+classic+synthetic", "why": "no synthetic set at this fraction (synthetic_fractions)"},
+                                   {"fraction": 1.0, "arm": "real+classic+oracle", "why": "no ceiling arms at this fraction (ceiling_fractions)"}]
+    assert "oracle" in res["fractions"]["f0.50"] and "oracle" not in res["fractions"]["f1.00"]  # no pool rendered where no arm uses it
+    assert sorted(trained) == [(6, 0.25), (6, 0.5), (6, 0.5)]  # the synthetic cell tries both mixes, the oracle cell trains once
+    oracle = json.loads((tmp_path / "study" / "cells" / "f0.50" / "real+classic+oracle" / "seed0" / "result.json").read_text())
+    assert oracle["training"]["mix"] == 0.5 and "mix_chosen_on_validation" not in oracle["training"] and oracle["settings"]["mix"] == 0.5
+    assert res["protocol"]["mix"].endswith("ceiling arms: 0.5 of each mixed batch from the extra pool")

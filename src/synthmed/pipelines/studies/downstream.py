@@ -207,6 +207,9 @@ def _ceiling_pools(real: RealData, card: dict, f: float, ids: list[str], extras:
 
     wanted = {arm_of(a).extra for a in cfg.arms} & {"heldout", "oracle"}
     info, why = {}, {}
+    if cfg.ceiling_fractions is not None and not any(abs(f - g) < 1e-9 for g in cfg.ceiling_fractions):
+        why.update({a: "no ceiling arms at this fraction (ceiling_fractions)" for a in cfg.arms if arm_of(a).extra in wanted})
+        return extras, info, why
     for source in sorted(wanted):
         if source == "heldout":
             pool, ids_ = real.heldout_pool(ids, extras.get("synthetic"), cfg.subset_seed)
