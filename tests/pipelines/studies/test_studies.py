@@ -546,3 +546,5 @@ def test_the_ceilings_run_at_their_fractions_with_their_own_mix(phantom_data, tm
     oracle = json.loads((tmp_path / "study" / "cells" / "f0.50" / "real+classic+oracle" / "seed0" / "result.json").read_text())
     assert oracle["training"]["mix"] == 0.5 and "mix_chosen_on_validation" not in oracle["training"] and oracle["settings"]["mix"] == 0.5
     assert res["protocol"]["mix"].endswith("ceiling arms: 0.5 of each mixed batch from the extra pool")
+    page = pipelines.study_report(tmp_path / "study" / "results.json", tmp_path / "report" / "report.html").read_text()
+    assert "real+classic+oracle at 100%: no ceiling arms at this fraction (ceiling_fractions)" in page
