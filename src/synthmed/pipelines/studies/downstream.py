@@ -197,7 +197,12 @@ def _worker_cell(job: tuple) -> None:
 
 def _gets_synthetic(cfg: DownstreamConfig, f: float) -> bool:
     """Whether fraction f has a synthetic set (and its synthetic arms)."""
-    return cfg.synthetic_fractions is None or any(abs(f - g) < 1e-9 for g in cfg.synthetic_fractions)
+    return _listed(f, cfg.synthetic_fractions)
+
+
+def _listed(f: float, fractions: list[float] | None) -> bool:
+    """Whether fraction f is one of `fractions` (None: every fraction)."""
+    return fractions is None or any(abs(f - g) < 1e-9 for g in fractions)
 
 
 def _ceiling_pools(real: RealData, card: dict, f: float, ids: list[str], extras: dict, cfg: DownstreamConfig) -> tuple[dict, dict, dict]:
@@ -207,7 +212,7 @@ def _ceiling_pools(real: RealData, card: dict, f: float, ids: list[str], extras:
 
     wanted = {arm_of(a).extra for a in cfg.arms} & {"heldout", "oracle"}
     info, why = {}, {}
-    if cfg.ceiling_fractions is not None and not any(abs(f - g) < 1e-9 for g in cfg.ceiling_fractions):
+    if not _listed(f, cfg.ceiling_fractions):
         why.update({a: "no ceiling arms at this fraction (ceiling_fractions)" for a in cfg.arms if arm_of(a).extra in wanted})
         return extras, info, why
     for source in sorted(wanted):
