@@ -353,9 +353,15 @@ def _get(d: dict, path: tuple):
     return d
 
 
-def seeds_of(cfg: DownstreamConfig, f: float) -> list[int]:
-    """The training seeds of a fraction: `seeds_at_lowest` at the lowest fraction where given, else `seeds`."""
-    return list(cfg.seeds_at_lowest) if cfg.seeds_at_lowest and f == min(cfg.fractions) else list(cfg.seeds)
+def seeds_of(cfg: DownstreamConfig, f: float, arm: str | None = None) -> list[int]:
+    """The training seeds of an arm at a fraction: at the lowest fraction its `arm_seeds_at_lowest` where given, else
+    `seeds_at_lowest` where given; else `seeds`. Without an arm: every seed some arm trains at that fraction, in order."""
+    lowest = f == min(cfg.fractions)
+    if arm is None:
+        return list(dict.fromkeys(s for a in cfg.arms for s in seeds_of(cfg, f, a)))
+    if lowest and arm in (cfg.arm_seeds_at_lowest or {}):
+        return list(cfg.arm_seeds_at_lowest[arm])
+    return list(cfg.seeds_at_lowest) if cfg.seeds_at_lowest and lowest else list(cfg.seeds)
 
 
 def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, sources: dict, ceilings: dict | None = None) -> dict:
@@ -373,7 +379,7 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
         fk, seeds = fraction_key(f), seeds_of(cfg, f)
         summary[fk] = {}
         for arm in cfg.arms:
-            got = [r for r in (cells.get((f, arm, s)) for s in seeds) if r]
+            got = [r for r in (cells.get((f, arm, s)) for s in seeds_of(cfg, f, arm)) if r]
             summary[fk][arm] = {
                 "n_seeds": len(got),
                 **{m: over_seeds([_get(r["test"], p) for r in got], bounds=None if m.startswith("hd95") else (0.0, 1.0)) for m, p in metrics.items()},
@@ -382,6 +388,7 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
                 "n_extra": max((r.get("n_extra", r.get("n_synthetic", 0)) for r in got), default=0),
             }
         comparisons[fk], utility[fk] = {}, {}
+        # by seed over every seed of the fraction (None where the arm has no such seed): pairs are the seeds both arms share
         values = lambda arm, path: [_get(c["test"], path) if c else None for c in (cells.get((f, arm, s)) for s in seeds)]  # noqa: E731
         pairs_to_compare = [(arm, arm_of(arm).baseline) for arm in cfg.arms]
         if "synthetic-pretrain" in cfg.arms and "real-pretrain" in cfg.arms:
@@ -416,7 +423,7 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
                                         "synthetic": sources.get(f), "seeds": seeds_of(cfg, f), **((ceilings or {}).get(f) or {})} for f in cfg.fractions},
         "arms": cfg.arms,
         "seeds": cfg.seeds,
-        "n_cells": sum(len(cfg.arms) * len(seeds_of(cfg, f)) for f in cfg.fractions),
+        "n_cells": sum(len(seeds_of(cfg, f, arm)) for f in cfg.fractions for arm in cfg.arms),
         "n_finished": len(cells),
         "errors": errors,
         "summary": summary,
@@ -453,10 +460,10 @@ def _mix_said(cfg: DownstreamConfig, mix) -> str:
     return f"chosen per cell on the real validation split among {mix}"
 
 
-def first_seed_of(cfg: DownstreamConfig, f: float, settings: dict, seed: int) -> int | None:
+def first_seed_of(cfg: DownstreamConfig, f: float, arm: str, settings: dict, seed: int) -> int | None:
     """The seed whose cell chooses this cell's mix (mix_chosen_on first_seed, a list of mixes, an arm that mixes
-    pools, a later seed), or None: the cell chooses its own."""
-    seeds = seeds_of(cfg, f)
+    pools, a later seed of the arm), or None: the cell chooses its own."""
+    seeds = seeds_of(cfg, f, arm)
     if cfg.mix_chosen_on != "first_seed" or not isinstance(settings.get("mix"), list) or len(settings["mix"]) < 2 or seed == seeds[0]:
         return None
     return seeds[0]
@@ -541,7 +548,7 @@ def _finished_cells(out: Path, cfg: DownstreamConfig) -> tuple[dict, list]:
     cells, errors = {}, []
     for f in cfg.fractions:
         for arm in cfg.arms:
-            for seed in seeds_of(cfg, f):
+            for seed in seeds_of(cfg, f, arm):
                 folder = out / "cells" / fraction_key(f) / arm / f"seed{seed}"
                 if (folder / "result.json").is_file():
                     cells[(f, arm, seed)] = read_json(folder / "result.json")

@@ -548,3 +548,45 @@ def test_the_ceilings_run_at_their_fractions_with_their_own_mix(phantom_data, tm
     assert res["protocol"]["mix"].endswith("ceiling arms: 0.5 of each mixed batch from the extra pool")
     page = pipelines.study_report(tmp_path / "study" / "results.json", tmp_path / "report" / "report.html").read_text()
     assert "real+classic+oracle at 100%: no ceiling arms at this fraction (ceiling_fractions)" in page
+
+
+def test_arms_train_their_own_seeds_at_the_lowest_fraction_and_pair_on_the_seeds_they_share(phantom_data, tmp_path, monkeypatch):
+    """arm_seeds_at_lowest: the headline pair trains more seeds than the ceiling at the lowest fraction (seeds above it);
+    a later seed takes the mix its arm's first seed chose; comparisons pair the seeds both arms have, the utility the
+    seeds all three have; results and the report count each arm's own seeds."""
+    from synthmed.evaluation import downstream as ds
+
+    half = nested_fractions(read_metadata(phantom_data / "train" / "metadata.jsonl"), [0.5], 0)[0.5]
+    syn = _fake_synthetic(phantom_data, tmp_path / "syn", half[:2], half)
+    cfg = DownstreamConfig(arms=["real+classic", "real+classic+synthetic", "real+classic+oracle"], fractions=[0.5, 1.0], synthetic_fractions=[0.5],
+                           ceiling_fractions=[0.5], seeds=[0], seeds_at_lowest=[0, 1],
+                           arm_seeds_at_lowest={"real+classic": [0, 1, 2], "real+classic+synthetic": [2, 0, 1]},
+                           max_steps=2, eval_every=2, patience=1, batch_size=4, mix=[0.25, 0.5], mix_chosen_on="first_seed", ceiling_mix=0.5,
+                           synthetic_count=6)
+    trained, real_train = [], ds.train_cell
+    monkeypatch.setattr(ds, "train_cell", lambda task, pools, classic, val, n, settings, seed, *a, **k:
+                        trained.append((len(pools) > 1, seed, settings.mix)) or real_train(task, pools, classic, val, n, settings, seed, *a, **k))
+    res = pipelines.downstream(phantom_data, cfg, tmp_path / "study", {0.5: syn})
+    assert not res["errors"] and res["n_cells"] == res["n_finished"] == 3 + 3 + 2 + 1  # 3 + 3 + 2 seeds at 50%, real+classic's 1 at 100%
+    cells = tmp_path / "study" / "cells"
+    assert sorted(p.name for p in (cells / "f0.50" / "real+classic").iterdir()) == ["seed0", "seed1", "seed2"]
+    assert sorted(p.name for p in (cells / "f0.50" / "real+classic+oracle").iterdir()) == ["seed0", "seed1"]
+    assert sorted(p.name for p in (cells / "f1.00" / "real+classic").iterdir()) == ["seed0"]
+    first = json.loads((cells / "f0.50" / "real+classic+synthetic" / "seed2" / "result.json").read_text())["training"]
+    assert set(first["mix_chosen_on_validation"]) == {"0.25", "0.5"}  # the arm's first seed (2) chooses ...
+    later = [json.loads((cells / "f0.50" / "real+classic+synthetic" / f"seed{s}" / "result.json").read_text()) for s in (0, 1)]
+    assert all(c["training"]["mix"] == first["mix"] and c["settings"]["mix_chosen_on_seed"] == 2 for c in later)  # ... the others use it
+    mixed = sorted((s, m) for extra, s, m in trained if extra)  # the synthetic cells, then the oracle's (seeds 0 and 1, mix 0.5)
+    assert mixed == sorted([(2, 0.25), (2, 0.5), (0, first["mix"]), (1, first["mix"]), (0, 0.5), (1, 0.5)])
+    summary, comps, util = res["summary"]["f0.50"], res["comparisons"]["f0.50"], res["synthetic_utility"]["f0.50"]
+    assert [summary[a]["n_seeds"] for a in cfg.arms] == [3, 3, 2]
+    assert comps["real+classic+synthetic vs real+classic"]["dice"]["n"] == 3 and comps["real+classic+oracle vs real+classic"]["dice"]["n"] == 2
+    assert util["real+classic+synthetic / real+classic+oracle"]["dice"]["n"] == 2
+    assert res["fractions"]["f0.50"]["seeds"] == [0, 1, 2] and res["fractions"]["f1.00"]["seeds"] == [0]
+
+
+def test_arm_seeds_name_arms_of_the_study():
+    with pytest.raises(ValueError, match=r"arm_seeds_at_lowest names arms the study does not run: \['real\+classic\+oracle'\]"):
+        DownstreamConfig(arms=["real", "real+classic"], arm_seeds_at_lowest={"real+classic+oracle": [0, 1]})
+    with pytest.raises(ValueError, match="non-empty list of distinct seeds"):
+        DownstreamConfig(arms=["real", "real+classic"], arm_seeds_at_lowest={"real": [0, 0]})

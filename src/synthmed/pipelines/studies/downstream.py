@@ -29,13 +29,13 @@ def downstream(data: Path, cfg: DownstreamConfig, out: Path, synthetic: dict | N
     open_output(out, "downstream")
     save_config(cfg, out / "downstream_config.yaml")
     real, subsets, extras, sources, ceilings, skipped, bases = _setup(data, cfg, synthetic or {})
-    cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in seeds_of(cfg, f)
+    cells = [(f, arm, seed) for f in cfg.fractions for arm in cfg.arms for seed in seeds_of(cfg, f, arm)
              if not any(s["fraction"] == f and s["arm"] == arm for s in skipped)]
     jobs = [(out / "cells" / fraction_key(f) / arm / f"seed{seed}", f, arm, seed, f"cell {i + 1}/{len(cells)}: {f:.0%} real, {arm}, seed {seed}",
              cell_settings(cfg, arm, bases[f])) for i, (f, arm, seed) in enumerate(cells)]
     started = time.time()
     # Cells whose mix their first seed's cell chooses (mix_chosen_on: first_seed) run after the others, with its choice.
-    later = {i: first for i, j in enumerate(jobs) if (first := first_seed_of(cfg, j[1], j[-1], j[3])) is not None}
+    later = {i: first for i, j in enumerate(jobs) if (first := first_seed_of(cfg, j[1], j[2], j[-1], j[3])) is not None}
     tries = lambda job: len(job[-1]["mix"]) if isinstance(job[-1].get("mix"), list) else 1  # noqa: E731  (models a cell trains)
     wave = sorted((jobs[i] for i in range(len(jobs)) if i not in later), key=tries, reverse=True)  # the longest first
 
