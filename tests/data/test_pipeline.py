@@ -164,6 +164,31 @@ def test_onehot_conditioning_is_written_as_npy_and_loaded(tmp_path):
     assert np.array_equal(cond[..., 0] > 0, split.masks == 1) and np.array_equal(cond[..., 3] > 0, split.masks == 4)
 
 
+def test_tissue_conditioning_keeps_the_context_and_fills_the_objects_from_their_surroundings(tmp_path):
+    from synthmed.data.conditioning import spec_from_card, tissue_map
+
+    yy, xx = np.mgrid[:40, :40]
+    lumen, nucleus = (yy - 12) ** 2 + (xx - 12) ** 2 <= 25, (yy - 28) ** 2 + (xx - 28) ** 2 <= 9
+    image = np.where(lumen, 240, np.where(nucleus, 20, 120)).astype(np.uint8)[..., None].repeat(3, -1)
+    mask = nucleus.astype(np.uint8) * 2  # the lumen is background: a mask does not say it
+    spec = ConditioningSpec(("colour", "tissue"), tissue_sigma=2.0)
+    t = tissue_map(image, spec, mask)
+    assert t.dtype == np.uint8 and t[12, 12] > 200 and abs(int(t[28, 28]) - 120) <= 2  # the lumen kept, the nucleus filled in
+    assert tissue_map(image, spec, None)[28, 28] < 80  # without the mask the nucleus is only smoothed
+    assert np.array_equal(build_conditioning(spec, image, mask)[..., 3], t)
+    cfg = PrepareConfig(phantom=PhantomConfig(**{**SMALL, "n_unlabelled_slides": 0}), workers=1,
+                        conditioning=ConditioningConfig(builders=["colour", "tissue"], tissue_sigma=1.5))
+    card = pipelines.prepare(cfg, tmp_path / "out")
+    assert card["conditioning"]["tissue"] == {"sigma": 1.5} and card["conditioning"]["channel_names"][-1] == "tissue"
+    assert spec_from_card(card).tissue_sigma == 1.5 and spec_from_card(card).builders == ("colour", "tissue")
+    split = load_split(tmp_path / "out", "train", need_masks=True)
+    cond = load_conditioning(split)
+    assert cond.shape == (len(split), 64, 64, 4)
+    assert np.array_equal(cond[0, ..., 3], tissue_map(split.images[0], spec_from_card(card), split.masks[0]))
+    with pytest.raises(ValueError, match="tissue_sigma > 0"):
+        ConditioningSpec(("tissue",), tissue_sigma=0.0)
+
+
 def test_canny_needs_no_mask_but_colour_does(tmp_path):
     mnist_fixture.write(tmp_path / "src", flag="pneumoniamnist")
     base = dict(source="medmnist", root=str(tmp_path / "src"), options={"flag": "pneumoniamnist"}, workers=1)

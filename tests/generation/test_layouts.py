@@ -80,6 +80,18 @@ def test_dihedral_keeps_mask_instances_and_cond_aligned(spec):
     assert _unchanged(layout, before)
 
 
+def test_a_tissue_channel_moves_with_the_mask_and_the_colour_is_rebuilt():
+    spec = ConditioningSpec(("colour", "tissue"))
+    layout = _layout((12, 12), [(3, 3, 2, 1), (8, 6, 3, 2)], ConditioningSpec(("colour",)))
+    tissue = np.arange(144, dtype=np.uint8).reshape(12, 12)[..., None]  # image-derived: no mask rebuilds it
+    layout = Layout(layout.mask, layout.instances, np.concatenate([layout.cond, tissue], -1), layout.record, spec)
+    for k in range(1, 8):
+        out = dihedral_layout(layout, k)
+        assert np.array_equal(out.cond[..., :3], colour_mask(out.mask))
+        assert sorted(out.cond[..., 3].ravel()) == list(range(144)) and not np.array_equal(out.cond[..., 3], tissue[..., 0])
+        assert all(sorted(out.cond[..., 3][out.instances == i]) == sorted(tissue[..., 0][layout.instances == i]) for i in (1, 2))  # moved with it
+
+
 # ---- elastic ----------------------------------------------------------------------------------
 
 DISCS = [(10, 10, 4, 1), (12, 40, 5, 2), (40, 14, 4, 3), (44, 44, 6, 1), (28, 28, 3, 2)]

@@ -24,11 +24,12 @@ def prepare(
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="skip invalid items, listing them in skipped.jsonl"),
     official_splits: Optional[bool] = typer.Option(None, "--official-splits/--own-splits", help="keep the source's splits where it has them (default)"),
     seed: Optional[int] = typer.Option(None, help="seed for patient-level splits (and the phantoms); default 0"),
-    conditioning: Optional[str] = typer.Option(None, "--conditioning", help="builders to stack, comma-separated: colour,binary,onehot,boundary,canny,source,given"),
+    conditioning: Optional[str] = typer.Option(None, "--conditioning", help="builders to stack, comma-separated: colour,binary,onehot,boundary,canny,soft,tissue,source,given"),
     canny_low: Optional[float] = typer.Option(None, help="Canny low threshold (gradient of the [0, 1] image); default: the format's (0.05)"),
     canny_high: Optional[float] = typer.Option(None, help="Canny high threshold; default: the format's (0.15)"),
     canny_sigma: Optional[float] = typer.Option(None, help="Canny Gaussian sigma; default: the format's (1.5)"),
     canny_region: Optional[str] = typer.Option(None, help="image (default) | lesion (edges inside the dilated mask only)"),
+    tissue_sigma: Optional[float] = typer.Option(None, help="tissue: Gaussian sigma in pixels of the prepared size (default 2.0)"),
     prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="e.g. '{modality}, {label}'"),
     option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE", help="format option KEY=VALUE (repeatable), e.g. -o level=2; phantom-breast: -o n_patients=200 -o images_per_patient=5 -o modality=both"),
     slides: Optional[int] = typer.Option(None, help="phantom: labelled slides (default 48)"),
@@ -47,7 +48,7 @@ def prepare(
         workers=workers, skip_bad=skip_bad, official_splits=official_splits, seed=seed, prompt_template=prompt_template,
         phantom=given(seed=seed, size=size, n_slides=slides, tiles_per_slide=tiles_per_slide, n_unlabelled_slides=unlabelled_slides),
         conditioning=given(builders=conditioning.split(",") if conditioning else None, canny_low=canny_low, canny_high=canny_high,
-                           canny_sigma=canny_sigma, canny_region=canny_region),
+                           canny_sigma=canny_sigma, canny_region=canny_region, tissue_sigma=tissue_sigma),
     ), [])
     card = run_prepare(cfg, out)
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v['n']}" for k, v in card["splits"].items())

@@ -59,11 +59,14 @@ class PhantomConfig(_Strict):
 class ConditioningConfig(_Strict):
     """What the ControlNet is conditioned on: builders stacked in this order (channels add up)."""
 
-    builders: list[str] | None = Field(None, description="colour, binary, onehot, boundary, canny, soft (soft edges), source, given; default: the format's")
+    builders: list[str] | None = Field(None, description="colour, binary, onehot, boundary, canny, soft (soft edges), tissue (the smoothed tissue "
+                                                         "around the mask's objects), source, given; default: the format's")
     canny_sigma: float | None = Field(None, gt=0, description="Gaussian smoothing of canny and soft edges; default: the format's (1.5 if it has none)")
     canny_low: float | None = Field(None, ge=0, description="hysteresis thresholds on the gradient of the [0, 1] greyscale image; default: the format's (0.05 / 0.15)")
     canny_high: float | None = Field(None, ge=0)
     canny_region: Literal["image", "lesion"] = Field("image", description="image: edges everywhere; lesion: edges inside the dilated lesion mask only")
+    tissue_sigma: float = Field(2.0, gt=0, description="tissue: the Gaussian's sigma in pixels of the prepared size (2 keeps the phantom's "
+                                                         "gland lumens at 64 px; scale it with the image size)")
 
 
 class PrepareConfig(_Strict):

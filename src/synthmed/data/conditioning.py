@@ -41,7 +41,7 @@ def decode_colour_mask(rgb: np.ndarray, palette: np.ndarray = DEFAULT_PALETTE) -
 
 # ---- builders: what the ControlNet sees, chosen in config and stackable ------------------
 
-BUILDERS = ("colour", "binary", "onehot", "boundary", "canny", "soft", "source", "given")
+BUILDERS = ("colour", "binary", "onehot", "boundary", "canny", "soft", "tissue", "source", "given")
 CANNY_DEFAULTS = {"sigma": 1.5, "low": 0.05, "high": 0.15}  # what ConditioningSpec uses where neither config nor the source says
 EDGE_BUILDERS = ("canny", "soft")  # drawn from the image itself: evaluate checks generated images against them
 _NEEDS = {"colour": "mask", "binary": "mask", "onehot": "mask", "boundary": "mask", "source": "paired", "given": "conditioning"}
@@ -56,7 +56,10 @@ class ConditioningSpec:
     gradient magnitude of that [0, 1] image. `canny_region="lesion"` keeps only edges inside
     the (dilated) mask foreground. `soft` is a soft edge map (the ControlNet "softedge" kind,
     without a learned HED network): the Gaussian gradient magnitude at `canny_sigma`, scaled so
-    that the image's 99th percentile is white; same region rule.
+    that the image's 99th percentile is white; same region rule. `tissue` is the tissue around the objects: the
+    grey image with the mask's foreground (dilated 1 px) left out, filled in and smoothed by a normalised Gaussian
+    of `tissue_sigma` pixels (gland lumens, fat, stroma density): the context a mask does not say, taken from the
+    training image a layout comes from and moved with it.
     """
 
     builders: tuple[str, ...] = ("colour",)
@@ -65,6 +68,7 @@ class ConditioningSpec:
     canny_high: float = CANNY_DEFAULTS["high"]
     canny_region: str = "image"  # "image" or "lesion"
     n_classes: int = 5  # K, the one-hot channel count
+    tissue_sigma: float = 2.0  # pixels
 
     def __post_init__(self):
         if not self.builders:
@@ -74,6 +78,8 @@ class ConditioningSpec:
             raise ValueError(f"ConditioningSpec expects builders from {BUILDERS}, but got {unknown}")
         if self.canny_region not in ("image", "lesion"):
             raise ValueError(f"ConditioningSpec expects canny_region 'image' or 'lesion', but got {self.canny_region!r}")
+        if not self.tissue_sigma > 0:
+            raise ValueError(f"ConditioningSpec expects tissue_sigma > 0, but got {self.tissue_sigma}")
         if not 0 <= self.canny_low <= self.canny_high:
             raise ValueError(f"ConditioningSpec expects 0 <= canny_low <= canny_high, but got {self.canny_low}, {self.canny_high}")
 
@@ -133,13 +139,31 @@ def soft_edges(image: np.ndarray, spec: ConditioningSpec, mask: np.ndarray | Non
     return np.round(_lesion_region(out, spec, mask, "soft_edges") * 255).astype(np.uint8)
 
 
+def tissue_map(image: np.ndarray, spec: ConditioningSpec, mask: np.ndarray | None = None) -> np.ndarray:
+    """The tissue around the objects (H, W) uint8: the grey [0, 1] image outside the 1 px dilated mask foreground,
+    smoothed by a Gaussian of tissue_sigma normalised by the share of such pixels (so the objects are filled in from
+    their surroundings); the whole image smoothed where the foreground covers a neighbourhood, or without a mask."""
+    from scipy import ndimage
+
+    grey = _grey01(image)
+    blurred = ndimage.gaussian_filter(grey, spec.tissue_sigma, mode="reflect")
+    if mask is None or not (mask > 0).any():
+        return np.round(np.clip(blurred, 0, 1) * 255).astype(np.uint8)
+    keep = ~ndimage.binary_dilation(mask > 0, iterations=1)
+    weight = ndimage.gaussian_filter(keep.astype(np.float64), spec.tissue_sigma, mode="reflect")
+    filled = ndimage.gaussian_filter(grey * keep, spec.tissue_sigma, mode="reflect")
+    out = np.where(weight > 1e-3, filled / np.maximum(weight, 1e-3), blurred)
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
 def spec_from_card(card: dict) -> ConditioningSpec:
     """The ConditioningSpec a prepared data set was made with (its card's `conditioning` record)."""
     cond = card.get("conditioning") or {}
     edges = cond.get("canny") or {}
     edges = {**CANNY_DEFAULTS, **edges}
     return ConditioningSpec(tuple(cond.get("builders") or ("colour",)), edges["sigma"], edges["low"], edges["high"],
-                            edges.get("region", "image"), n_classes=max(1, len(card.get("classes", []))))
+                            edges.get("region", "image"), n_classes=max(1, len(card.get("classes", []))),
+                            tissue_sigma=(cond.get("tissue") or {}).get("sigma", 2.0))
 
 
 def boundary_map(labels: np.ndarray) -> np.ndarray:
@@ -167,6 +191,8 @@ def build_conditioning(spec: ConditioningSpec, image: np.ndarray, mask=None, ins
             parts.append(canny_edges(image, spec, mask)[..., None])
         elif b == "soft":
             parts.append(soft_edges(image, spec, mask)[..., None])
+        elif b == "tissue":
+            parts.append(tissue_map(image, spec, mask)[..., None])
         elif b == "source":
             parts.append(paired if paired.ndim == 3 else paired[..., None])
         elif b == "given":

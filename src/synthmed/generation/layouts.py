@@ -95,7 +95,7 @@ def _channel_slices(spec: ConditioningSpec | None, n_channels: int) -> list[tupl
     """(builder, channel slice) of each builder in a cond with n_channels (source/given take the rest)."""
     if spec is None:
         return []
-    width = {"colour": 3, "binary": 1, "boundary": 1, "canny": 1, "soft": 1, "onehot": spec.n_classes}
+    width = {"colour": 3, "binary": 1, "boundary": 1, "canny": 1, "soft": 1, "tissue": 1, "onehot": spec.n_classes}
     open_ended = [b for b in spec.builders if b not in width]
     rest = n_channels - sum(width[b] for b in spec.builders if b in width)
     if len(open_ended) > 1 or (rest != 0 and not open_ended) or (open_ended and rest < 1):

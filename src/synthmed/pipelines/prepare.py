@@ -37,7 +37,7 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict:
         edges = {**CANNY_DEFAULTS, **getattr(reader, "default_canny", {}),
                  **{k: v for k, v in (("sigma", cond.canny_sigma), ("low", cond.canny_low), ("high", cond.canny_high)) if v is not None}}
         spec = ConditioningSpec(tuple(cond.builders or reader.default_conditioning), edges["sigma"], edges["low"], edges["high"],
-                                cond.canny_region, n_classes=max(1, len(classes)))
+                                cond.canny_region, n_classes=max(1, len(classes)), tissue_sigma=cond.tissue_sigma)
     except ValueError as exc:
         raise SynthmedError(f"conditioning: {exc}") from None
     identity = cfg.model_copy(update={"workers": 0, "skip_bad": False, "root": str(Path(cfg.root).resolve()) if cfg.root else None})
