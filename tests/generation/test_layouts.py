@@ -92,6 +92,17 @@ def test_a_tissue_channel_moves_with_the_mask_and_the_colour_is_rebuilt():
         assert all(sorted(out.cond[..., 3][out.instances == i]) == sorted(tissue[..., 0][layout.instances == i]) for i in (1, 2))  # moved with it
 
 
+def test_an_elastic_warp_draws_no_frame_in_a_tissue_channel_and_pads_edges_with_zeros():
+    spec = ConditioningSpec(("colour", "tissue", "canny"))
+    base = _layout((48, 48), [(24, 24, 5, 1)], ConditioningSpec(("colour",)))
+    flat = np.full((48, 48, 2), 150, np.uint8)  # a uniform tissue and a full edge channel, to see what the warp pads
+    layout = Layout(base.mask, base.instances, np.concatenate([base.cond, flat], -1), base.record, spec)
+    out = elastic_layout(layout, 3, magnitude=(4.0, 4.0))
+    assert (out.cond[..., 3] == 150).all()  # the border replicated: no frame a generator would paint
+    assert (out.cond[..., 4] == 0).any() and (out.cond[..., 4][12:-12, 12:-12] == 150).all()  # edges: zeros come in at the border
+    assert np.array_equal(out.cond[..., :3], colour_mask(out.mask))
+
+
 # ---- elastic ----------------------------------------------------------------------------------
 
 DISCS = [(10, 10, 4, 1), (12, 40, 5, 2), (40, 14, 4, 3), (44, 44, 6, 1), (28, 28, 3, 2)]

@@ -30,6 +30,7 @@ from synthmed.data.prepared import _instance_classes
 
 MASK_BUILDERS = ("colour", "binary", "onehot", "boundary")
 PADDING_MODES = {"zeros": "constant", "border": "nearest", "reflection": "reflect"}  # MONAI name -> scipy mode
+INTENSITY_BUILDERS = ("tissue", "source")  # image-derived channels that are intensities, not edges: the border is replicated when warped
 PASTE_MARGIN = 2  # px of donor conditioning pasted around an object, so its edges come along
 Rebuild = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]  # (mask, instances) -> (H, W, C) conditioning
 
@@ -284,7 +285,8 @@ def elastic_layout(layout: Layout, rng_or_seed, magnitude: tuple[float, float] =
     + offsets together and torch's cubic kernel does not reproduce the identity: at magnitude 0
     and spacing 16 it moves most pixels by 1 px in a fixed pattern. Mask, instances and
     image-derived cond share one field; nearest sampling makes no new codes or ids. "zeros"
-    padding keeps objects from being mirrored in at the borders.
+    padding keeps objects from being mirrored in at the borders; image-derived channels that are intensities
+    (tissue, source) replicate their border instead, so that a warp draws no frame.
     """
     who = "elastic_layout"
     rebuild = _check_rebuild(rebuild, who)
@@ -300,14 +302,16 @@ def elastic_layout(layout: Layout, rng_or_seed, magnitude: tuple[float, float] =
     field, m = _displacement(np.random.default_rng(seed), layout.shape, spacing, (lo, hi))  # (2, H, W)
     where = np.indices(layout.shape, dtype=np.float64) + field  # where each output pixel samples from
 
-    def warp(plane: np.ndarray) -> np.ndarray:  # (H, W) -> (H, W), same dtype
-        return ndimage.map_coordinates(plane, where, order=0, mode=PADDING_MODES[padding_mode], cval=0)
+    def warp(plane: np.ndarray, mode: str = PADDING_MODES[padding_mode]) -> np.ndarray:  # (H, W) -> (H, W), same dtype
+        return ndimage.map_coordinates(plane, where, order=0, mode=mode, cval=0)
 
     mask = warp(layout.mask.astype(np.uint8)) if layout.mask is not None else None
     instances = warp(layout.instances.astype(np.int32)) if layout.instances is not None else None
     cond = layout.cond
     if _cond_moves(layout, rebuild):
-        cond = np.stack([warp(cond[..., c]) for c in range(cond.shape[2])], axis=-1)
+        # images (tissue, source) go on past the border; edges and objects do not (a zero frame would be drawn as one)
+        stretch = set().union(*(range(cond.shape[2])[sl] for b, sl in _channel_slices(layout.spec, cond.shape[2]) if b in INTENSITY_BUILDERS))
+        cond = np.stack([warp(cond[..., c], "nearest" if c in stretch else PADDING_MODES[padding_mode]) for c in range(cond.shape[2])], axis=-1)
     dropped = _drop_fragments(mask, instances, min_pixels) if mask is not None else 0
     op = {"op": "elastic", "backend": "scipy.ndimage.map_coordinates", "seed": seed, "magnitude": [lo, hi],
           "drawn_magnitude": round(m, 6), "spacing": spacing, "padding_mode": padding_mode, "min_pixels": min_pixels,
