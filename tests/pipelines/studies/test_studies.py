@@ -585,8 +585,12 @@ def test_arms_train_their_own_seeds_at_the_lowest_fraction_and_pair_on_the_seeds
     assert res["fractions"]["f0.50"]["seeds"] == [0, 1, 2] and res["fractions"]["f1.00"]["seeds"] == [0]
 
 
-def test_arm_seeds_name_arms_of_the_study():
-    with pytest.raises(ValueError, match=r"arm_seeds_at_lowest names arms the study does not run: \['real\+classic\+oracle'\]"):
-        DownstreamConfig(arms=["real", "real+classic"], arm_seeds_at_lowest={"real+classic+oracle": [0, 1]})
+def test_arm_seeds_name_arms_and_give_distinct_seeds():
+    from synthmed.evaluation.study import seeds_of
+
+    with pytest.raises(ValueError, match="arm_seeds_at_lowest"):
+        DownstreamConfig(arms=["real", "real+classic"], arm_seeds_at_lowest={"real+clasic": [0, 1]})  # not an arm
+    narrowed = DownstreamConfig(arms=["real"], seeds=[0], arm_seeds_at_lowest={"real+classic+oracle": [0, 1], "real": [3]})  # arms not run: ignored
+    assert seeds_of(narrowed, 0.1) == [3] and narrowed.fractions == [0.1, 0.25, 1.0] and seeds_of(narrowed, 1.0) == [0]
     with pytest.raises(ValueError, match="non-empty list of distinct seeds"):
         DownstreamConfig(arms=["real", "real+classic"], arm_seeds_at_lowest={"real": [0, 0]})
