@@ -54,6 +54,10 @@ def test_absent_class_conventions():
     assert (a["n_images"], a["n_hd95"], a["n_missed"], a["n_spurious"]) == (2, 1, 1, 1)
     assert (b["dice"], b["hd95"], b["n_images"], b["n_hd95"], b["n_missed"]) == (0.0, None, 1, 0, 1)
     assert r["dice"] == pytest.approx(0.25) and r["hd95"] == 0.0  # HD95's mean skips b, never found
+    conf = r["confusion"]
+    assert conf["classes"] == ["background", "a", "b"] and sum(map(sum, conf["pixels"])) == t.size
+    assert conf["pixels"][1] == [4, 4, 0] and conf["pixels"][2] == [4, 0, 0] and conf["pixels"][0][1] == 4  # a missed, b missed, a spurious
+    assert segmentation_scores(p, t, NAMES, chunk=1)["confusion"] == conf  # the same by chunks
 
 
 def test_class_absent_everywhere_is_none():

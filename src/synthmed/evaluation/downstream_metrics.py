@@ -44,7 +44,8 @@ from synthmed.evaluation.metrics import DiceIoU, one_hot
 
 
 def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[str], chunk: int = 64) -> dict:
-    """Dice, IoU and HD95 (pixels) per foreground class and their means over classes (module doc).
+    """Dice, IoU and HD95 (pixels) per foreground class and their means over classes (module doc), and the pixel
+    confusion matrix (true class x predicted class, background first).
 
     Images are read once, `chunk` at a time (one-hot maps are K + 1 floats per pixel; either array may be read
     from disk by rows): the numbers are those of one pass over all of them."""
@@ -53,12 +54,14 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[
     acc = DiceIoU(list(class_names))
     hd = [[] for _ in range(k + 1)]  # per class: each image's HD95 (a float32 tensor per chunk)
     n_images, n_missed, n_spurious = (np.zeros(k + 1, np.int64) for _ in range(3))
+    confusion = np.zeros((k + 1) ** 2, np.int64)  # pixels, truth x prediction, background first
     for start in range(0, len(pred), chunk):
         pc, tc = np.asarray(pred[start : start + chunk]), np.asarray(target[start : start + chunk])
         for part in (pc, tc):
             if part.min() < 0 or part.max() > k:
                 raise ValueError(f"segmentation_scores expects codes in 0..{k}, but got {part.min()}..{part.max()}")
         acc.add(pc, tc)
+        confusion += np.bincount(tc.astype(np.int64).ravel() * (k + 1) + pc.astype(np.int64).ravel(), minlength=(k + 1) ** 2)
         p, t = one_hot(pc, k), one_hot(tc, k)  # (n, K + 1, H, W)
         in_p, in_t = p.sum(dim=(2, 3)) > 0, t.sum(dim=(2, 3)) > 0  # (n, K + 1)
         for c in range(1, k + 1):
@@ -84,6 +87,8 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, class_names: list[
         "iou": _opt(overlap["iou"]),
         "hd95": _mean_present([s["hd95"] for s in per_class.values()]),
         "per_class": per_class,
+        "confusion": {"classes": ["background", *class_names], "pixels": confusion.reshape(k + 1, k + 1).tolist(),
+                      "rows": "true class", "columns": "predicted class"},  # where each class's pixels went
         "n_images": int(pred.shape[0]),
     }
 

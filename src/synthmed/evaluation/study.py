@@ -385,6 +385,7 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
                 **{m: over_seeds([_get(r["test"], p) for r in got], bounds=None if m.startswith("hd95") else (0.0, 1.0)) for m, p in metrics.items()},
                 "per_class": {c: over_seeds([_get(r["test"], ("per_class", c, per_class_metric)) for r in got], bounds=(0.0, 1.0)) for c in real.classes},
                 "curves": [r["training"]["curve"] for r in got],
+                **({"confusion": _mean_confusion([r["test"].get("confusion") for r in got])} if real.task == "segmentation" else {}),
                 "n_extra": max((r.get("n_extra", r.get("n_synthetic", 0)) for r in got), default=0),
             }
         comparisons[fk], utility[fk] = {}, {}
@@ -443,6 +444,18 @@ def aggregate(out: Path, real: RealData, cfg: DownstreamConfig, subsets: dict, s
                      "utility": "mean gain of the synthetic arm over its baseline / mean gain of the ceiling arm over the same baseline, paired by seed; "
                                 "95% percentile bootstrap over seeds"},
     }
+
+
+def _mean_confusion(matrices: list) -> dict | None:
+    """Where each true class's test pixels went, as shares of its row, averaged over seeds (None unless every
+    cell has a confusion matrix: cells scored before it was recorded have none)."""
+    if not matrices or any(m is None for m in matrices):
+        return None
+    rows = []
+    for m in matrices:
+        x = np.asarray(m["pixels"], dtype=np.float64)
+        rows.append(x / np.maximum(x.sum(1, keepdims=True), 1))
+    return {"classes": matrices[0]["classes"], "shares": np.round(np.mean(rows, 0), 4).tolist(), "rows": "true class", "columns": "predicted class"}
 
 
 def _mix_protocol(cfg: DownstreamConfig) -> str:

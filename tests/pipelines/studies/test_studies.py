@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from synthmed import pipelines
@@ -580,6 +581,8 @@ def test_arms_train_their_own_seeds_at_the_lowest_fraction_and_pair_on_the_seeds
     assert mixed == sorted([(2, 0.25), (2, 0.5), (0, first["mix"]), (1, first["mix"]), (0, 0.5), (1, 0.5)])
     summary, comps, util = res["summary"]["f0.50"], res["comparisons"]["f0.50"], res["synthetic_utility"]["f0.50"]
     assert [summary[a]["n_seeds"] for a in cfg.arms] == [3, 3, 2]
+    shares = np.array(summary["real+classic"]["confusion"]["shares"])  # where each true class's test pixels went, over seeds
+    assert shares.shape == (len(res["classes"]) + 1,) * 2 and np.allclose(shares.sum(1)[shares.sum(1) > 0], 1, atol=1e-3)
     assert comps["real+classic+synthetic vs real+classic"]["dice"]["n"] == 3 and comps["real+classic+oracle vs real+classic"]["dice"]["n"] == 2
     assert util["real+classic+synthetic / real+classic+oracle"]["dice"]["n"] == 2
     assert res["fractions"]["f0.50"]["seeds"] == [0, 1, 2] and res["fractions"]["f1.00"]["seeds"] == [0]
