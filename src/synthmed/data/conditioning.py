@@ -43,6 +43,7 @@ def decode_colour_mask(rgb: np.ndarray, palette: np.ndarray = DEFAULT_PALETTE) -
 
 BUILDERS = ("colour", "binary", "onehot", "boundary", "canny", "soft", "tissue", "source", "given")
 CANNY_DEFAULTS = {"sigma": 1.5, "low": 0.05, "high": 0.15}  # what ConditioningSpec uses where neither config nor the source says
+TISSUE_SIGMA = 2.0  # pixels: what ConditioningSpec uses, and a card without a tissue record means
 EDGE_BUILDERS = ("canny", "soft")  # drawn from the image itself: evaluate checks generated images against them
 _NEEDS = {"colour": "mask", "binary": "mask", "onehot": "mask", "boundary": "mask", "source": "paired", "given": "conditioning"}
 
@@ -68,7 +69,7 @@ class ConditioningSpec:
     canny_high: float = CANNY_DEFAULTS["high"]
     canny_region: str = "image"  # "image" or "lesion"
     n_classes: int = 5  # K, the one-hot channel count
-    tissue_sigma: float = 2.0  # pixels
+    tissue_sigma: float = TISSUE_SIGMA  # pixels
 
     def __post_init__(self):
         if not self.builders:
@@ -163,7 +164,7 @@ def spec_from_card(card: dict) -> ConditioningSpec:
     edges = {**CANNY_DEFAULTS, **edges}
     return ConditioningSpec(tuple(cond.get("builders") or ("colour",)), edges["sigma"], edges["low"], edges["high"],
                             edges.get("region", "image"), n_classes=max(1, len(card.get("classes", []))),
-                            tissue_sigma=(cond.get("tissue") or {}).get("sigma", 2.0))
+                            tissue_sigma=(cond.get("tissue") or {}).get("sigma", TISSUE_SIGMA))
 
 
 def boundary_map(labels: np.ndarray) -> np.ndarray:

@@ -310,8 +310,10 @@ def elastic_layout(layout: Layout, rng_or_seed, magnitude: tuple[float, float] =
     cond = layout.cond
     if _cond_moves(layout, rebuild):
         # images (tissue, source) go on past the border; edges and objects do not (a zero frame would be drawn as one)
-        stretch = set().union(*(range(cond.shape[2])[sl] for b, sl in _channel_slices(layout.spec, cond.shape[2]) if b in INTENSITY_BUILDERS))
-        cond = np.stack([warp(cond[..., c], "nearest" if c in stretch else PADDING_MODES[padding_mode]) for c in range(cond.shape[2])], axis=-1)
+        intensity = np.zeros(cond.shape[2], bool)
+        for b, sl in _channel_slices(layout.spec, cond.shape[2]):
+            intensity[sl] = b in INTENSITY_BUILDERS
+        cond = np.stack([warp(cond[..., c], "nearest" if intensity[c] else PADDING_MODES[padding_mode]) for c in range(cond.shape[2])], axis=-1)
     dropped = _drop_fragments(mask, instances, min_pixels) if mask is not None else 0
     op = {"op": "elastic", "backend": "scipy.ndimage.map_coordinates", "seed": seed, "magnitude": [lo, hi],
           "drawn_magnitude": round(m, 6), "spacing": spacing, "padding_mode": padding_mode, "min_pixels": min_pixels,
